@@ -1,0 +1,464 @@
+"""Server-side FLoRG aggregation: exact Gram averaging, rank-r factorisation, Procrustes alignment.
+
+Per adapted layer the server receives client factors ``A_n`` (``r_n x k``) with weights
+``w_n`` and wants ``Q = sum_n p_n A_n^T A_n`` (``p_n = w_n / sum w``). ``Q`` is linear in the
+uploads, so ``s L Q R = sum_n p_n dW_n`` exactly: FLoRG has no aggregation error.
+
+Two equivalent paths compute the non-zero eigenpairs ``Q = P^T diag(lam) P`` and the canonical
+factor ``A~ = diag(lam)^(1/2) P`` (``r' x k``):
+
+* **thin** (used when ``sum r_n < k``): stack ``M = [sqrt(p_n) A_n]`` so that ``M^T M = Q``;
+  eigendecompose the small ``(sum r_n) x (sum r_n)`` matrix ``G = M M^T = U diag(lam) U^T`` in
+  float64; then ``A~ = U^T M``. No ``k x k`` matrix is ever formed.
+* **gram** (used when ``sum r_n >= k``): accumulate ``Q`` reply by reply in float64
+  (:class:`GramAccumulator`) and take its symmetric eigendecomposition.
+
+Eigenpairs with ``lam <= eig_rtol * lam_max`` are treated as round-off and dropped
+(``eig_rtol = 1e-12`` by default; the dropped mass is reported by the diagnostics).
+
+The factor is then aligned to last round's global ``A_prev`` (``r x k``):
+
+* ``variant="paper"``: keep all ``r'`` eigenpairs; ``S* = U V^T`` from the SVD of
+  ``A_prev A~^T`` (``r x r'``); ``A_new = S* A~``. When ``r' <= r``, ``S*`` has orthonormal
+  columns and ``A_new^T A_new = Q`` exactly (``A_new`` has rank ``r'``). When ``r' > r``,
+  ``S* S*^T = I_r`` and ``A_new^T A_new`` is ``Q`` projected onto an r-dimensional subspace
+  chosen to stay close to ``A_prev`` (this truncation is reported by the diagnostics).
+* ``variant="top-r"``: keep the top ``r`` eigenpairs (zero rows when ``r' < r``), then the
+  ``r x r`` orthogonal Procrustes rotation ``O* = U V^T`` of ``A_prev A~_r^T``. Keeps exactly
+  the best rank-r approximation of ``Q`` and only rotates it.
+* ``align=False``: the raw top-r eigen-factor (zero-padded when ``r' < r``), the paper's
+  "w/o alignment" ablation.
+
+The case ``r' < r``: both variants return an ``r x k`` factor of rank ``r'`` with
+``A_new^T A_new = Q`` exactly. Note that under plain gradient descent such a factor can not
+regain rank (``A (I - eta G)`` has rank ``<= r'``); adaptive optimisers (Adam) can.
+
+Everything is computed in float64 on the device the uploads are on; the returned factor has
+the uploads' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .validation import check_factors, normalise_weights
+
+__all__ = [
+    "AggregationResult",
+    "GramAccumulator",
+    "GramFactor",
+    "aggregate",
+    "aggregate_model",
+    "gram_eigen",
+    "procrustes_align",
+    "DEFAULT_EIG_RTOL",
+]
+
+DEFAULT_EIG_RTOL = 1e-12
+Variant = Literal["paper", "top-r"]
+Path = Literal["auto", "thin", "gram"]
+_F64 = torch.float64
+
+
+@dataclass
+class GramFactor:
+    """The canonical factor ``A~ = diag(lam)^(1/2) P`` of ``Q``, kept implicit as ``A~ = T @ M``.
+
+    On the thin path ``T = U_kept^T`` (``r' x sum r_n``) and ``M`` is the stacked weighted
+    uploads, so products with ``A~`` never need its dense form; on the gram path ``T`` is the
+    identity and ``M = A~``. ``eigenvalues`` are in decreasing order.
+    """
+
+    eigenvalues: torch.Tensor  # (r',) float64, decreasing, all > tol
+    coeff: torch.Tensor  # T: (r', m) float64
+    base: torch.Tensor  # M: (m, k) float64
+    dropped: torch.Tensor  # eigenvalues treated as round-off (float64)
+    path: str
+    gram: torch.Tensor | None = None  # Q (k x k) on the gram path, else None
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.numel())
+
+    @property
+    def k(self) -> int:
+        return int(self.base.shape[1])
+
+    def dense(self, rows: int | None = None) -> torch.Tensor:
+        """``A~`` (or its first ``rows`` rows) as a dense float64 matrix."""
+        t = self.coeff if rows is None else self.coeff[:rows]
+        return t @ self.base
+
+    def left_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ A~`` for ``x`` of shape ``(a, r')``."""
+        return (x @ self.coeff) @ self.base
+
+    def cross(self, a: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """``a @ A~[:rows]^T`` for ``a`` of shape ``(r, k)``."""
+        t = self.coeff if rows is None else self.coeff[:rows]
+        return (a @ self.base.T) @ t.T
+
+
+class GramAccumulator:
+    """Streaming ``Q = sum_n w_n A_n^T A_n / sum_n w_n`` in float64, one reply at a time.
+
+    Memory is one ``k x k`` float64 matrix regardless of the number of clients. Use it when
+    ``sum r_n >= k`` (or when replies arrive one by one and must not be kept).
+    """
+
+    def __init__(self, k: int, *, layer: str = "<layer>", device: torch.device | str | None = None):
+        if k < 1:
+            raise ValueError(f"layer {layer!r}: k must be positive, got {k}")
+        self.k = k
+        self.layer = layer
+        self._q = torch.zeros(k, k, dtype=_F64, device=device)
+        self._total = 0.0
+        self._dtype: torch.dtype | None = None
+        self.count = 0
+
+    def add(self, factor: torch.Tensor, weight: float = 1.0) -> None:
+        check_factors([factor], layer=self.layer, k=self.k)
+        if self._dtype is not None and factor.dtype != self._dtype:
+            raise ValueError(
+                f"layer {self.layer!r}: mixed dtypes ({self._dtype} and {factor.dtype}); "
+                "cast all factors to one dtype before aggregating"
+            )
+        normalise_weights([weight], 1, layer=self.layer)  # positivity / finiteness check
+        self._dtype = factor.dtype
+        a = factor.to(device=self._q.device, dtype=_F64)
+        self._q.addmm_(a.T, a, alpha=float(weight))
+        self._total += float(weight)
+        self.count += 1
+
+    def gram(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError(f"layer {self.layer!r}: empty client list; no factor was added")
+        return self._q / self._total
+
+    def eigen(self, eig_rtol: float = DEFAULT_EIG_RTOL) -> GramFactor:
+        return _gram_path_eigen(self.gram(), eig_rtol)
+
+
+def _split_eigs(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (into a decreasing ``lam``) of kept and dropped eigenvalues."""
+    lam_max = float(lam[0]) if lam.numel() else 0.0
+    if lam_max <= 0.0:
+        keep = torch.zeros_like(lam, dtype=torch.bool)
+    else:
+        keep = lam > eig_rtol * lam_max
+    return keep, ~keep
+
+
+def _thin_from_eigh(m: torch.Tensor, lam_asc: torch.Tensor, u_asc: torch.Tensor, eig_rtol: float) -> GramFactor:
+    lam = lam_asc.flip(0)
+    u = u_asc.flip(1)
+    keep, drop = _split_eigs(lam, eig_rtol)
+    return GramFactor(
+        eigenvalues=lam[keep],
+        coeff=u[:, keep].T.contiguous(),
+        base=m,
+        dropped=lam[drop].clamp_min(0.0),
+        path="thin",
+    )
+
+
+def _gram_path_eigen(q: torch.Tensor, eig_rtol: float) -> GramFactor:
+    lam_asc, v_asc = torch.linalg.eigh(q)
+    lam = lam_asc.flip(0)
+    v = v_asc.flip(1)
+    keep, drop = _split_eigs(lam, eig_rtol)
+    lam_k = lam[keep]
+    factor = lam_k.sqrt()[:, None] * v[:, keep].T
+    return GramFactor(
+        eigenvalues=lam_k,
+        coeff=torch.eye(lam_k.numel(), dtype=_F64, device=q.device),
+        base=factor,
+        dropped=lam[drop].clamp_min(0.0),
+        path="gram",
+        gram=q,
+    )
+
+
+def _stack(factors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
+    device = factors[0].device
+    return torch.cat([a.to(dtype=_F64) * math.sqrt(w) for a, w in zip(factors, p)], dim=0).to(device)
+
+
+def _choose_path(path: Path, total_rank: int, k: int, layer: str) -> str:
+    if path == "auto":
+        return "thin" if total_rank < k else "gram"
+    if path not in ("thin", "gram"):
+        raise ValueError(f"layer {layer!r}: path must be 'auto', 'thin' or 'gram', got {path!r}")
+    return path
+
+
+def _eigen(
+    factors: Sequence[torch.Tensor], p: Sequence[float], chosen: str, k: int, eig_rtol: float, layer: str
+) -> tuple[GramFactor, torch.Tensor | None]:
+    if chosen == "thin":
+        stacked = _stack(factors, p)
+        lam, u = torch.linalg.eigh(stacked @ stacked.T)
+        return _thin_from_eigh(stacked, lam, u, eig_rtol), stacked
+    acc = GramAccumulator(k, layer=layer, device=factors[0].device)
+    for a, w in zip(factors, p):
+        acc.add(a, w)
+    return acc.eigen(eig_rtol), None
+
+
+def gram_eigen(
+    factors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    path: Path = "auto",
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    layer: str = "<layer>",
+) -> GramFactor:
+    """Non-zero eigenpairs of ``Q = sum_n p_n A_n^T A_n`` as a :class:`GramFactor`.
+
+    ``weights=None`` means uniform weights; otherwise ``p_n = w_n / sum w`` (e.g. example counts).
+    """
+    k = check_factors(factors, layer=layer)
+    p = normalise_weights(weights, len(factors), layer=layer)
+    chosen = _choose_path(path, sum(int(a.shape[0]) for a in factors), k, layer)
+    return _eigen(factors, p, chosen, k, eig_rtol, layer)[0]
+
+
+def procrustes_align(
+    previous: torch.Tensor | None,
+    factor: GramFactor,
+    rank: int,
+    *,
+    variant: Variant = "paper",
+    align: bool = True,
+) -> torch.Tensor:
+    """Return the ``rank x k`` float64 factor to send down (see the module docstring).
+
+    ``previous=None`` (no reference yet) gives the unaligned top-r factor.
+    """
+    k = factor.k
+    r_prime = factor.rank
+    device = factor.base.device
+    if r_prime == 0:
+        return torch.zeros(rank, k, dtype=_F64, device=device)
+    top = min(rank, r_prime)
+    if not align or previous is None:
+        out = torch.zeros(rank, k, dtype=_F64, device=device)
+        out[:top] = factor.dense(top)
+        return out
+    prev = previous.to(dtype=_F64, device=device)
+    if variant == "paper":
+        u, _, vh = torch.linalg.svd(factor.cross(prev), full_matrices=False)
+        return factor.left_mul(u @ vh)
+    if variant == "top-r":
+        cross = torch.zeros(rank, rank, dtype=_F64, device=device)
+        cross[:, :top] = factor.cross(prev, rows=top)
+        u, _, vh = torch.linalg.svd(cross, full_matrices=False)
+        rot = u @ vh  # r x r orthogonal
+        return (rot[:, :top] @ factor.coeff[:top]) @ factor.base
+    raise ValueError(f"variant must be 'paper' or 'top-r', got {variant!r}")
+
+
+def _gram_diff_norm(x: torch.Tensor, target: GramFactor, stacked: torch.Tensor | None) -> float:
+    """``|| x^T x - Q ||_F`` without forming a k x k matrix on the thin path."""
+    if target.gram is not None:
+        return float(torch.linalg.matrix_norm(x.T @ x - target.gram))
+    assert stacked is not None
+    z = torch.cat([x, stacked], dim=0)
+    if z.shape[0] >= z.shape[1]:
+        return float(torch.linalg.matrix_norm(x.T @ x - stacked.T @ stacked))
+    basis, _ = torch.linalg.qr(z.T, mode="reduced")  # k x m, orthonormal columns spanning both row spaces
+    cx = x @ basis
+    cm = stacked @ basis
+    return float(torch.linalg.matrix_norm(cx.T @ cx - cm.T @ cm))
+
+
+def _q_norm(target: GramFactor, stacked: torch.Tensor | None) -> float:
+    if target.gram is not None:
+        return float(torch.linalg.matrix_norm(target.gram))
+    assert stacked is not None
+    return float(torch.linalg.matrix_norm(stacked @ stacked.T))  # ||M^T M||_F = ||M M^T||_F
+
+
+@dataclass
+class AggregationResult:
+    """The outcome of aggregating one layer.
+
+    ``factor`` is the ``r x k`` global ``A`` to send down (in the uploads' dtype);
+    ``eigenvalues`` are the kept eigenvalues of ``Q`` (float64, decreasing; ``rank_q = r'``);
+    ``diagnostics`` holds (when requested):
+
+    * ``agg_rel_error``: ``||L (A~^T A~ - Q) R||_F / ||L Q R||_F`` -- the error of the exact
+      aggregate, zero up to rounding (and the eigenvalues dropped as round-off);
+    * ``sent_rel_error``: the same for the rank-r factor actually sent down, which also carries
+      the truncation to rank r when ``r' > r``;
+    * ``drift``: ``||A_new - A_prev||_F``;
+    * ``delta_proc``: the paper's ``Delta_proc = ||A_unaligned - A_prev||_F^2 - ||A_new - A_prev||_F^2``
+      with ``A_unaligned`` the raw top-r eigen-factor (zero when ``align=False``);
+    * ``tail_energy``: share of ``trace(Q)`` outside the top-r eigenpairs.
+
+    Because ``L`` has orthonormal columns and ``R`` orthonormal rows, ``||L X R||_F = ||X||_F``,
+    so all errors are computed on ``k``-dimensional quantities, never on ``d x d`` matrices.
+    """
+
+    layer: str
+    factor: torch.Tensor
+    eigenvalues: torch.Tensor
+    rank_q: int
+    path: str
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def _finish(
+    layer: str,
+    gf: GramFactor,
+    stacked: torch.Tensor | None,
+    previous: torch.Tensor | None,
+    rank: int,
+    variant: Variant,
+    align: bool,
+    diagnostics: bool,
+    out_dtype: torch.dtype,
+) -> AggregationResult:
+    new = procrustes_align(previous, gf, rank, variant=variant, align=align)
+    diag: dict[str, float] = {}
+    if diagnostics:
+        q_norm = _q_norm(gf, stacked)
+        denom = q_norm if q_norm > 0 else 1.0
+        diag["agg_rel_error"] = _gram_diff_norm(gf.dense(), gf, stacked) / denom
+        diag["sent_rel_error"] = _gram_diff_norm(new, gf, stacked) / denom
+        lam = gf.eigenvalues
+        trace = float(lam.sum() + gf.dropped.sum())
+        diag["tail_energy"] = float(lam[rank:].sum()) / trace if trace > 0 else 0.0
+        if previous is not None:
+            prev = previous.to(dtype=_F64, device=new.device)
+            d_new = float(torch.linalg.matrix_norm(new - prev))
+            raw = procrustes_align(None, gf, rank)
+            d_raw = float(torch.linalg.matrix_norm(raw - prev))
+            diag["drift"] = d_new
+            diag["delta_proc"] = d_raw**2 - d_new**2
+    return AggregationResult(
+        layer=layer,
+        factor=new.to(out_dtype),
+        eigenvalues=gf.eigenvalues,
+        rank_q=gf.rank,
+        path=gf.path,
+        diagnostics=diag,
+    )
+
+
+def _check_previous(previous: torch.Tensor | None, rank: int, k: int, layer: str) -> None:
+    if rank < 1 or rank > k:
+        raise ValueError(f"layer {layer!r}: rank {rank} is outside 1..k={k}")
+    if previous is None:
+        return
+    if previous.ndim != 2 or tuple(previous.shape) != (rank, k):
+        raise ValueError(
+            f"layer {layer!r}: previous global factor has shape {tuple(previous.shape)}, expected ({rank}, {k})"
+        )
+    if not bool(torch.isfinite(previous).all()):
+        raise ValueError(f"layer {layer!r}: previous global factor contains NaN or Inf")
+
+
+def aggregate(
+    factors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    previous: torch.Tensor | None = None,
+    rank: int | None = None,
+    variant: Variant = "paper",
+    align: bool = True,
+    path: Path = "auto",
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    diagnostics: bool = True,
+    layer: str = "<layer>",
+) -> AggregationResult:
+    """Aggregate one layer's client factors into the next global ``A`` (``rank x k``).
+
+    ``rank`` defaults to ``previous.shape[0]``, else to the largest client rank.
+    """
+    if variant not in ("paper", "top-r"):
+        raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
+    k = check_factors(factors, layer=layer)
+    if rank is None:
+        rank = int(previous.shape[0]) if previous is not None else max(int(a.shape[0]) for a in factors)
+    _check_previous(previous, rank, k, layer)
+    p = normalise_weights(weights, len(factors), layer=layer)
+    total = sum(int(a.shape[0]) for a in factors)
+    chosen = _choose_path(path, total, k, layer)
+    gf, stacked = _eigen(factors, p, chosen, k, eig_rtol, layer)
+    return _finish(layer, gf, stacked, previous, rank, variant, align, diagnostics, factors[0].dtype)
+
+
+def aggregate_model(
+    uploads: Mapping[str, Sequence[torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    previous: Mapping[str, torch.Tensor] | None = None,
+    rank: int | Mapping[str, int] | None = None,
+    variant: Variant = "paper",
+    align: bool = True,
+    path: Path = "auto",
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    diagnostics: bool = True,
+) -> dict[str, AggregationResult]:
+    """Aggregate every adapted layer of a model in one call.
+
+    ``uploads[layer]`` holds the clients' factors for that layer, in the same client order
+    for every layer (``weights`` apply to clients). Layers on the thin path that share a
+    shape (same ``k`` and the same client ranks) are batched: one batched ``M M^T`` and one
+    batched eigendecomposition per shape group. Returns ``{layer: AggregationResult}`` with
+    ``diagnostics["seconds"]`` unset; time the call as a whole.
+    """
+    if not uploads:
+        raise ValueError("aggregate_model: no layers were uploaded")
+    if variant not in ("paper", "top-r"):
+        raise ValueError(f"variant must be 'paper' or 'top-r', got {variant!r}")
+    previous = previous or {}
+    n_clients = None
+    groups: dict[tuple, list[str]] = {}
+    meta: dict[str, tuple[int, int, list[float]]] = {}
+    for name, factors in uploads.items():
+        k = check_factors(factors, layer=name)
+        if n_clients is None:
+            n_clients = len(factors)
+        elif len(factors) != n_clients:
+            raise ValueError(f"layer {name!r}: {len(factors)} client factors, other layers have {n_clients}")
+        p = normalise_weights(weights, len(factors), layer=name)
+        prev = previous.get(name)
+        r = rank.get(name) if isinstance(rank, Mapping) else rank
+        if r is None:
+            r = int(prev.shape[0]) if prev is not None else max(int(a.shape[0]) for a in factors)
+        _check_previous(prev, int(r), k, name)
+        meta[name] = (k, int(r), p)
+        total = sum(int(a.shape[0]) for a in factors)
+        chosen = _choose_path(path, total, k, name)
+        key = ("thin", k, tuple(int(a.shape[0]) for a in factors), factors[0].dtype, str(factors[0].device))
+        if chosen == "gram":
+            key = ("gram", name)
+        groups.setdefault(key, []).append(name)
+
+    results: dict[str, AggregationResult] = {}
+    for key, names in groups.items():
+        if key[0] == "gram":
+            name = names[0]
+            k, r, _ = meta[name]
+            results[name] = aggregate(
+                uploads[name], weights, previous=previous.get(name), rank=r, variant=variant,
+                align=align, path="gram", eig_rtol=eig_rtol, diagnostics=diagnostics, layer=name,
+            )
+            continue
+        stacks = torch.stack([_stack(uploads[n], meta[n][2]) for n in names])  # (B, m, k)
+        lam_b, u_b = torch.linalg.eigh(stacks @ stacks.transpose(1, 2))
+        for i, name in enumerate(names):
+            k, r, _ = meta[name]
+            gf = _thin_from_eigh(stacks[i], lam_b[i], u_b[i], eig_rtol)
+            results[name] = _finish(
+                name, gf, stacks[i], previous.get(name), r, variant, align, diagnostics,
+                uploads[name][0].dtype,
+            )
+    return {name: results[name] for name in uploads}
