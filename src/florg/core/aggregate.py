@@ -141,7 +141,15 @@ class GramAccumulator:
         return self._q / self._total
 
     def eigen(self, eig_rtol: float = DEFAULT_EIG_RTOL) -> GramFactor:
+        _check_eig_rtol(eig_rtol, self.layer)
         return _gram_path_eigen(self.gram(), eig_rtol)
+
+
+def _check_eig_rtol(eig_rtol: float, layer: str) -> None:
+    # A negative tolerance would keep round-off eigenvalues below zero (NaN square roots); NaN
+    # would silently drop every eigenpair.
+    if not 0.0 <= float(eig_rtol) < 1.0:
+        raise ValueError(f"layer {layer!r}: eig_rtol must be in [0, 1), got {eig_rtol!r}")
 
 
 def _split_eigs(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +233,7 @@ def gram_eigen(
     k = check_factors(factors, layer=layer)
     p = normalise_weights(weights, len(factors), layer=layer)
     chosen = _choose_path(path, sum(int(a.shape[0]) for a in factors), k, layer)
+    _check_eig_rtol(eig_rtol, layer)
     return _eigen(factors, p, chosen, k, eig_rtol, layer)[0]
 
 
@@ -235,12 +244,17 @@ def procrustes_align(
     *,
     variant: Variant = "paper",
     align: bool = True,
+    layer: str = "<layer>",
 ) -> torch.Tensor:
     """Return the ``rank x k`` float64 factor to send down (see the module docstring).
 
-    ``previous=None`` (no reference yet) gives the unaligned top-r factor.
+    ``previous=None`` (no reference yet) gives the unaligned top-r factor. ``previous`` must
+    have shape ``(rank, k)``; ``layer`` only names the layer in error messages.
     """
     k = factor.k
+    if variant not in ("paper", "top-r"):
+        raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
+    _check_previous(previous, rank, k, layer)
     r_prime = factor.rank
     device = factor.base.device
     if r_prime == 0:
@@ -260,7 +274,7 @@ def procrustes_align(
         u, _, vh = torch.linalg.svd(cross, full_matrices=False)
         rot = u @ vh  # r x r orthogonal
         return (rot[:, :top] @ factor.coeff[:top]) @ factor.base
-    raise ValueError(f"variant must be 'paper' or 'top-r', got {variant!r}")
+    raise AssertionError("unreachable: variant was validated above")
 
 
 def _gram_diff_norm(x: torch.Tensor, target: GramFactor, stacked: torch.Tensor | None) -> float:
@@ -324,20 +338,21 @@ def _finish(
     diagnostics: bool,
     out_dtype: torch.dtype,
 ) -> AggregationResult:
-    new = procrustes_align(previous, gf, rank, variant=variant, align=align)
+    new = procrustes_align(previous, gf, rank, variant=variant, align=align, layer=layer)
     diag: dict[str, float] = {}
     if diagnostics:
         q_norm = _q_norm(gf, stacked)
         denom = q_norm if q_norm > 0 else 1.0
         diag["agg_rel_error"] = _gram_diff_norm(gf.dense(), gf, stacked) / denom
         diag["sent_rel_error"] = _gram_diff_norm(new, gf, stacked) / denom
-        lam = gf.eigenvalues
-        trace = float(lam.sum() + gf.dropped.sum())
-        diag["tail_energy"] = float(lam[rank:].sum()) / trace if trace > 0 else 0.0
+        # All eigenvalues in decreasing order: the kept ones, then those dropped as round-off.
+        spectrum = torch.cat([gf.eigenvalues, gf.dropped])
+        trace = float(spectrum.sum())
+        diag["tail_energy"] = float(spectrum[rank:].sum()) / trace if trace > 0 else 0.0
         if previous is not None:
             prev = previous.to(dtype=_F64, device=new.device)
             d_new = float(torch.linalg.matrix_norm(new - prev))
-            raw = procrustes_align(None, gf, rank)
+            raw = procrustes_align(None, gf, rank, layer=layer)
             d_raw = float(torch.linalg.matrix_norm(raw - prev))
             diag["drift"] = d_new
             diag["delta_proc"] = d_raw**2 - d_new**2
@@ -356,12 +371,28 @@ def _check_previous(previous: torch.Tensor | None, rank: int, k: int, layer: str
         raise ValueError(f"layer {layer!r}: rank {rank} is outside 1..k={k}")
     if previous is None:
         return
+    if not isinstance(previous, torch.Tensor):
+        raise ValueError(
+            f"layer {layer!r}: previous global factor is {type(previous).__name__}, expected a torch.Tensor"
+        )
     if previous.ndim != 2 or tuple(previous.shape) != (rank, k):
         raise ValueError(
             f"layer {layer!r}: previous global factor has shape {tuple(previous.shape)}, expected ({rank}, {k})"
         )
     if not bool(torch.isfinite(previous).all()):
         raise ValueError(f"layer {layer!r}: previous global factor contains NaN or Inf")
+
+
+def _default_rank(previous: torch.Tensor | None, factors: Sequence[torch.Tensor], k: int, layer: str) -> int:
+    """``previous.shape[0]`` when a (2-D) previous factor is given, else the largest client rank."""
+    if previous is None:
+        return max(int(a.shape[0]) for a in factors)
+    if not isinstance(previous, torch.Tensor) or previous.ndim != 2:
+        shape = tuple(previous.shape) if isinstance(previous, torch.Tensor) else type(previous).__name__
+        raise ValueError(
+            f"layer {layer!r}: previous global factor has shape {shape}, expected a 2-D (rank, {k}) matrix"
+        )
+    return int(previous.shape[0])
 
 
 def aggregate(
@@ -385,11 +416,12 @@ def aggregate(
         raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
     k = check_factors(factors, layer=layer)
     if rank is None:
-        rank = int(previous.shape[0]) if previous is not None else max(int(a.shape[0]) for a in factors)
+        rank = _default_rank(previous, factors, k, layer)
     _check_previous(previous, rank, k, layer)
     p = normalise_weights(weights, len(factors), layer=layer)
     total = sum(int(a.shape[0]) for a in factors)
     chosen = _choose_path(path, total, k, layer)
+    _check_eig_rtol(eig_rtol, layer)
     gf, stacked = _eigen(factors, p, chosen, k, eig_rtol, layer)
     return _finish(layer, gf, stacked, previous, rank, variant, align, diagnostics, factors[0].dtype)
 
@@ -416,13 +448,13 @@ def aggregate_model(
     """
     if not uploads:
         raise ValueError("aggregate_model: no layers were uploaded")
-    if variant not in ("paper", "top-r"):
-        raise ValueError(f"variant must be 'paper' or 'top-r', got {variant!r}")
     previous = previous or {}
     n_clients = None
     groups: dict[tuple, list[str]] = {}
     meta: dict[str, tuple[int, int, list[float]]] = {}
     for name, factors in uploads.items():
+        if variant not in ("paper", "top-r"):
+            raise ValueError(f"layer {name!r}: variant must be 'paper' or 'top-r', got {variant!r}")
         k = check_factors(factors, layer=name)
         if n_clients is None:
             n_clients = len(factors)
@@ -432,11 +464,12 @@ def aggregate_model(
         prev = previous.get(name)
         r = rank.get(name) if isinstance(rank, Mapping) else rank
         if r is None:
-            r = int(prev.shape[0]) if prev is not None else max(int(a.shape[0]) for a in factors)
+            r = _default_rank(prev, factors, k, name)
         _check_previous(prev, int(r), k, name)
         meta[name] = (k, int(r), p)
         total = sum(int(a.shape[0]) for a in factors)
         chosen = _choose_path(path, total, k, name)
+        _check_eig_rtol(eig_rtol, name)
         key = ("thin", k, tuple(int(a.shape[0]) for a in factors), factors[0].dtype, str(factors[0].device))
         if chosen == "gram":
             key = ("gram", name)

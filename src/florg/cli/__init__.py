@@ -1,0 +1,1 @@
+"""The ``florg`` command line."""

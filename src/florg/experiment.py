@@ -1,0 +1,153 @@
+"""Everything one process needs for a run: the adapted model, the tokenised data, the method.
+
+Both the server (central evaluation) and the clients build an :class:`Experiment` from the
+same resolved config, so they hold identical bases, initial factors and partitions. Building
+one is expensive (model load, tokenisation), so it is cached per process and per config:
+simulated clients that share a worker process reuse it across rounds and partitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from florg.config import ConfigError, RunConfig
+from florg.methods import FederatedMethod, get_method
+
+__all__ = ["Experiment", "get_experiment", "build_experiment", "set_offline_env"]
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def set_offline_env(force: bool = False) -> None:
+    """Set the offline/quiet environment variables (unless the user set them) and silence known noise."""
+    for key, value in OFFLINE_ENV.items():
+        if force or key not in os.environ:
+            os.environ[key] = value
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers 5.24 warns about its own internal use of a renamed method on every load
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+@dataclass
+class Experiment:
+    cfg: RunConfig
+    method: FederatedMethod
+    model: nn.Module
+    tokenizer: Any
+    label_names: list[str]
+    partitions: list[Any]  # tokenised datasets, one per client
+    test: Any  # tokenised global test split
+    partition_summary: list[dict[str, Any]] = field(default_factory=list)
+    target_modules: list[str] = field(default_factory=list)
+    #: the global state before any training (captured when the model is built, so a cached
+    #: experiment that has since loaded other states still starts new runs from here)
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def client_loader(self, partition_id: int, server_round: int):
+        from florg.models import make_loader
+
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(
+                f"partition-id {partition_id} is out of range: the run has {len(self.partitions)} "
+                "partitions (data.num_clients)"
+            )
+        seed = (self.cfg.seed * 1_000_003 + server_round) * 10_007 + partition_id
+        return make_loader(self.partitions[partition_id], self.cfg.train.batch_size, shuffle=True, seed=seed,
+                           tokenizer=self.tokenizer)
+
+    def eval_loader(self, dataset):
+        from florg.models import make_loader
+
+        return make_loader(dataset, self.cfg.eval.batch_size, shuffle=False, seed=0, tokenizer=self.tokenizer)
+
+    def test_loader(self):
+        return self.eval_loader(self.test)
+
+
+def _data_key(cfg: RunConfig) -> str:
+    """The part of the config that determines the process-level cache entry."""
+    d = cfg.to_dict()
+    return json.dumps({k: d[k] for k in ("seed", "model", "data", "method")}, sort_keys=True)
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Load data and model, partition, tokenise and wrap the model with the method's adapter."""
+    from florg.data import load_task, partition_dataset, partition_stats
+    from florg.models import default_target_modules, encode, head_module_names, load_model
+
+    set_offline_env()
+    method = get_method(cfg)
+    task = load_task(
+        cfg.data.task,
+        data_dir=cfg.data.data_dir or None,
+        seed=cfg.seed,
+        max_train_examples=cfg.data.max_train_examples or None,
+        max_test_examples=cfg.data.max_test_examples or None,
+    )
+    n_train = len(task.train)
+    if cfg.data.num_clients > n_train:
+        raise ConfigError(
+            f"config key 'data.num_clients': {cfg.data.num_clients} clients but only {n_train} training "
+            "examples; lower data.num_clients or raise data.max_train_examples"
+        )
+    parts = partition_dataset(
+        task.train,
+        cfg.data.num_clients,
+        scheme=cfg.data.partition,
+        alpha=cfg.data.alpha,
+        classes_per_partition=cfg.data.classes_per_client,
+        seed=cfg.seed,
+    )
+    torch.manual_seed(cfg.seed)  # the head's random init is identical everywhere
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_model(cfg.model.name, task.num_labels, dtype=dtype)
+    targets = list(cfg.model.target_modules) or default_target_modules(model)
+    heads = head_module_names(model)
+    model = method.build(model, targets, heads)
+    tok_parts = [encode(p, tokenizer, cfg.model.max_length, text_fields=task.text_fields) for p in parts]
+    tok_test = encode(task.test, tokenizer, cfg.model.max_length, text_fields=task.text_fields)
+    return Experiment(
+        cfg=cfg,
+        method=method,
+        model=model,
+        tokenizer=tokenizer,
+        label_names=list(task.label_names),
+        partitions=tok_parts,
+        test=tok_test,
+        partition_summary=partition_stats(parts, task.num_labels),
+        target_modules=targets,
+        initial_state=method.initial_global(model),
+    )
+
+
+_CACHE: dict[str, Experiment] = {}
+_LOCK = threading.Lock()
+
+
+def get_experiment(cfg: RunConfig) -> Experiment:
+    """The process-wide cached :class:`Experiment` for ``cfg`` (built on first use)."""
+    key = _data_key(cfg)
+    with _LOCK:
+        exp = _CACHE.get(key)
+        if exp is None:
+            _CACHE.clear()  # one experiment per process at a time keeps memory bounded
+            exp = build_experiment(cfg)
+            _CACHE[key] = exp
+        exp.cfg = cfg
+        exp.method.cfg = cfg
+        return exp

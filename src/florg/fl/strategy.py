@@ -1,0 +1,187 @@
+"""``AdapterStrategy``: a FedAvg subclass that hands aggregation to a florg method.
+
+It overrides ``configure_train`` (deterministic client sampling, the round's learning rate and
+the run config in every message) and ``aggregate_train`` (records -> tensors -> the method's
+server rule -> records). The math lives in ``florg.methods`` / ``florg.core``; this file only
+moves records and counts bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from florg.methods import FederatedMethod
+
+from .records import CONFIG_KEY, from_record, to_record
+
+__all__ = ["AdapterStrategy", "RoundLog"]
+
+
+class RoundLog:
+    """What the strategy measured in each round: bytes, participants, timings, diagnostics."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, dict[str, Any]] = {}
+
+    def update(self, server_round: int, **values: Any) -> None:
+        self.rounds.setdefault(server_round, {}).update(values)
+
+    def get(self, server_round: int) -> dict[str, Any]:
+        return dict(self.rounds.get(server_round, {}))
+
+
+class AdapterStrategy(FedAvg):
+    """Federated adapter fine-tuning with a pluggable server rule.
+
+    Parameters
+    ----------
+    method : FederatedMethod
+        Client adapter shape and server rule (e.g. :class:`florg.methods.FLoRGMethod`).
+    lr_fn : Callable[[int], float]
+        Learning rate of each (1-based) round; sent to the clients in the round's config.
+    run_config_json : str
+        The resolved run config, sent to clients so that they build the same model and data.
+    seed : int
+        Seeds the client sampling (partial participation is reproducible).
+    fraction_train, min_train_nodes, min_available_nodes :
+        As in :class:`flwr.serverapp.strategy.FedAvg`.
+    round_log : RoundLog, optional
+        Receives per-round measurements (bytes up/down, participants, aggregation time).
+    """
+
+    def __init__(
+        self,
+        method: FederatedMethod,
+        *,
+        lr_fn: Callable[[int], float],
+        run_config_json: str,
+        seed: int = 0,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        round_log: RoundLog | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_available_nodes,
+        )
+        self.method = method
+        self.lr_fn = lr_fn
+        self.run_config_json = run_config_json
+        self.seed = seed
+        self.round_log = round_log or RoundLog()
+        self._current: dict[str, Any] = {}
+        self._node_partition: dict[int, int] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├── Method: %s", self.method.name)
+        super().summary()
+
+    # ------------------------------------------------------------------ sampling
+    def _partition_ids(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
+        """Ask nodes we have not seen for their partition id (a small query message each)."""
+        unknown = [n for n in nodes if n not in self._node_partition]
+        if unknown:
+            msgs = [
+                Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in unknown
+            ]
+            for reply in grid.send_and_receive(msgs, timeout=60.0):
+                if not reply.has_error():
+                    pid = int(reply.content["metrics"]["partition-id"])
+                    self._node_partition[reply.metadata.src_node_id] = pid
+        return {n: self._node_partition.get(n, 1 << 40) for n in nodes}
+
+    def _sample(self, grid: Grid, server_round: int) -> list[int]:
+        """Sample reproducibly: wait for enough nodes, order them by partition id, draw with a seeded RNG.
+
+        Node ids are random in Flower's simulation, partition ids are not, so the same seed
+        selects the same clients in every run.
+        """
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "Waiting for nodes: %d connected (minimum %d)", len(nodes), self.min_available_nodes)
+            time.sleep(1.0)
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        size = min(size, len(nodes))
+        if size >= len(nodes):
+            return nodes
+        pids = self._partition_ids(grid, nodes)
+        ordered = sorted(nodes, key=lambda n: (pids[n], n))
+        rng = random.Random(self.seed * 1_000_003 + server_round)
+        return rng.sample(ordered, size)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = from_record(arrays)
+        node_ids = self._sample(grid, server_round)
+        lr = float(self.lr_fn(server_round))
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        config["lr"] = lr
+        config[CONFIG_KEY] = self.run_config_json
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self.round_log.update(
+            server_round,
+            lr=lr,
+            sampled=len(node_ids),
+            bytes_down=arrays.count_bytes() * len(node_ids),
+            bytes_down_head=_head_bytes(arrays) * len(node_ids),
+        )
+        log(INFO, "configure_train: round %d, %d clients, lr %.3g", server_round, len(node_ids), lr)
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        good: list[tuple[int, dict, int, float]] = []
+        bytes_up = bytes_up_head = 0
+        failures = 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                continue
+            arrays = msg.content[self.arrayrecord_key]
+            metrics = msg.content["metrics"]
+            bytes_up += arrays.count_bytes()
+            bytes_up_head += _head_bytes(arrays)
+            good.append((int(metrics["partition-id"]), from_record(arrays), int(metrics["num-examples"]),
+                         float(metrics.get("train_loss", float("nan")))))
+        # A fixed order (by partition id) makes the floating-point sums reproducible.
+        good.sort(key=lambda item: item[0])
+        self.round_log.update(server_round, participants=len(good), failures=failures,
+                              bytes_up=bytes_up, bytes_up_head=bytes_up_head)
+        if not good:
+            log(WARNING, "round %d: no client replied; the global adapter is unchanged", server_round)
+            self.round_log.update(server_round, failed=True)
+            return None, None
+        t0 = time.perf_counter()
+        new_state, diagnostics = self.method.aggregate(
+            [g[1] for g in good], [g[2] for g in good], self._current
+        )
+        agg_seconds = time.perf_counter() - t0
+        examples = sum(g[2] for g in good)
+        train_loss = sum(g[3] * g[2] for g in good) / examples
+        self.round_log.update(server_round, agg_seconds=agg_seconds, train_loss=train_loss,
+                              train_examples=examples, **diagnostics)
+        metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
+        return to_record(new_state), metrics
+
+
+def _head_bytes(record: ArrayRecord) -> int:
+    return sum(len(v.data) + len(k) for k, v in record.items() if k.startswith("head/"))

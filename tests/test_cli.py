@@ -1,0 +1,45 @@
+"""`florg` command-line errors: one line naming the field and the fix, exit code 2, no run directory."""
+
+import pytest
+from typer.testing import CliRunner
+
+from florg.cli.main import app
+
+
+def florg(*args, cwd, monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "train.roundz=3"], "train.rounds"),
+        (["--set", "data.alpha=0"], "data.alpha"),
+        (["--set", "method.rank=0"], "method.rank"),
+        (["--set", "method.procrustes=sideways"], "method.procrustes"),
+        (["--set", "method.name=fedfoo"], "method.name"),
+        (["--set", "data.data_dir=/nonexistent/wordnet"], "data_dir"),
+        (["--set", "model.name=/nonexistent/model"], "model"),
+        (["--set", "data.num_clients=50", "--set", "data.max_train_examples=20"], "data.num_clients"),
+        (["--set", "model.target_modules=['nosuchmodule']"], "nosuchmodule"),
+        (["--set", "method.rank=500"], "rank"),
+        (["--config", "missing.toml"], "missing.toml"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_no_run_dir(tmp_path, monkeypatch, args, needle):
+    small = ["--set", "data.max_train_examples=200", "--set", "data.max_test_examples=50"]
+    res = florg("run", "--set", f"out_dir={tmp_path / 'runs'}", *small, *args, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert res.exit_code == 2, res.stderr[-2000:]
+    err_lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1, res.stderr[-2000:]
+    assert needle in err_lines[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_config_command_prints_resolved_toml(tmp_path):
+    res = florg("config", "--set", "train.rounds=3", cwd=tmp_path)
+    assert res.exit_code == 0
+    assert "rounds = 3" in res.stdout

@@ -1,0 +1,121 @@
+"""Multi-process deployment: a SuperLink and two SuperNodes as separate processes, then ``flwr run``.
+
+Each test starts its processes on free loopback ports with its own FLWR_HOME (under tmp_path),
+runs the tiny config for 2 rounds through florg's Flower App and checks the run directory. The
+fixture stops exactly the processes the test started (and the helpers they spawned), by PID,
+also when the test fails, and then checks that those PIDs are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from florg.fl.deploy import APP_DIR, DeploymentError, LocalDeployment, TLSFiles, pid_alive
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.num_clients=2",
+    "train.rounds=2",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=200",
+    "data.max_test_examples=100",
+    "model.max_length=24",
+    "federation.min_train_nodes=2",
+    "federation.min_available_nodes=2",
+    "federation.round_timeout=90",
+]
+RUN_TIMEOUT = 150.0  # seconds for `flwr run` (the whole 2-round run)
+READY_TIMEOUT = 60.0  # seconds for the SuperLink / each SuperNode to come up
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def deployments(tmp_path):
+    """Factory of LocalDeployments; all are stopped at teardown and their PIDs must be gone."""
+    made: list[LocalDeployment] = []
+
+    def make(**kwargs) -> LocalDeployment:
+        dep = LocalDeployment(tmp_path / f"deployment-{len(made)}", ready_timeout=READY_TIMEOUT, **kwargs)
+        made.append(dep)
+        return dep
+
+    yield make
+    leftover = {}
+    for dep in made:
+        dep.stop()
+        alive = [pid for pid in dep.all_pids() if pid_alive(pid)]
+        if alive:
+            leftover[str(dep.workdir)] = alive
+    assert not leftover, f"processes still running after stop(): {leftover}"
+
+
+def _check_run_dir(run_dir: Path, rounds: int = 2) -> None:
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "complete", status
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [row["round"] for row in rows] == list(range(rounds + 1))
+    for row in rows:
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+    for row in rows[1:]:  # round 0 is the initial evaluation, nothing uploaded yet
+        assert row["bytes_up"] > 0
+        assert row["bytes_down"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == rounds
+    assert summary["bytes_up_total"] == sum(row["bytes_up"] for row in rows)
+
+
+def _run_and_check(dep: LocalDeployment, run_dir: Path) -> None:
+    with dep:
+        assert len(dep.pids) == 3  # SuperLink + 2 SuperNodes
+        assert all(pid_alive(pid) for pid in dep.pids)
+        result = dep.run(APP_DIR, overrides=TINY, run_dir=run_dir, timeout=RUN_TIMEOUT)
+        logs = "\n".join(f"--- {name}: {path}" for name, path in dep.logs().items())
+        assert result.ok, f"flwr run: rc={result.returncode} status={result.status}\n{result.output[-4000:]}\n{logs}"
+        assert result.run_id is not None
+        _check_run_dir(run_dir)
+        pids = dep.all_pids()
+    assert not [pid for pid in pids if pid_alive(pid)]
+
+
+def test_deployment_insecure(deployments, tmp_path):
+    dep = deployments(num_supernodes=2)
+    _run_and_check(dep, tmp_path / "run")
+    config = (dep.flwr_home / "config.toml").read_text()
+    assert "insecure = true" in config and dep.address in config
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for scripts/make_certs.sh")
+def test_deployment_tls(deployments, tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(certs)], check=True, timeout=60,
+                   capture_output=True)
+    dep = deployments(num_supernodes=2, tls=TLSFiles.from_dir(certs))
+    _run_and_check(dep, tmp_path / "run")
+    assert "root-certificates" in (dep.flwr_home / "config.toml").read_text()
+    assert "--insecure" not in dep.logs()["superlink"].read_text().splitlines()[0]
+
+
+def test_processes_stopped_when_the_body_fails(deployments):
+    dep = deployments(num_supernodes=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dep:
+            started = dep.pids
+            assert len(started) == 3 and all(pid_alive(pid) for pid in started)
+            raise RuntimeError("boom")
+    assert not [pid for pid in dep.all_pids() if pid_alive(pid)]
+
+
+def test_superlink_start_failure_is_reported(deployments, tmp_path):
+    missing = tmp_path / "no-certs"
+    dep = deployments(num_supernodes=1, tls=TLSFiles(missing / "ca.crt", missing / "s.pem", missing / "s.key"))
+    with pytest.raises(DeploymentError, match="superlink exited"):
+        with dep:
+            pass
+    assert not [pid for pid in dep.all_pids() if pid_alive(pid)]
