@@ -334,6 +334,13 @@ def test_local_task_from_file(tmp_path):
     assert t.label_names == ["cooking", "music", "sports"]  # sorted class names
     assert (len(t.train), len(t.test)) == (48, 12) and t.text_fields == ("text",)
     assert load_task(str(f), seed=3, test_fraction=0.2).test["text"] == t.test["text"]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    f.rename(folder / "train.jsonl")
+    t2 = load_task("local", data_dir=folder, seed=3, test_fraction=0.2)
+    assert t2.test["text"] == t.test["text"] and t2.source == str(folder)
+    with pytest.raises(ValueError, match="data.data_dir"):
+        load_task("local")
 
 
 # ------------------------------------------------------------------------------ partitioning

@@ -45,7 +45,9 @@ class DataConfig:
     alpha: float = _f(0.5, "Dirichlet concentration (the paper uses 0.5); smaller is more skewed.")
     classes_per_client: int = _f(2, "Classes per client for the pathological partitioning.")
     max_train_examples: int = _f(6000, "Cap on training examples (0 = all), drawn by seed.")
-    max_test_examples: int = _f(600, "Size of the held-out global test split (0 = all), drawn by seed.")
+    max_test_examples: int = _f(600, "Cap on the held-out global test split (0 = the whole hold-out), drawn by seed.")
+    test_fraction: float = _f(0.1, "Share of the data held out as the global test split (tasks without a test split, e.g. wordnet).")
+    classes: list[str] = _f([], "WordNet classes (lexicographer files); empty = noun.animal, noun.plant, noun.food, noun.artifact.")
 
 
 @dataclass
@@ -247,6 +249,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.data.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
     need(cfg.data.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
     need(cfg.data.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
+    need(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
     need(cfg.train.rounds >= 1, "train.rounds", f"must be >= 1, got {cfg.train.rounds}")
     need(cfg.train.local_steps >= 1, "train.local_steps", f"must be >= 1, got {cfg.train.local_steps}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -98,6 +98,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         seed=cfg.seed,
         max_train_examples=cfg.data.max_train_examples or None,
         max_test_examples=cfg.data.max_test_examples or None,
+        test_fraction=cfg.data.test_fraction,
+        classes=list(cfg.data.classes) or None,
     )
     n_train = len(task.train)
     if cfg.data.num_clients > n_train:

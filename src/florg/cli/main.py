@@ -53,7 +53,7 @@ def _reporter(total_rounds: int):
         agg = row.get("timing", {}).get("agg_seconds")
         agg_txt = f"  agg {agg * 1000:6.1f} ms" if agg is not None else ""
         console.print(
-            f"round {r:>3}/{total_rounds} [{bar}]  acc [bold]{row['test_accuracy']:.4f}[/]  loss {row['test_loss']:.4f}  "
+            f"round {r:>3}/{total_rounds} \\[{bar}]  acc [bold]{row['test_accuracy']:.4f}[/]  loss {row['test_loss']:.4f}  "
             f"up {_fmt_bytes(row.get('bytes_up', 0))} (cum {_fmt_bytes(row.get('bytes_up_cum', 0))})  "
             f"down {_fmt_bytes(row.get('bytes_down', 0))} (cum {_fmt_bytes(row.get('bytes_down_cum', 0))})  "
             f"clients {row.get('participants', 0)}{agg_txt}"
@@ -81,10 +81,10 @@ def run(
     except (ConfigError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
         _fail(_one_line(exc))
         return
-    sizes = [p["size"] for p in exp.partition_summary] if exp.partition_summary and "size" in exp.partition_summary[0] else []
-    if sizes:
-        console.print(f"clients: {len(sizes)} partitions, sizes {min(sizes)}..{max(sizes)} (total {sum(sizes)}); "
-                      f"test split {len(exp.test)} examples; targets {', '.join(exp.target_modules)}")
+    from florg.data import format_partition_stats
+
+    console.print(format_partition_stats(exp.partition_summary, exp.label_names), markup=False)
+    console.print(f"test split {len(exp.test)} examples; adapted modules: {', '.join(exp.target_modules)}")
     from florg.fl.simulation import run_simulation_engine
     from florg.rundir import RunDir
 

@@ -11,7 +11,8 @@ Supported names
     labels are hidden (-1), so the validation split (``validation_matched`` for MNLI) is the
     test split.
 ``local:<path>`` (or a path to a folder / ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file)
-    Any labelled text data in the local layouts below; text columns are detected.
+    Any labelled text data in the local layouts below; text columns are detected. The bare
+    name ``local`` reads the same from ``data_dir``.
 
 Local layouts (``data_dir`` for GLUE, the path for ``local:``)
 --------------------------------------------------------------
@@ -163,10 +164,11 @@ def load_task(
     Parameters
     ----------
     name:
-        ``wordnet``, ``glue/<task>`` or ``local:<path>`` (see the module docstring).
+        ``wordnet``, ``glue/<task>``, ``local:<path>``, or ``local`` (data in ``data_dir``);
+        see the module docstring.
     data_dir:
         WordNet ``dict`` folder for ``wordnet``; local GLUE files for ``glue/*`` (when absent,
-        the Hub is tried). Ignored for ``local:``.
+        the Hub is tried); the data for ``local``. Ignored for ``local:<path>``.
     seed:
         Fixes the WordNet (and lone-train-file) test hold-out and the example caps.
     test_fraction, test_size:
@@ -191,11 +193,15 @@ def load_task(
     _check_split_args(test_fraction, test_size, max_train_examples, max_test_examples)
     key = name.strip()
     low = key.lower()
-    glue_sub = low[5:] if low.startswith(("glue/", "glue:")) else low
+    glue_sub = (low[5:] if low.startswith(("glue/", "glue:")) else low).replace("-", "")
     if low == "wordnet":
         task = _load_wordnet_task(data_dir, classes, dedupe, seed, test_fraction, test_size)
     elif glue_sub in GLUE_TASKS:
         task = _load_glue(glue_sub, data_dir, seed=seed, test_fraction=test_fraction, test_size=test_size)
+    elif low == "local":
+        if data_dir is None:
+            raise ValueError("task 'local' needs data.data_dir (--data-dir) pointing at the data, or use local:<path>")
+        task = load_local(data_dir, seed=seed, test_fraction=test_fraction, test_size=test_size)
     elif low.startswith("local:") or (not low.startswith("glue") and _looks_like_path(key)):
         path = key[len("local:") :] if low.startswith("local:") else key
         task = load_local(path, seed=seed, test_fraction=test_fraction, test_size=test_size)
