@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "parse_faults"]
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,13 @@ class MethodConfig:
     compensate_init: bool = _f(False, "Subtract the initial delta from W0 so training starts exactly at the pretrained model.")
     eig_rtol: float = _f(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
     train_head: bool = _f(True, "Train the classification head and FedAvg it (counted separately in the bytes).")
+    client_ranks: list[int] = _f([], "Per-client adapter ranks for methods that allow heterogeneous ranks (flora): "
+                                     "client i uses client_ranks[i % len]; empty = every client uses method.rank.")
+    federa_mode: str = _f("product_svd", "FeDeRA server rule: 'product_svd' (aggregate sum p_n s B_n A_n exactly, "
+                                         "re-split by a rank-r SVD) or 'init_only_fedavg' (FedAvg of A and B).",
+                          choices=("product_svd", "init_only_fedavg"))
+    personal_eval_examples: int = _f(200, "FedSA-LoRA: global-test examples each client evaluates its personalised "
+                                          "model on per round (label-reweighted to its own data; 0 = all).")
 
 
 @dataclass
@@ -88,6 +95,8 @@ class FederationConfig:
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client.")
     backend_cpus: int = _f(0, "CPUs given to the simulation backend (0 = all of this machine's cores).")
     round_timeout: float = _f(600.0, "Seconds to wait for client replies each round.")
+    faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, norm, examples, error, stall) or dropout:FRACTION. Empty = off.")
+    max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).")
 
 
 @dataclass
@@ -174,7 +183,13 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         if str(typ).startswith("list"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, list):
+                raise ValueError
+            if str(typ) == "list[int]":
+                if not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+                    raise ValueError
+                return [int(v) for v in value]
+            if not all(isinstance(v, str) for v in value):
                 raise ValueError
             return list(value)
     except (TypeError, ValueError):
@@ -244,6 +259,9 @@ def validate(cfg: RunConfig) -> None:
     need(0.0 <= cfg.method.dropout < 1.0, "method.dropout", "must be in [0, 1)")
     need(cfg.method.init_scale > 0, "method.init_scale", "must be > 0 (A = 0 never trains)")
     need(0 < cfg.method.eig_rtol < 1, "method.eig_rtol", "must be in (0, 1)")
+    need(all(r >= 1 for r in cfg.method.client_ranks), "method.client_ranks",
+         f"every rank must be >= 1, got {cfg.method.client_ranks}")
+    need(cfg.method.personal_eval_examples >= 0, "method.personal_eval_examples", "must be >= 0 (0 = all)")
     need(cfg.data.num_clients >= 1, "data.num_clients", f"must be >= 1, got {cfg.data.num_clients}")
     need(cfg.data.alpha > 0, "data.alpha", f"must be > 0 (the paper uses 0.5), got {cfg.data.alpha}")
     need(cfg.data.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
@@ -265,7 +283,39 @@ def validate(cfg: RunConfig) -> None:
          f"is {cfg.federation.min_available_nodes} but there are only {cfg.data.num_clients} clients; lower it or raise data.num_clients")
     need(cfg.federation.client_cpus > 0, "federation.client_cpus", "must be > 0")
     need(cfg.federation.round_timeout > 0, "federation.round_timeout", "must be > 0")
+    if cfg.federation.faults:
+        try:
+            parse_faults(cfg.federation.faults)
+        except ValueError as exc:
+            raise ConfigError(f"config key {exc}") from None
+    need(cfg.federation.max_norm >= 0, "federation.max_norm", "must be >= 0 (0 = no bound)")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+FAULT_KINDS = ("nan", "inf", "shape", "missing", "dtype", "norm", "examples", "error", "stall")
+
+
+def parse_faults(entries: list[str]) -> tuple[dict[int, str], float]:
+    """``({partition: kind}, dropout fraction)``; raises ``ValueError`` naming the bad entry."""
+    per_client: dict[int, str] = {}
+    dropout = 0.0
+    for entry in entries:
+        if entry.startswith("dropout:"):
+            try:
+                dropout = float(entry.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"federation.faults: bad entry {entry!r}; use dropout:0.3") from None
+            if not 0.0 <= dropout < 1.0:
+                raise ValueError(f"federation.faults: dropout fraction must be in [0, 1), got {dropout}")
+            continue
+        kind, _, pid = entry.partition("@")
+        if kind not in FAULT_KINDS or not pid.isdigit():
+            raise ValueError(
+                f"federation.faults: bad entry {entry!r}; use KIND@PARTITION with KIND in {', '.join(FAULT_KINDS)}, "
+                "or dropout:FRACTION"
+            )
+        per_client[int(pid)] = kind
+    return per_client, dropout
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

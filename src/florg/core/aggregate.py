@@ -162,17 +162,34 @@ def _split_eigs(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch
     return keep, ~keep
 
 
-def _thin_from_eigh(m: torch.Tensor, lam_asc: torch.Tensor, u_asc: torch.Tensor, eig_rtol: float) -> GramFactor:
+@dataclass
+class _ThinSpectrum:
+    """All ``m`` eigenpairs of ``G = M M^T = U diag(lam) U^T`` (decreasing) and ``G`` itself.
+
+    Kept on the thin path for the diagnostics: ``W = U diag(sqrt(lam))`` satisfies
+    ``G = W W^T``, so ``M = W V^T`` with orthonormal ``V`` and any ``X = C M`` has the
+    coordinates ``C W`` in that basis of the row space of ``M``.
+    """
+
+    lam: torch.Tensor  # (m,) float64, decreasing
+    u: torch.Tensor  # (m, m) float64, columns in the order of lam
+    g: torch.Tensor  # (m, m) float64
+
+
+def _thin_from_eigh(
+    m: torch.Tensor, lam_asc: torch.Tensor, u_asc: torch.Tensor, eig_rtol: float
+) -> tuple[GramFactor, _ThinSpectrum]:
     lam = lam_asc.flip(0)
     u = u_asc.flip(1)
     keep, drop = _split_eigs(lam, eig_rtol)
-    return GramFactor(
+    gf = GramFactor(
         eigenvalues=lam[keep],
         coeff=u[:, keep].T.contiguous(),
         base=m,
         dropped=lam[drop].clamp_min(0.0),
         path="thin",
     )
+    return gf, _ThinSpectrum(lam=lam, u=u, g=torch.empty(0))
 
 
 def _gram_path_eigen(q: torch.Tensor, eig_rtol: float) -> GramFactor:
@@ -192,9 +209,31 @@ def _gram_path_eigen(q: torch.Tensor, eig_rtol: float) -> GramFactor:
     )
 
 
+def _row_scales(factors: Sequence[torch.Tensor], p: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``sqrt(p_n)`` repeated ``r_n`` times: the row scaling of the stacked uploads (float64)."""
+    sizes = [int(a.shape[0]) for a in factors]
+    roots = torch.tensor([math.sqrt(w) for w in p], dtype=_F64)
+    return torch.repeat_interleave(roots, torch.tensor(sizes)).to(device)
+
+
 def _stack(factors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
+    """``M = [sqrt(p_1) A_1; ...; sqrt(p_N) A_N]`` in float64 (one copy, one scaling pass)."""
     device = factors[0].device
-    return torch.cat([a.to(dtype=_F64) * math.sqrt(w) for a, w in zip(factors, p)], dim=0).to(device)
+    total = sum(int(a.shape[0]) for a in factors)
+    out = torch.empty(total, int(factors[0].shape[1]), dtype=_F64, device=device)
+    torch.cat(list(factors), dim=0, out=out)  # exact conversion to float64
+    return out.mul_(_row_scales(factors, p, device)[:, None])
+
+
+def _stack_group(layers: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -> torch.Tensor:
+    """``_stack`` for ``B`` layers of one shape group, written straight into one ``(B, m, k)`` tensor."""
+    first = layers[0]
+    device = first[0].device
+    total = sum(int(a.shape[0]) for a in first)
+    out = torch.empty(len(layers) * total, int(first[0].shape[1]), dtype=_F64, device=device)
+    torch.cat([a for factors in layers for a in factors], dim=0, out=out)  # exact conversion to float64
+    out = out.view(len(layers), total, -1)
+    return out.mul_(_row_scales(first, p, device)[None, :, None])
 
 
 def _choose_path(path: Path, total_rank: int, k: int, layer: str) -> str:
@@ -207,11 +246,14 @@ def _choose_path(path: Path, total_rank: int, k: int, layer: str) -> str:
 
 def _eigen(
     factors: Sequence[torch.Tensor], p: Sequence[float], chosen: str, k: int, eig_rtol: float, layer: str
-) -> tuple[GramFactor, torch.Tensor | None]:
+) -> tuple[GramFactor, _ThinSpectrum | None]:
     if chosen == "thin":
         stacked = _stack(factors, p)
-        lam, u = torch.linalg.eigh(stacked @ stacked.T)
-        return _thin_from_eigh(stacked, lam, u, eig_rtol), stacked
+        g = stacked @ stacked.T
+        lam, u = torch.linalg.eigh(g)
+        gf, spectrum = _thin_from_eigh(stacked, lam, u, eig_rtol)
+        spectrum.g = g
+        return gf, spectrum
     acc = GramAccumulator(k, layer=layer, device=factors[0].device)
     for a, w in zip(factors, p):
         acc.add(a, w)
@@ -255,47 +297,70 @@ def procrustes_align(
     if variant not in ("paper", "top-r"):
         raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
     _check_previous(previous, rank, k, layer)
+    return _align(previous, factor, rank, variant, align)[0]
+
+
+def _align(
+    previous: torch.Tensor | None, factor: GramFactor, rank: int, variant: Variant, align: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factor to send down, dense (``rank x k``), and as coefficients ``C`` on ``factor.base``.
+
+    ``dense = C @ factor.base`` up to rounding; ``C`` is ``rank x m`` (``m = factor.base.shape[0]``).
+    Inputs are assumed validated (see :func:`procrustes_align`).
+    """
+    k = factor.k
     r_prime = factor.rank
     device = factor.base.device
+    m = int(factor.base.shape[0])
     if r_prime == 0:
-        return torch.zeros(rank, k, dtype=_F64, device=device)
+        zeros = torch.zeros(rank, m, dtype=_F64, device=device)
+        return torch.zeros(rank, k, dtype=_F64, device=device), zeros
     top = min(rank, r_prime)
     if not align or previous is None:
         out = torch.zeros(rank, k, dtype=_F64, device=device)
         out[:top] = factor.dense(top)
-        return out
+        coeff = torch.zeros(rank, m, dtype=_F64, device=device)
+        coeff[:top] = factor.coeff[:top]
+        return out, coeff
     prev = previous.to(dtype=_F64, device=device)
     if variant == "paper":
         u, _, vh = torch.linalg.svd(factor.cross(prev), full_matrices=False)
-        return factor.left_mul(u @ vh)
+        coeff = (u @ vh) @ factor.coeff  # as in GramFactor.left_mul
+        return coeff @ factor.base, coeff
     if variant == "top-r":
         cross = torch.zeros(rank, rank, dtype=_F64, device=device)
         cross[:, :top] = factor.cross(prev, rows=top)
         u, _, vh = torch.linalg.svd(cross, full_matrices=False)
         rot = u @ vh  # r x r orthogonal
-        return (rot[:, :top] @ factor.coeff[:top]) @ factor.base
-    raise AssertionError("unreachable: variant was validated above")
+        coeff = rot[:, :top] @ factor.coeff[:top]
+        return coeff @ factor.base, coeff
+    raise AssertionError("unreachable: variant was validated by the caller")
 
 
-def _gram_diff_norm(x: torch.Tensor, target: GramFactor, stacked: torch.Tensor | None) -> float:
-    """``|| x^T x - Q ||_F`` without forming a k x k matrix on the thin path."""
+def _gram_diff_norm(x: torch.Tensor, coeff: torch.Tensor, target: GramFactor, thin: _ThinSpectrum | None) -> float:
+    """``|| x^T x - Q ||_F`` for ``x = coeff @ target.base``, never forming a k x k matrix on the thin path.
+
+    Gram path: dense, with the ``Q`` that was decomposed. Thin path: ``Q = M^T M`` and
+    ``G = M M^T = W W^T`` with ``W = U diag(sqrt(lam))``, so ``M = W V^T`` for some ``V`` with
+    orthonormal columns and ``x = C M`` has coordinates ``P = C W`` in that basis of the row
+    space of ``M``; hence ``||x^T x - M^T M||_F = ||P^T P - W^T W||_F``, an ``m x m`` computation.
+    It measures the factor in its exact coefficient form (orthogonality of the eigenvectors,
+    eigenvalues dropped as round-off, truncation to rank r), not the rounding of the final dense
+    product ``C @ M`` (a few ulps).
+    """
     if target.gram is not None:
         return float(torch.linalg.matrix_norm(x.T @ x - target.gram))
-    assert stacked is not None
-    z = torch.cat([x, stacked], dim=0)
-    if z.shape[0] >= z.shape[1]:
-        return float(torch.linalg.matrix_norm(x.T @ x - stacked.T @ stacked))
-    basis, _ = torch.linalg.qr(z.T, mode="reduced")  # k x m, orthonormal columns spanning both row spaces
-    cx = x @ basis
-    cm = stacked @ basis
-    return float(torch.linalg.matrix_norm(cx.T @ cx - cm.T @ cm))
+    assert thin is not None
+    w = thin.u * thin.lam.clamp_min(0.0).sqrt()  # scales column j by sqrt(lam_j)
+    cx = coeff @ w
+    return float(torch.linalg.matrix_norm(cx.T @ cx - w.T @ w))
 
 
-def _q_norm(target: GramFactor, stacked: torch.Tensor | None) -> float:
+def _q_norm(target: GramFactor, thin: _ThinSpectrum | None) -> float:
     if target.gram is not None:
         return float(torch.linalg.matrix_norm(target.gram))
-    assert stacked is not None
-    return float(torch.linalg.matrix_norm(stacked @ stacked.T))  # ||M^T M||_F = ||M M^T||_F
+    assert thin is not None
+    return float(torch.linalg.matrix_norm(thin.g))  # ||M^T M||_F = ||M M^T||_F
 
 
 @dataclass
@@ -330,7 +395,7 @@ class AggregationResult:
 def _finish(
     layer: str,
     gf: GramFactor,
-    stacked: torch.Tensor | None,
+    thin: _ThinSpectrum | None,
     previous: torch.Tensor | None,
     rank: int,
     variant: Variant,
@@ -338,13 +403,15 @@ def _finish(
     diagnostics: bool,
     out_dtype: torch.dtype,
 ) -> AggregationResult:
-    new = procrustes_align(previous, gf, rank, variant=variant, align=align, layer=layer)
+    """Align, cast and (optionally) diagnose one layer. Inputs were validated by the caller."""
+    new, new_coeff = _align(previous, gf, rank, variant, align)
     diag: dict[str, float] = {}
     if diagnostics:
-        q_norm = _q_norm(gf, stacked)
+        q_norm = _q_norm(gf, thin)
         denom = q_norm if q_norm > 0 else 1.0
-        diag["agg_rel_error"] = _gram_diff_norm(gf.dense(), gf, stacked) / denom
-        diag["sent_rel_error"] = _gram_diff_norm(new, gf, stacked) / denom
+        agg = gf.dense() if thin is None else None  # the thin path works on coefficients only
+        diag["agg_rel_error"] = _gram_diff_norm(agg, gf.coeff, gf, thin) / denom
+        diag["sent_rel_error"] = _gram_diff_norm(new, new_coeff, gf, thin) / denom
         # All eigenvalues in decreasing order: the kept ones, then those dropped as round-off.
         spectrum = torch.cat([gf.eigenvalues, gf.dropped])
         trace = float(spectrum.sum())
@@ -352,7 +419,7 @@ def _finish(
         if previous is not None:
             prev = previous.to(dtype=_F64, device=new.device)
             d_new = float(torch.linalg.matrix_norm(new - prev))
-            raw = procrustes_align(None, gf, rank, layer=layer)
+            raw = new if not align else _align(None, gf, rank, variant, False)[0]
             d_raw = float(torch.linalg.matrix_norm(raw - prev))
             diag["drift"] = d_new
             diag["delta_proc"] = d_raw**2 - d_new**2
@@ -422,8 +489,8 @@ def aggregate(
     total = sum(int(a.shape[0]) for a in factors)
     chosen = _choose_path(path, total, k, layer)
     _check_eig_rtol(eig_rtol, layer)
-    gf, stacked = _eigen(factors, p, chosen, k, eig_rtol, layer)
-    return _finish(layer, gf, stacked, previous, rank, variant, align, diagnostics, factors[0].dtype)
+    gf, thin = _eigen(factors, p, chosen, k, eig_rtol, layer)
+    return _finish(layer, gf, thin, previous, rank, variant, align, diagnostics, factors[0].dtype)
 
 
 def aggregate_model(
@@ -449,6 +516,10 @@ def aggregate_model(
     if not uploads:
         raise ValueError("aggregate_model: no layers were uploaded")
     previous = previous or {}
+    for what, mapping in (("previous", previous), ("rank", rank if isinstance(rank, Mapping) else {})):
+        unknown = sorted(set(mapping) - set(uploads))
+        if unknown:
+            raise ValueError(f"aggregate_model: {what} names layers that were not uploaded: {', '.join(unknown)}")
     n_clients = None
     groups: dict[tuple, list[str]] = {}
     meta: dict[str, tuple[int, int, list[float]]] = {}
@@ -485,13 +556,15 @@ def aggregate_model(
                 align=align, path="gram", eig_rtol=eig_rtol, diagnostics=diagnostics, layer=name,
             )
             continue
-        stacks = torch.stack([_stack(uploads[n], meta[n][2]) for n in names])  # (B, m, k)
-        lam_b, u_b = torch.linalg.eigh(stacks @ stacks.transpose(1, 2))
+        stacks = _stack_group([uploads[n] for n in names], meta[names[0]][2])  # (B, m, k)
+        grams = stacks @ stacks.transpose(1, 2)
+        lam_b, u_b = torch.linalg.eigh(grams)
         for i, name in enumerate(names):
             k, r, _ = meta[name]
-            gf = _thin_from_eigh(stacks[i], lam_b[i], u_b[i], eig_rtol)
+            gf, thin = _thin_from_eigh(stacks[i], lam_b[i], u_b[i], eig_rtol)
+            thin.g = grams[i]
             results[name] = _finish(
-                name, gf, stacks[i], previous.get(name), r, variant, align, diagnostics,
+                name, gf, thin, previous.get(name), r, variant, align, diagnostics,
                 uploads[name][0].dtype,
             )
     return {name: results[name] for name in uploads}

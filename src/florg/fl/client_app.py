@@ -15,9 +15,10 @@ from florg.config import RunConfig
 from florg.experiment import get_experiment
 from florg.train import cycle, evaluate, make_optimizer, train_steps
 
+from .faults import fault_mod
 from .records import CONFIG_KEY, from_record, to_record
 
-app = ClientApp()
+app = ClientApp(mods=[fault_mod])
 
 _OPTIM_KEY = "florg.optimizer"
 

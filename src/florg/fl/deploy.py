@@ -34,8 +34,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -306,21 +306,27 @@ class LocalDeployment:
         return {p.name: p.log for p in self._procs}
 
     def __enter__(self) -> LocalDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self) -> None:
-        """Start the SuperLink, wait until it listens, start the SuperNodes, wait until registered."""
+        """Start the SuperLink, wait until it listens, start the SuperNodes, wait until registered.
+
+        On any failure (or Ctrl-C) the processes started so far are stopped before re-raising.
+        """
         if self._procs:
-            raise DeploymentError("already started")
+            raise DeploymentError("this LocalDeployment was already started (use a new one)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self) -> None:
         self._start_superlink()
         self._write_cli_config()
         ports = find_free_ports(self.num_supernodes, self.host)
@@ -329,7 +335,11 @@ class LocalDeployment:
         deadline = time.monotonic() + self.ready_timeout
         for i, port in enumerate(self.supernode_ports):
             proc = self._procs[1 + i]
-            self._wait(proc, deadline, lambda p=port, pr=proc: _port_open(self.host, p) and self._log_has(pr, _SUPERNODE_READY))
+
+            def ready(p: int = port, pr: _Proc = proc) -> bool:
+                return _port_open(self.host, p) and self._log_has(pr, _SUPERNODE_READY)
+
+            self._wait(proc, deadline, ready)
         self._note_helpers()
 
     def run(
@@ -379,7 +389,7 @@ class LocalDeployment:
         for _ in range(30):
             log = self.log_dir / "flwr-list.log"
             cmd = [self._bin("flwr"), "list", self.connection_name, "--run-id", str(run_id), "--format", "json"]
-            returncode, output = self._run_cli(cmd, log, max(1.0, deadline - time.monotonic()), False)
+            _, output = self._run_cli(cmd, log, max(1.0, deadline - time.monotonic()), False)
             try:
                 runs = json.loads(output[output.index("{"):]).get("runs", [])
                 status = str(runs[0]["status"]) if runs else None
@@ -528,12 +538,13 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 _killpg(popen.pid, signal.SIGKILL)
                 popen.wait(timeout=10)
-                raise DeploymentError(f"'{' '.join(cmd[:3])} ...' did not finish within {timeout:.0f} s; see {log}") from None
+                what = " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd[:2]))
+                raise DeploymentError(f"'{what}' did not finish within {timeout:.0f} s; see {log}") from None
             finally:
                 reader.join(timeout=10)
         return popen.returncode, "".join(chunks)
 
-    def _wait(self, proc: _Proc, deadline: float, ready: Any) -> None:
+    def _wait(self, proc: _Proc, deadline: float, ready: Callable[[], bool]) -> None:
         """Poll ``ready()`` until true; fail if the process exits or the deadline passes."""
         while True:
             if proc.popen.poll() is not None:
@@ -544,7 +555,9 @@ class LocalDeployment:
             if ready():
                 return
             if time.monotonic() > deadline:
-                raise DeploymentError(f"{proc.name} not ready after {self.ready_timeout:.0f} s; log {proc.log}:\n" + _tail(proc.log))
+                raise DeploymentError(
+                    f"{proc.name} not ready after {self.ready_timeout:.0f} s; log {proc.log}:\n" + _tail(proc.log)
+                )
             time.sleep(0.2)
 
     @staticmethod

@@ -74,4 +74,5 @@ class FLoRG(AdapterStrategy):
             min_train_nodes=cfg.federation.min_train_nodes,
             min_available_nodes=cfg.federation.min_available_nodes,
             round_log=round_log,
+            max_norm=cfg.federation.max_norm,
         )

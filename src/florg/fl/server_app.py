@@ -66,6 +66,7 @@ def run_server(
         min_train_nodes=cfg.federation.min_train_nodes,
         min_available_nodes=cfg.federation.min_available_nodes,
         round_log=round_log,
+        max_norm=cfg.federation.max_norm,
     )
     cumulative = {"bytes_up": 0, "bytes_down": 0}
     rows: list[dict[str, Any]] = []

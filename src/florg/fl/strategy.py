@@ -56,6 +56,13 @@ class AdapterStrategy(FedAvg):
         As in :class:`flwr.serverapp.strategy.FedAvg`.
     round_log : RoundLog, optional
         Receives per-round measurements (bytes up/down, participants, aggregation time).
+    max_norm : float
+        Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).
+
+    Every reply is validated before aggregation (keys, shapes, dtype, finite values, the norm
+    bound, a positive integer example count); an invalid reply is dropped with a logged reason
+    and counted in the round's ``rejected``; with no valid reply the global adapter stays
+    unchanged and the round is recorded as ``failed``.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class AdapterStrategy(FedAvg):
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
         round_log: RoundLog | None = None,
+        max_norm: float = 1e4,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -82,6 +90,7 @@ class AdapterStrategy(FedAvg):
         self.run_config_json = run_config_json
         self.seed = seed
         self.round_log = round_log or RoundLog()
+        self.max_norm = max_norm
         self._current: dict[str, Any] = {}
         self._node_partition: dict[int, int] = {}
 
@@ -150,25 +159,30 @@ class AdapterStrategy(FedAvg):
         replies = list(replies)
         good: list[tuple[int, dict, int, float]] = []
         bytes_up = bytes_up_head = 0
-        failures = 0
+        failures = rejected = 0
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
                 failures += 1
-                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
-            arrays = msg.content[self.arrayrecord_key]
-            metrics = msg.content["metrics"]
-            bytes_up += arrays.count_bytes()
-            bytes_up_head += _head_bytes(arrays)
-            good.append((int(metrics["partition-id"]), from_record(arrays), int(metrics["num-examples"]),
-                         float(metrics.get("train_loss", float("nan")))))
+            arrays = msg.content.get(self.arrayrecord_key)
+            if isinstance(arrays, ArrayRecord):
+                bytes_up += arrays.count_bytes()
+                bytes_up_head += _head_bytes(arrays)
+            parsed, problems = self._parse_reply(msg)
+            if problems:
+                rejected += 1
+                for problem in problems:
+                    log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node, problem)
+                continue
+            good.append(parsed)
         # A fixed order (by partition id) makes the floating-point sums reproducible.
         good.sort(key=lambda item: item[0])
-        self.round_log.update(server_round, participants=len(good), failures=failures,
-                              bytes_up=bytes_up, bytes_up_head=bytes_up_head)
+        self.round_log.update(server_round, participants=len(good), failures=failures, rejected=rejected,
+                              bytes_up=bytes_up, bytes_up_head=bytes_up_head, failed=not good)
         if not good:
-            log(WARNING, "round %d: no client replied; the global adapter is unchanged", server_round)
-            self.round_log.update(server_round, failed=True)
+            log(WARNING, "round %d: no valid reply; the global adapter is unchanged", server_round)
             return None, None
         t0 = time.perf_counter()
         new_state, diagnostics = self.method.aggregate(
@@ -181,6 +195,29 @@ class AdapterStrategy(FedAvg):
                               train_examples=examples, **diagnostics)
         metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
         return to_record(new_state), metrics
+
+
+    def _parse_reply(self, msg: Message) -> tuple[tuple[int, dict, int, float] | None, list[str]]:
+        """``((partition id, tensors, num examples, train loss), [])`` or ``(None, problems)``."""
+        content = msg.content
+        arrays = content.get(self.arrayrecord_key)
+        metrics = content.get("metrics")
+        if not isinstance(arrays, ArrayRecord):
+            return None, [f"no ArrayRecord under '{self.arrayrecord_key}'"]
+        if not isinstance(metrics, MetricRecord):
+            return None, ["no MetricRecord under 'metrics'"]
+        n = metrics.get("num-examples")
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < 1:
+            return None, [f"num-examples must be a positive integer, got {n!r}"]
+        try:
+            tensors = from_record(arrays)
+        except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply
+            return None, [f"arrays cannot be decoded: {exc}"]
+        problems = self.method.check_upload(tensors, self._current, self.max_norm)
+        if problems:
+            return None, problems
+        pid = int(metrics.get("partition-id", -1))
+        return (pid, tensors, int(n), float(metrics.get("train_loss", float("nan")))), []
 
 
 def _head_bytes(record: ArrayRecord) -> int:

@@ -6,13 +6,25 @@ uploads (``upload``) and how the server combines uploads (``aggregate``). Tensor
 ``{key: tensor}`` dicts; keys under ``head/`` are the classification head, which every method
 trains and FedAvgs the same way (weighted mean), and which is counted separately on the wire.
 
+Two more key prefixes have a fixed meaning for the Flower glue:
+
+* ``server/``: part of the global state that stays on the server (e.g. the state it needs to
+  evaluate a global model that the protocol never sends down); stripped from every downlink.
+* ``eval/``: part of an upload that exists only so that the server can evaluate a global model
+  (not part of the method's protocol); counted as ``bytes_up_eval``, not as ``bytes_up``.
+
 Methods know nothing about Flower: ``florg.fl`` converts these dicts to and from Flower records.
+A client's persistent per-client state (``Context.state`` in Flower) reaches the client hooks
+(:meth:`FederatedMethod.client_load`, :meth:`FederatedMethod.client_upload`) as a plain dict.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -21,10 +33,54 @@ from torch import nn
 if TYPE_CHECKING:
     from florg.config import RunConfig
 
-__all__ = ["FederatedMethod", "HEAD_PREFIX", "head_state", "load_head", "weighted_mean", "split_head"]
+__all__ = [
+    "ClientInfo",
+    "EVAL_PREFIX",
+    "FederatedMethod",
+    "HEAD_PREFIX",
+    "SERVER_PREFIX",
+    "head_state",
+    "load_head",
+    "normalised_weights",
+    "split_eval",
+    "split_head",
+    "weighted_mean",
+    "wire_state",
+]
 
 HEAD_PREFIX = "head/"
+SERVER_PREFIX = "server/"
+EVAL_PREFIX = "eval/"
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who is training: the client's partition id and the (1-based) server round."""
+
+    partition_id: int
+    server_round: int
+
+
+def wire_state(state: Tensors) -> Tensors:
+    """The part of a global state that is sent down to clients (``server/`` keys removed)."""
+    return {k: v for k, v in state.items() if not k.startswith(SERVER_PREFIX)}
+
+
+def split_eval(upload: Tensors) -> tuple[Tensors, Tensors]:
+    """``(protocol_part, eval_only_part)`` of an upload."""
+    ev = {k: v for k, v in upload.items() if k.startswith(EVAL_PREFIX)}
+    rest = {k: v for k, v in upload.items() if not k.startswith(EVAL_PREFIX)}
+    return rest, ev
+
+
+def normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """``p_n = w_n / sum w`` (uniform ``1/n`` when ``weights`` is None)."""
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n or any(not x > 0 for x in w):
+        raise ValueError(f"need {n} positive aggregation weights, got {weights!r}")
+    total = math.fsum(w)
+    return [x / total for x in w]
 
 
 def head_state(model: nn.Module, adapter_param_marker: str) -> Tensors:
@@ -71,11 +127,32 @@ class FederatedMethod(ABC):
     """Base class of a federated fine-tuning method (client shape + server rule)."""
 
     name: ClassVar[str]
+    #: the name used in tables and plots (e.g. "FedSA-LoRA")
+    display_name: ClassVar[str] = ""
     #: substring that identifies adapter parameters in ``model.named_parameters()``
     adapter_param_marker: ClassVar[str]
+    #: whether clients may use different ranks (``method.client_ranks``)
+    supports_client_ranks: ClassVar[bool] = False
+    #: whether the server asks every client to evaluate its own (personalised) model each round
+    client_evaluation: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.check_config(cfg)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Raise :class:`florg.config.ConfigError` for settings this method cannot honour.
+
+        Called on construction, i.e. before any data or model is loaded and before training.
+        """
+        from florg.config import ConfigError
+
+        if cfg.method.client_ranks and not self.supports_client_ranks:
+            raise ConfigError(
+                f"config key 'method.client_ranks': method '{self.name}' trains one rank for every client "
+                f"(method.rank); heterogeneous ranks {list(cfg.method.client_ranks)} need method.name='flora'. "
+                "Set method.client_ranks=[] or choose flora"
+            )
 
     @property
     def uses_example_weights(self) -> bool:
@@ -114,7 +191,54 @@ class FederatedMethod(ABC):
             state.update(head_state(model, self.adapter_param_marker))
         return state
 
+    def client_load(self, model: nn.Module, state: Tensors, info: ClientInfo, local: Tensors) -> None:
+        """Prepare the (shared, cached) client model for one client's round.
+
+        ``state`` is what came down; ``local`` is this client's own persistent state (empty at
+        its first round; the method may read and update it). The default applies ``state``.
+        """
+        self.load_global(model, state)
+
+    def client_upload(self, model: nn.Module, info: ClientInfo, local: Tensors) -> Tensors:
+        """What the client sends up after local training (may update ``local``)."""
+        return self.upload(model)
+
+    def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
+        """Save the final global model's adapter into the run directory (``adapter/``)."""
+        model.save_pretrained(str(Path(run_path) / "adapter"))
+
     # ---- server side -------------------------------------------------------------------
+    def expected_upload(self, current: Tensors) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a valid upload must have (default: those of the global state)."""
+        return {key: tuple(value.shape) for key, value in current.items()}
+
+    def check_upload(self, upload: Tensors, current: Tensors, max_norm: float = 0.0) -> list[str]:
+        """Problems with one client's upload (empty list = valid): missing or unexpected keys,
+        wrong shapes, a non-floating or mixed dtype, NaN/Inf, a Frobenius norm above ``max_norm``
+        (``0`` = no bound)."""
+        expected = self.expected_upload(current)
+        problems = [f"{key}: missing" for key in expected if key not in upload]
+        problems += [f"{key}: unexpected key" for key in upload if key not in expected]
+        dtype = None
+        for key in expected:
+            value = upload.get(key)
+            if value is None:
+                continue
+            if tuple(value.shape) != expected[key]:
+                problems.append(f"{key}: shape {tuple(value.shape)}, expected {expected[key]}")
+                continue
+            if not value.is_floating_point():
+                problems.append(f"{key}: dtype {value.dtype} is not floating point")
+                continue
+            if dtype is not None and value.dtype != dtype:
+                problems.append(f"{key}: dtype {value.dtype} differs from {dtype}")
+            dtype = dtype or value.dtype
+            if not bool(torch.isfinite(value).all()):
+                problems.append(f"{key}: contains NaN or Inf")
+            elif max_norm > 0 and float(torch.linalg.vector_norm(value.double())) > max_norm:
+                problems.append(f"{key}: norm {float(torch.linalg.vector_norm(value.double())):.4g} exceeds {max_norm:g}")
+        return problems
+
     @abstractmethod
     def aggregate_adapter(
         self, uploads: list[Tensors], weights: list[float] | None, current: Tensors

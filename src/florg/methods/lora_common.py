@@ -1,0 +1,402 @@
+"""Shared plumbing of the LoRA-based methods (PEFT ``LoraConfig`` and LoRA layers).
+
+Not a method itself: each method (``fedit.py``, ``federa.py``, ...) owns its client shape and
+server rule and uses these pieces.
+
+State keys (per adapted layer, ``<layer>`` = the module path without PEFT's
+``base_model.model.`` prefix, e.g. ``bert.encoder.layer.0.attention.self.query``):
+
+* ``<layer>.lora_A.weight`` (``r x d_in``) and ``<layer>.lora_B.weight`` (``d_out x r``): PEFT's
+  own state-dict names, so ``B @ A`` has the shape of ``nn.Linear.weight`` (``d_out x d_in``);
+* ``<layer>.w0_delta`` (``d_out x d_in``, the ``B @ A`` orientation): the cumulative correction
+  of the frozen base weight relative to the pretrained one (FedEx-LoRA, FLoRA).
+
+The pretrained base weight is kept on every adapted layer (``florg_w0_pretrained``) by the
+methods that change it, so any process can rebuild ``W0 = W0_pretrained + delta`` from a message
+alone: simulated clients share one cached model per process, so nothing client-specific may live
+in the model between rounds.
+
+Orientation: everything is computed in the ``B @ A`` (``d_out x d_in``) orientation and converted
+to the base layer's storage layout by :func:`to_weight_layout`, which transposes only for
+``fan_in_fan_out`` layers (GPT-2 ``Conv1D``). Adding a ``B @ A``-shaped residual transposed to an
+``nn.Linear`` weight is the orientation bug of FedEx-LoRA's reference GLUE code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import SERVER_PREFIX, FederatedMethod, Tensors
+
+__all__ = [
+    "A_SUFFIX",
+    "B_SUFFIX",
+    "W0_SUFFIX",
+    "Factored",
+    "LoRAMethod",
+    "a_key",
+    "b_key",
+    "layer_errors",
+    "layer_names",
+    "lora_layers",
+    "product_svd",
+    "seeded_lora_A",
+    "summarise_errors",
+    "to_weight_layout",
+    "w0_key",
+    "weighted_products",
+]
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+W0_SUFFIX = ".w0_delta"
+_F64 = torch.float64
+
+
+def a_key(layer: str) -> str:
+    return layer + A_SUFFIX
+
+
+def b_key(layer: str) -> str:
+    return layer + B_SUFFIX
+
+
+def w0_key(layer: str) -> str:
+    return layer + W0_SUFFIX
+
+
+def lora_layers(model: nn.Module) -> dict[str, Any]:
+    """``{clean layer name: PEFT LoraLayer}`` for every layer carrying the ``default`` LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    from florg.adapters import clean_module_name
+
+    out: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            out[clean_module_name(name)] = module
+    if not out:
+        raise ValueError("the model has no LoRA layers; build it with the method first")
+    return out
+
+
+def to_weight_layout(layer: Any, delta: torch.Tensor) -> torch.Tensor:
+    """A ``d_out x d_in`` (``B @ A``-shaped) matrix in the base layer's storage layout.
+
+    ``nn.Linear`` stores ``(d_out, d_in)``: no transpose. Only ``fan_in_fan_out`` layers (GPT-2
+    ``Conv1D``, ``(d_in, d_out)``) need ``delta.T``.
+    """
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+
+
+def seeded_lora_A(rank: int, d_in: int, *, seed: int, tag: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """PEFT's default LoRA ``A`` init, ``U(-1/sqrt(d_in), 1/sqrt(d_in))`` (``rank x d_in``), from a seed.
+
+    Drawn in float64 on the CPU from :func:`florg.core.layer_seed` of ``(seed, tag)``, so every
+    process obtains the byte-identical matrix (PEFT itself draws from the global RNG).
+    """
+    from florg.core import layer_seed
+
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(layer_seed(seed, tag))
+    bound = 1.0 / math.sqrt(d_in)
+    a = (torch.rand(rank, d_in, generator=gen, dtype=_F64) * 2.0 - 1.0) * bound
+    return a.to(dtype)
+
+
+# --------------------------------------------------------------------------------- linear algebra
+
+
+class Factored:
+    """A ``d_out x d_in`` matrix kept as ``sum_i X_i @ Y_i`` (+ an optional dense part), in float64.
+
+    Used for the aggregation diagnostics: differences of low-rank sums are formed and their
+    Frobenius norms taken without materialising ``d_out x d_in`` unless a dense part is present
+    (or the stacked rank is not smaller than ``min(d_out, d_in)``).
+    """
+
+    def __init__(self, shape: tuple[int, int], terms: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
+                 dense: torch.Tensor | None = None) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.terms = [(x.to(_F64), y.to(_F64)) for x, y in terms]
+        self.dense_part = None if dense is None else dense.to(_F64)
+
+    @classmethod
+    def product(cls, x: torch.Tensor, y: torch.Tensor, coef: float = 1.0) -> Factored:
+        return cls((x.shape[0], y.shape[1]), [(x.to(_F64) * float(coef), y)])
+
+    @classmethod
+    def of_dense(cls, d: torch.Tensor) -> Factored:
+        return cls(tuple(d.shape), dense=d)
+
+    def __add__(self, other: Factored) -> Factored:
+        dense = self.dense_part
+        if other.dense_part is not None:
+            dense = other.dense_part if dense is None else dense + other.dense_part
+        return Factored(self.shape, self.terms + other.terms, dense)
+
+    def scaled(self, c: float) -> Factored:
+        return Factored(self.shape, [(x * float(c), y) for x, y in self.terms],
+                        None if self.dense_part is None else self.dense_part * float(c))
+
+    def __sub__(self, other: Factored) -> Factored:
+        return self + other.scaled(-1.0)
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=_F64) if self.dense_part is None else self.dense_part.clone()
+        for x, y in self.terms:
+            out += x @ y
+        return out
+
+    def fro(self) -> float:
+        """``||.||_F``; thin QR of the stacked factors when that avoids a ``d_out x d_in`` matrix."""
+        m = sum(int(x.shape[1]) for x, _ in self.terms)
+        if m == 0 and self.dense_part is None:
+            return 0.0
+        if self.dense_part is not None or m >= min(self.shape):
+            return float(torch.linalg.matrix_norm(self.dense()))
+        x = torch.cat([x for x, _ in self.terms], dim=1)
+        y = torch.cat([y for _, y in self.terms], dim=0)
+        _, rx = torch.linalg.qr(x, mode="reduced")
+        _, ry = torch.linalg.qr(y.T, mode="reduced")
+        return float(torch.linalg.matrix_norm(rx @ ry.T))
+
+
+def product_svd(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD ``(U_r, S_r, V_r)`` of ``P = x @ y`` (``x``: ``d_out x m``, ``y``: ``m x d_in``).
+
+    When ``m < min(d_out, d_in)`` it never forms ``P``: with thin QRs ``x = Q_x R_x`` and
+    ``y^T = Q_y R_y``, ``P = Q_x (R_x R_y^T) Q_y^T``, so the SVD of the ``m x m`` core gives
+    ``U = Q_x U'`` and ``V = Q_y V'``. Otherwise ``P`` is formed and decomposed densely (small
+    layers, or many clients). Float64 throughout. When ``rank(P) < rank`` the missing singular
+    triplets are zero (zero columns).
+    """
+    x = x.to(_F64)
+    y = y.to(_F64)
+    d_out, m = x.shape
+    d_in = y.shape[1]
+    if m < min(d_out, d_in):
+        qx, rx = torch.linalg.qr(x, mode="reduced")
+        qy, ry = torch.linalg.qr(y.T, mode="reduced")
+        uc, s, vch = torch.linalg.svd(rx @ ry.T, full_matrices=False)
+        u, v = qx @ uc, qy @ vch.T
+    else:
+        u, s, vh = torch.linalg.svd(x @ y, full_matrices=False)
+        v = vh.T
+    k = min(rank, int(s.numel()))
+    u_r = torch.zeros(d_out, rank, dtype=_F64)
+    v_r = torch.zeros(d_in, rank, dtype=_F64)
+    s_r = torch.zeros(rank, dtype=_F64)
+    u_r[:, :k], v_r[:, :k], s_r[:k] = u[:, :k], v[:, :k], s[:k]
+    return u_r, s_r, v_r
+
+
+def layer_errors(target: Factored, sent: Factored, previous: Factored | None = None,
+                 exact: Factored | None = None) -> dict[str, float]:
+    """Per-layer aggregation diagnostics (all relative Frobenius norms).
+
+    ``target`` is ``sum_n p_n dW_n`` (the clients' updates of the base weight, relative to the
+    pretrained weight); ``sent`` the new global model's update; ``exact`` the method's aggregate
+    before any lossy step (defaults to ``sent``); ``previous`` the previous global update.
+
+    * ``agg_rel_error``  = ``||exact - target|| / ||target||``
+    * ``sent_rel_error`` = ``||sent - target|| / ||target||``
+    * ``round_rel_error`` = ``||sent - target|| / ||target - previous||`` (error relative to the
+      round's mean update; only with ``previous``)
+    """
+    t_norm = target.fro()
+    denom = t_norm if t_norm > 0 else 1.0
+    sent_err = (sent - target).fro()
+    out = {
+        "agg_rel_error": ((exact - target).fro() if exact is not None else sent_err) / denom,
+        "sent_rel_error": sent_err / denom,
+    }
+    if previous is not None:
+        r_norm = (target - previous).fro()
+        out["round_rel_error"] = sent_err / (r_norm if r_norm > 0 else 1.0)
+    return out
+
+
+def summarise_errors(per_layer: Sequence[dict[str, float]]) -> dict[str, float]:
+    """``<name>_max`` and ``<name>_mean`` over layers for every ``*_rel_error``; ``_mean`` for the rest."""
+    out: dict[str, float] = {}
+    names = sorted({k for d in per_layer for k in d})
+    for name in names:
+        vals = [d[name] for d in per_layer if name in d]
+        if name.endswith("rel_error"):
+            out[name + "_max"] = max(vals)
+        out[name + "_mean"] = sum(vals) / len(vals)
+    return out
+
+
+# --------------------------------------------------------------------------------- the base class
+
+
+class LoRAMethod(FederatedMethod):
+    """Common client side of the LoRA-based methods: PEFT ``LoraConfig``, seeded ``A``, key handling.
+
+    Subclasses set the class attributes and implement ``adapter_state`` / ``aggregate_adapter``.
+    """
+
+    adapter_param_marker = "lora_"
+    #: PEFT ``init_lora_weights`` ("pissa" = SVD of W0 with the principal part subtracted)
+    init_lora_weights: ClassVar[Any] = True
+    #: keep the pretrained W0 on each layer and let states carry ``<layer>.w0_delta``
+    modifies_base: ClassVar[bool] = False
+    #: train ``A`` (False: A is frozen at its seeded init)
+    train_A: ClassVar[bool] = True
+
+    def check_config(self, cfg) -> None:  # noqa: ANN001
+        super().check_config(cfg)
+        from florg.config import ConfigError
+
+        if self.modifies_base and cfg.model.dtype != "float32":
+            raise ConfigError(
+                f"config key 'model.dtype': method '{self.name}' changes the frozen base weights (W0), which is "
+                f"lossy in {cfg.model.dtype}; use model.dtype='float32'"
+            )
+
+    # ------------------------------------------------------------------ client model
+    @property
+    def scale(self) -> float:
+        """``s = alpha / r`` (PEFT's LoRA scaling)."""
+        return float(self.cfg.method.alpha) / float(self.cfg.method.rank)
+
+    def build_rank(self) -> int:
+        """The rank of the PEFT adapter built into the (shared) model."""
+        return int(self.cfg.method.rank)
+
+    def build(self, model: nn.Module, target_modules: list[str], head_modules: list[str]) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        m = self.cfg.method
+        config = LoraConfig(
+            r=self.build_rank(),
+            lora_alpha=m.alpha,
+            lora_dropout=m.dropout,
+            target_modules=list(target_modules),
+            modules_to_save=list(head_modules) if (m.train_head and head_modules) else None,
+            init_lora_weights=self.init_lora_weights,
+        )
+        model = get_peft_model(model, config)
+        layers = lora_layers(model)
+        for name, layer in layers.items():
+            r = layer.r["default"]
+            if r > min(layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"LoRA rank {r} is larger than layer {name!r} allows (min(d_in={layer.in_features}, "
+                    f"d_out={layer.out_features})); lower method.rank"
+                )
+        with torch.no_grad():
+            for name, layer in layers.items():
+                a = layer.lora_A["default"].weight
+                if self.init_lora_weights is True:
+                    a.copy_(seeded_lora_A(a.shape[0], a.shape[1], seed=self.cfg.seed, tag=name + "#lora_A",
+                                          dtype=a.dtype))
+                a.requires_grad_(self.train_A)
+                if self.modifies_base:
+                    w = layer.get_base_layer().weight
+                    pre = w.detach().clone()
+                    if self.init_lora_weights == "pissa":  # W_res + s B0 A0 (get_delta_weight is in weight layout)
+                        pre = (w.detach().float() + layer.get_delta_weight("default").float()).to(w.dtype)
+                    layer.florg_w0_pretrained = pre
+        return model
+
+    # ------------------------------------------------------------------ state access
+    def layers(self, model: nn.Module) -> dict[str, Any]:
+        return lora_layers(model)
+
+    @staticmethod
+    def get_A(layer: Any) -> torch.Tensor:
+        return layer.lora_A["default"].weight.detach().clone()
+
+    @staticmethod
+    def get_B(layer: Any) -> torch.Tensor:
+        return layer.lora_B["default"].weight.detach().clone()
+
+    @staticmethod
+    def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
+        if tuple(param.shape) != tuple(value.shape):
+            raise ValueError(f"{what}: got shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def set_A(self, layer: Any, value: torch.Tensor, name: str = "") -> None:
+        self._copy(layer.lora_A["default"].weight, value, f"layer '{name}' lora_A")
+
+    def set_B(self, layer: Any, value: torch.Tensor, name: str = "") -> None:
+        self._copy(layer.lora_B["default"].weight, value, f"layer '{name}' lora_B")
+
+    def base_delta(self, layer: Any) -> torch.Tensor:
+        """Current ``W0 - W0_pretrained`` in the ``B @ A`` orientation (``d_out x d_in``)."""
+        w = layer.get_base_layer().weight.detach()
+        return to_weight_layout(layer, w - layer.florg_w0_pretrained.to(w.device))
+
+    def set_base_delta(self, layer: Any, delta: torch.Tensor, name: str = "") -> None:
+        """``W0 <- W0_pretrained + delta`` (``delta`` in the ``B @ A`` orientation)."""
+        if not hasattr(layer, "florg_w0_pretrained"):
+            raise ValueError(f"layer '{name}': method '{self.name}' does not change W0 (no pretrained copy)")
+        expected = (layer.out_features, layer.in_features)
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"layer '{name}': W0 delta has shape {tuple(delta.shape)}, expected {expected}")
+        w = layer.get_base_layer().weight
+        pre = layer.florg_w0_pretrained.to(w.device)
+        with torch.no_grad():
+            w.copy_((pre.to(_F64) + to_weight_layout(layer, delta.to(device=w.device, dtype=_F64))).to(w.dtype))
+
+    def lora_state(self, model: nn.Module, *, a: bool = True, b: bool = True) -> Tensors:
+        out: Tensors = {}
+        for name, layer in self.layers(model).items():
+            if a:
+                out[a_key(name)] = self.get_A(layer)
+            if b:
+                out[b_key(name)] = self.get_B(layer)
+        return out
+
+    def load_adapter_state(self, model: nn.Module, state: Tensors) -> None:
+        """Apply ``lora_A``/``lora_B``/``w0_delta`` keys (also under ``server/``); other ``server/`` keys are bookkeeping."""
+        layers = self.layers(model)
+        for key, value in state.items():
+            plain = key[len(SERVER_PREFIX):] if key.startswith(SERVER_PREFIX) else key
+            for suffix, setter in ((A_SUFFIX, self.set_A), (B_SUFFIX, self.set_B), (W0_SUFFIX, self.set_base_delta)):
+                if plain.endswith(suffix):
+                    name = plain[: -len(suffix)]
+                    if name not in layers:
+                        raise KeyError(f"'{key}' is not an adapted layer of this model")
+                    setter(layers[name], value, name)
+                    break
+            else:
+                if not key.startswith(SERVER_PREFIX):
+                    raise KeyError(f"'{key}' is not a state key of method '{self.name}'")
+
+    def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
+        """``adapter/`` (PEFT LoRA) and, when W0 changed, ``base_delta.safetensors``.
+
+        ``base_delta.safetensors`` holds ``W0_final - W0_pretrained`` per adapted layer in the
+        base layer's storage layout (key = ``<layer>.weight``): add it to the pretrained weights,
+        then apply the adapter, to obtain the final global model.
+        """
+        super().save_artifacts(model, run_path)
+        if self.modifies_base:
+            from safetensors.torch import save_file
+
+            deltas = {name + ".weight": to_weight_layout(layer, self.base_delta(layer)).contiguous().cpu()
+                      for name, layer in self.layers(model).items()}
+            save_file(deltas, str(Path(run_path) / "base_delta.safetensors"))
+
+
+def weighted_products(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefs: Sequence[float]) -> Factored:
+    """``sum_n coef_n B_n A_n`` as a :class:`Factored` (nothing ``d_out x d_in`` is formed)."""
+    shape = (int(bs[0].shape[0]), int(as_[0].shape[1]))
+    return Factored(shape, [(b.to(_F64) * float(c), a) for b, a, c in zip(bs, as_, coefs)])
+
+
+def layer_names(state: Tensors, suffix: str) -> list[str]:
+    """Layer names of the keys of ``state`` that end with ``suffix`` (``server/`` keys excluded)."""
+    return [k[: -len(suffix)] for k in state if k.endswith(suffix) and not k.startswith(SERVER_PREFIX)]
