@@ -78,6 +78,20 @@ class Experiment:
     def test_loader(self):
         return self.eval_loader(self.test)
 
+    def personal_eval_set(self):
+        """The subset of the global test split on which clients evaluate their own models.
+
+        ``method.personal_eval_examples`` examples drawn once with the run seed (the same subset
+        on every client; all of the test split when 0 or larger than it).
+        """
+        n = len(self.test)
+        m = int(self.cfg.method.personal_eval_examples)
+        if m <= 0 or m >= n:
+            return self.test
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + 17)
+        idx = torch.randperm(n, generator=gen)[:m].sort().values.tolist()
+        return self.test.select(idx)
+
 
 def _data_key(cfg: RunConfig) -> str:
     """The part of the config that determines the process-level cache entry."""

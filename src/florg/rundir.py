@@ -91,6 +91,10 @@ class RunDir:
         (path / "metrics.jsonl").write_text("")
         return rd
 
+    def status(self) -> dict[str, Any]:
+        p = self.path / "status.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
     def set_status(self, status: str, **extra: Any) -> None:
         _atomic_write(self.path / "status.json", json.dumps({"status": status, **extra}, indent=2))
 
@@ -102,6 +106,10 @@ class RunDir:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Atomically replace ``metrics.jsonl`` with ``rows`` (used on resume)."""
+        _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         p = self.path / "metrics.jsonl"

@@ -16,7 +16,7 @@ from torch import nn
 
 from florg.config import TrainConfig
 
-__all__ = ["round_lr", "make_optimizer", "train_steps", "evaluate", "cycle"]
+__all__ = ["round_lr", "make_optimizer", "train_steps", "evaluate", "cycle", "label_weighted_accuracy"]
 
 
 def round_lr(train: TrainConfig, server_round: int) -> float:
@@ -70,16 +70,39 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over ``loader``."""
+def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Mean cross-entropy and accuracy over ``loader`` (plus per-class ``class_correct``/``class_total``)."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
+    class_correct: dict[int, int] = {}
+    class_total: dict[int, int] = {}
     for batch in loader:
         out = model(**batch)
-        n = int(batch["labels"].shape[0])
+        labels = batch["labels"]
+        n = int(labels.shape[0])
         total_loss += float(out.loss) * n
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        hits = out.logits.argmax(-1) == labels
+        correct += int(hits.sum())
         count += n
+        for y, h in zip(labels.tolist(), hits.tolist()):
+            class_total[y] = class_total.get(y, 0) + 1
+            class_correct[y] = class_correct.get(y, 0) + int(h)
     if count == 0:
         raise ValueError("the evaluation set is empty")
-    return {"loss": total_loss / count, "accuracy": correct / count, "examples": float(count)}
+    return {"loss": total_loss / count, "accuracy": correct / count, "examples": float(count),
+            "class_correct": class_correct, "class_total": class_total}
+
+
+def label_weighted_accuracy(result: dict[str, Any], label_counts: list[int]) -> float:
+    """``sum_c pi(c) acc(c)``: per-class accuracies of ``result`` (from :func:`evaluate`) weighted by ``pi``.
+
+    ``pi`` is ``label_counts`` normalised over the classes that occur in the evaluated set (a
+    client's own label distribution, so the result is its expected accuracy on its own data when
+    clients differ only in label proportions). Falls back to plain accuracy if none overlap.
+    """
+    total, correct = result["class_total"], result["class_correct"]
+    weights = {c: float(n) for c, n in enumerate(label_counts) if n > 0 and total.get(c, 0) > 0}
+    mass = sum(weights.values())
+    if mass <= 0:
+        return float(result["accuracy"])
+    return sum(w * correct[c] / total[c] for c, w in weights.items()) / mass

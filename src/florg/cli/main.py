@@ -1,4 +1,4 @@
-"""``florg`` command line: ``florg run``, ``florg config``.
+"""``florg`` command line: ``florg run``, ``florg compare``, ``florg config``.
 
 Bad input (config keys and values, missing data or model, impossible partitions) ends with one
 line naming the field and the fix, exit code 2, and no run directory.
@@ -67,11 +67,21 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = None,
 ) -> None:
     """Run a federated fine-tuning job on the embedded simulation engine and write a run directory."""
     from florg.experiment import get_experiment, set_offline_env
+    from florg.rundir import RunDir
 
     set_offline_env()
+    if resume is not None:
+        if config is not None or set_:
+            _fail("--resume takes its config from RUN_DIR/config.toml; drop --config/--set")
+        if not (resume / "config.toml").is_file():
+            _fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
+        if RunDir(resume).status().get("status") == "complete":
+            _fail(f"--resume: the run in '{resume}' is already complete")
+        config = resume / "config.toml"
     cfg = _load(config, set_)
     t0 = time.perf_counter()
     console.print(f"[bold]florg run[/]: {cfg.method.name} on {cfg.data.task} with {cfg.model.name}, "
@@ -86,15 +96,18 @@ def run(
     console.print(format_partition_stats(exp.partition_summary, exp.label_names), markup=False)
     console.print(f"test split {len(exp.test)} examples; adapted modules: {', '.join(exp.target_modules)}")
     from florg.fl.simulation import run_simulation_engine
-    from florg.rundir import RunDir
 
-    try:
-        run_dir = RunDir.create(cfg)
-    except FileExistsError as exc:
-        _fail(str(exc))
-        return
-    console.print(f"run directory: {run_dir.path}")
-    summary = run_simulation_engine(cfg, run_dir, reporter=_reporter(cfg.train.rounds), verbose=verbose)
+    if resume is not None:
+        run_dir = RunDir(resume)
+    else:
+        try:
+            run_dir = RunDir.create(cfg)
+        except FileExistsError as exc:
+            _fail(str(exc))
+            return
+    console.print(f"run directory: {run_dir.path}" + (" (resuming)" if resume is not None else ""))
+    summary = run_simulation_engine(cfg, run_dir, reporter=_reporter(cfg.train.rounds), verbose=verbose,
+                                    resume=resume is not None)
     table = Table(title=f"florg run summary ({run_dir.path})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -132,6 +145,60 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
     from florg.rundir import _toml_safe
 
     sys.stdout.write(tomli_w.dumps(_toml_safe(cfg.to_dict())))
+
+
+@app.command()
+def compare(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config shared by every run "
+                                                   "(default: the built-in compare config, configs/compare.toml).")] = None,
+    set_: SetOpt = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (seed, seed+1, ...).")] = 1,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated subset, e.g. florg,fedit,florg-noalign "
+                                         "(default: all).")] = "",
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Compare directory (default: <out_dir>/<name "
+                                                      "or 'compare'>); re-running resumes it.")] = None,
+    target_fraction: Annotated[float, typer.Option("--target-fraction", help="Bytes-to-target uses this fraction "
+                                                   "of the best final accuracy.")] = 0.95,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
+) -> None:
+    """Run every method (and the FLoRG alignment ablation) on one configuration and tabulate them."""
+    from florg.compare import DISPLAY, compare_config, parse_methods, run_compare
+    from florg.experiment import set_offline_env
+
+    set_offline_env()
+    try:
+        cfg = load_config(config, set_ or []) if config is not None else compare_config(set_ or [])
+        labels = parse_methods(methods)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    out = directory or Path(cfg.out_dir) / (cfg.name or "compare")
+    console.print(f"[bold]florg compare[/]: {', '.join(DISPLAY[m] for m in labels)}; {seeds} seed(s); "
+                  f"{cfg.model.name} on {cfg.data.task}, {cfg.data.num_clients} clients, {cfg.train.rounds} rounds, "
+                  f"r={cfg.method.rank}")
+
+    def reporter(spec):  # noqa: ANN001, ANN202
+        inner = _reporter(spec.cfg.train.rounds)
+
+        def report(row: dict[str, Any]) -> None:
+            console.print(f"  {spec.name:<22}", end="")
+            inner(row)
+            if "personal_accuracy" in row:
+                console.print(f"  {'':<22}personalised acc {row['personal_accuracy']:.4f}")
+
+        return report
+
+    try:
+        result = run_compare(cfg, out, labels, seeds, target_fraction, log=lambda m: console.print(m, markup=False),
+                             reporter=reporter, verbose=verbose)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    console.print((out / "results.md").read_text(), markup=False)
+    console.print(f"compare directory: {out}")
+    if result.get("failed"):
+        err_console.print(f"[bold red]failed runs:[/] {', '.join(result['failed'])} (re-run the same command to retry)")
+        raise typer.Exit(code=1)
 
 
 def main() -> None:  # pragma: no cover

@@ -174,6 +174,14 @@ class _ThinSpectrum:
     lam: torch.Tensor  # (m,) float64, decreasing
     u: torch.Tensor  # (m, m) float64, columns in the order of lam
     g: torch.Tensor  # (m, m) float64
+    _w: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def root(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, W^T W)`` with ``W = U diag(sqrt(lam))`` (computed once)."""
+        if self._w is None:
+            w = self.u * self.lam.clamp_min(0.0).sqrt()  # scales column j by sqrt(lam_j)
+            self._w = (w, w.T @ w)
+        return self._w
 
 
 def _thin_from_eigh(
@@ -216,24 +224,58 @@ def _row_scales(factors: Sequence[torch.Tensor], p: Sequence[float], device: tor
     return torch.repeat_interleave(roots, torch.tensor(sizes)).to(device)
 
 
-def _stack(factors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
-    """``M = [sqrt(p_1) A_1; ...; sqrt(p_N) A_N]`` in float64 (one copy, one scaling pass)."""
+def _stack(
+    factors: Sequence[torch.Tensor], p: Sequence[float], scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``M = [sqrt(p_1) A_1; ...; sqrt(p_N) A_N]`` in float64 (one copy, one scaling pass).
+
+    ``scales`` (optional) is ``_row_scales(factors, p, device)``, precomputed for many layers.
+    """
     device = factors[0].device
-    total = sum(int(a.shape[0]) for a in factors)
-    out = torch.empty(total, int(factors[0].shape[1]), dtype=_F64, device=device)
-    torch.cat(list(factors), dim=0, out=out)  # exact conversion to float64
-    return out.mul_(_row_scales(factors, p, device)[:, None])
+    if scales is None:
+        scales = _row_scales(factors, p, device)
+    out = torch.cat(list(factors), dim=0)
+    out = out.to(dtype=_F64) if out.dtype != _F64 else out  # exact conversion to float64
+    return out.mul_(scales[:, None])
 
 
-def _stack_group(layers: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -> torch.Tensor:
-    """``_stack`` for ``B`` layers of one shape group, written straight into one ``(B, m, k)`` tensor."""
-    first = layers[0]
-    device = first[0].device
-    total = sum(int(a.shape[0]) for a in first)
-    out = torch.empty(len(layers) * total, int(first[0].shape[1]), dtype=_F64, device=device)
-    torch.cat([a for factors in layers for a in factors], dim=0, out=out)  # exact conversion to float64
-    out = out.view(len(layers), total, -1)
-    return out.mul_(_row_scales(first, p, device)[None, :, None])
+def _check_structure(factors: Sequence[torch.Tensor], layer: str) -> int:
+    """:func:`check_factors` minus its per-factor NaN/Inf scan; returns ``k``.
+
+    The scan (one small tensor op per client and layer) is replaced by :func:`_check_finite` on
+    the stacked float64 matrix. Anything unusual falls back to :func:`check_factors`, which
+    raises its usual error (or returns ``k`` when all is well).
+    """
+    width = None
+    dtype = None
+    try:
+        count = len(factors)
+    except TypeError:
+        count = 0
+    if count == 0:
+        return check_factors(factors, layer=layer)
+    for a in factors:
+        if not isinstance(a, torch.Tensor) or a.ndim != 2 or not a.is_floating_point():
+            return check_factors(factors, layer=layer)
+        if dtype is None:
+            dtype = a.dtype
+        r_n, w = a.shape
+        if width is None:
+            width = w
+        if a.dtype != dtype or w != width or r_n < 1 or r_n > width:
+            return check_factors(factors, layer=layer)
+    return int(width)
+
+
+def _check_finite(stacked: torch.Tensor, layers: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> None:
+    """Raise :func:`check_factors`' NaN/Inf error when ``stacked`` (built from ``layers``) is not finite.
+
+    One reduction instead of one scan per upload: the sum is NaN or infinite whenever an entry
+    is. A sum that merely overflows is a false alarm, and :func:`check_factors` then passes.
+    """
+    if not bool(torch.isfinite(stacked.sum())):
+        for name, factors in layers:
+            check_factors(factors, layer=name)
 
 
 def _choose_path(path: Path, total_rank: int, k: int, layer: str) -> str:
@@ -249,6 +291,7 @@ def _eigen(
 ) -> tuple[GramFactor, _ThinSpectrum | None]:
     if chosen == "thin":
         stacked = _stack(factors, p)
+        _check_finite(stacked, [(layer, factors)])
         g = stacked @ stacked.T
         lam, u = torch.linalg.eigh(g)
         gf, spectrum = _thin_from_eigh(stacked, lam, u, eig_rtol)
@@ -351,9 +394,9 @@ def _gram_diff_norm(x: torch.Tensor, coeff: torch.Tensor, target: GramFactor, th
     if target.gram is not None:
         return float(torch.linalg.matrix_norm(x.T @ x - target.gram))
     assert thin is not None
-    w = thin.u * thin.lam.clamp_min(0.0).sqrt()  # scales column j by sqrt(lam_j)
+    w, wtw = thin.root()
     cx = coeff @ w
-    return float(torch.linalg.matrix_norm(cx.T @ cx - w.T @ w))
+    return float(torch.linalg.matrix_norm(cx.T @ cx - wtw))
 
 
 def _q_norm(target: GramFactor, thin: _ThinSpectrum | None) -> float:
@@ -481,15 +524,21 @@ def aggregate(
     """
     if variant not in ("paper", "top-r"):
         raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
-    k = check_factors(factors, layer=layer)
-    if rank is None:
-        rank = _default_rank(previous, factors, k, layer)
-    _check_previous(previous, rank, k, layer)
-    p = normalise_weights(weights, len(factors), layer=layer)
-    total = sum(int(a.shape[0]) for a in factors)
-    chosen = _choose_path(path, total, k, layer)
-    _check_eig_rtol(eig_rtol, layer)
-    gf, thin = _eigen(factors, p, chosen, k, eig_rtol, layer)
+    k = _check_structure(factors, layer)
+    try:
+        if rank is None:
+            rank = _default_rank(previous, factors, k, layer)
+        _check_previous(previous, rank, k, layer)
+        p = normalise_weights(weights, len(factors), layer=layer)
+        total = sum(int(a.shape[0]) for a in factors)
+        chosen = _choose_path(path, total, k, layer)
+        _check_eig_rtol(eig_rtol, layer)
+        if chosen == "gram":
+            check_factors(factors, layer=layer)
+    except ValueError:
+        check_factors(factors, layer=layer)  # a NaN/Inf upload is reported first, as check order demands
+        raise
+    gf, thin = _eigen(factors, p, chosen, k, eig_rtol, layer)  # thin path: finiteness checked on M
     return _finish(layer, gf, thin, previous, rank, variant, align, diagnostics, factors[0].dtype)
 
 
@@ -520,31 +569,60 @@ def aggregate_model(
         unknown = sorted(set(mapping) - set(uploads))
         if unknown:
             raise ValueError(f"aggregate_model: {what} names layers that were not uploaded: {', '.join(unknown)}")
+    if variant not in ("paper", "top-r"):
+        first = next(iter(uploads))
+        raise ValueError(f"layer {first!r}: variant must be 'paper' or 'top-r', got {variant!r}")
     n_clients = None
     groups: dict[tuple, list[str]] = {}
     meta: dict[str, tuple[int, int, list[float]]] = {}
-    for name, factors in uploads.items():
-        if variant not in ("paper", "top-r"):
-            raise ValueError(f"layer {name!r}: variant must be 'paper' or 'top-r', got {variant!r}")
-        k = check_factors(factors, layer=name)
-        if n_clients is None:
-            n_clients = len(factors)
-        elif len(factors) != n_clients:
-            raise ValueError(f"layer {name!r}: {len(factors)} client factors, other layers have {n_clients}")
-        p = normalise_weights(weights, len(factors), layer=name)
-        prev = previous.get(name)
-        r = rank.get(name) if isinstance(rank, Mapping) else rank
-        if r is None:
-            r = _default_rank(prev, factors, k, name)
-        _check_previous(prev, int(r), k, name)
-        meta[name] = (k, int(r), p)
-        total = sum(int(a.shape[0]) for a in factors)
-        chosen = _choose_path(path, total, k, name)
-        _check_eig_rtol(eig_rtol, name)
+    names_in_order = list(uploads)
+    for idx, (name, factors) in enumerate(uploads.items()):
+        try:
+            k = _check_structure(factors, name)
+            if n_clients is None:
+                n_clients = len(factors)
+            elif len(factors) != n_clients:
+                raise ValueError(f"layer {name!r}: {len(factors)} client factors, other layers have {n_clients}")
+            p = normalise_weights(weights, len(factors), layer=name)
+            prev = previous.get(name)
+            r = rank.get(name) if isinstance(rank, Mapping) else rank
+            if r is None:
+                r = _default_rank(prev, factors, k, name)
+            _check_previous(prev, int(r), k, name)
+            meta[name] = (k, int(r), p)
+            total = sum(int(a.shape[0]) for a in factors)
+            chosen = _choose_path(path, total, k, name)
+            _check_eig_rtol(eig_rtol, name)
+            if chosen == "gram":
+                check_factors(factors, layer=name)
+        except ValueError:
+            # The NaN/Inf scan of thin layers is deferred to their stacks; report the first
+            # failing check in the documented order (layer by layer, uploads first).
+            for earlier in names_in_order[: idx + 1]:
+                check_factors(uploads[earlier], layer=earlier)
+            raise
         key = ("thin", k, tuple(int(a.shape[0]) for a in factors), factors[0].dtype, str(factors[0].device))
         if chosen == "gram":
             key = ("gram", name)
         groups.setdefault(key, []).append(name)
+
+    # Thin groups, pass 1: G = M M^T layer by layer, then one batched eigendecomposition per
+    # group. The float64 stack M of a layer (m x k) is rebuilt in pass 2 instead of being kept:
+    # only one layer's M is alive at a time (memory O(m k), not O(layers m k)), and the
+    # allocator reuses that block instead of faulting in fresh pages for a (B, m, k) tensor.
+    spectra: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}
+    scales: dict[tuple, torch.Tensor] = {}  # sqrt(p_n) per stacked row; one per group (same clients)
+    every_layer = [(n, uploads[n]) for n in names_in_order]
+    for key, names in groups.items():
+        if key[0] == "thin":
+            grams = []
+            scales[key] = _row_scales(uploads[names[0]], meta[names[0]][2], uploads[names[0]][0].device)
+            for name in names:
+                stacked = _stack(uploads[name], meta[name][2], scales[key])
+                _check_finite(stacked, every_layer)
+                grams.append(stacked @ stacked.T)
+            lam_b, u_b = torch.linalg.eigh(torch.stack(grams))
+            spectra[key] = (grams, lam_b, u_b)
 
     results: dict[str, AggregationResult] = {}
     for key, names in groups.items():
@@ -556,12 +634,10 @@ def aggregate_model(
                 align=align, path="gram", eig_rtol=eig_rtol, diagnostics=diagnostics, layer=name,
             )
             continue
-        stacks = _stack_group([uploads[n] for n in names], meta[names[0]][2])  # (B, m, k)
-        grams = stacks @ stacks.transpose(1, 2)
-        lam_b, u_b = torch.linalg.eigh(grams)
+        grams, lam_b, u_b = spectra[key]
         for i, name in enumerate(names):
-            k, r, _ = meta[name]
-            gf, thin = _thin_from_eigh(stacks[i], lam_b[i], u_b[i], eig_rtol)
+            k, r, p = meta[name]
+            gf, thin = _thin_from_eigh(_stack(uploads[name], p, scales[key]), lam_b[i], u_b[i], eig_rtol)
             thin.g = grams[i]
             results[name] = _finish(
                 name, gf, thin, previous.get(name), r, variant, align, diagnostics,

@@ -13,7 +13,8 @@ from flwr.clientapp import ClientApp
 
 from florg.config import RunConfig
 from florg.experiment import get_experiment
-from florg.train import cycle, evaluate, make_optimizer, train_steps
+from florg.methods.base import ClientInfo
+from florg.train import cycle, evaluate, label_weighted_accuracy, make_optimizer, train_steps
 
 from .faults import fault_mod
 from .records import CONFIG_KEY, from_record, to_record
@@ -21,6 +22,7 @@ from .records import CONFIG_KEY, from_record, to_record
 app = ClientApp(mods=[fault_mod])
 
 _OPTIM_KEY = "florg.optimizer"
+_LOCAL_KEY = "florg.local"  # the method's own per-client state (e.g. FedSA-LoRA's local B)
 
 
 def _partition_id(context: Context) -> int:
@@ -50,7 +52,9 @@ def train(msg: Message, context: Context) -> Message:
 
     exp = get_experiment(cfg)
     model, method = exp.model, exp.method
-    method.load_global(model, from_record(msg.content["arrays"]))
+    info = ClientInfo(partition_id=pid, server_round=server_round)
+    local = _local_state(context)
+    method.client_load(model, from_record(msg.content["arrays"]), info, local)
 
     torch.manual_seed((cfg.seed * 1_000_003 + server_round) * 10_007 + pid)  # dropout etc.
     optimizer = make_optimizer(model.parameters(), cfg.train, lr)
@@ -65,20 +69,36 @@ def train(msg: Message, context: Context) -> Message:
         "train_loss": stats["train_loss"],
         "partition-id": pid,
     })
-    return Message(RecordDict({"arrays": to_record(method.upload(model)), "metrics": metrics}), reply_to=msg)
+    upload = method.client_upload(model, info, local)
+    if local:
+        context.state[_LOCAL_KEY] = to_record(local)
+    return Message(RecordDict({"arrays": to_record(upload), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this client's own data."""
+    """Evaluate this client's own model (e.g. FedSA-LoRA's personalised one: its own state + the global state).
+
+    The model is evaluated on the personal-evaluation subset of the global test split
+    (:meth:`florg.experiment.Experiment.personal_eval_set`), each class weighted by this client's
+    share of it in its training data; ``num-examples`` is the client's training-set size (the
+    server's averaging weight).
+    """
     config = msg.content["config"]
     cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
     pid = _partition_id(context)
     exp = get_experiment(cfg)
-    exp.method.load_global(exp.model, from_record(msg.content["arrays"]))
-    res = evaluate(exp.model, exp.eval_loader(exp.partitions[pid]))
-    metrics = MetricRecord({"num-examples": int(res["examples"]), "loss": res["loss"], "accuracy": res["accuracy"]})
+    info = ClientInfo(partition_id=pid, server_round=int(config.get("server-round", 0)))
+    exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context))
+    res = evaluate(exp.model, exp.eval_loader(exp.personal_eval_set()))
+    acc = label_weighted_accuracy(res, exp.partition_summary[pid]["label_counts"])
+    metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), "accuracy": acc, "partition-id": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _local_state(context: Context) -> dict[str, torch.Tensor]:
+    """This client's persistent method state (a plain dict; empty before its first round)."""
+    return from_record(context.state[_LOCAL_KEY]) if _LOCAL_KEY in context.state else {}
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer) -> ArrayRecord:

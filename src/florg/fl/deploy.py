@@ -610,7 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run florg on a local Flower deployment (SuperLink + SuperNodes as processes).",
     )
     parser.add_argument("overrides", nargs="*", help="florg config overrides key=value")
-    parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNodes (default 2)")
+    parser.add_argument("--supernodes", type=int, default=2,
+                        help="number of SuperNodes (default 2); data.num_clients is set to match "
+                        "unless an override sets it")
     parser.add_argument("--workdir", default="deployment", help="logs, FLWR_HOMEs (default ./deployment)")
     parser.add_argument("--config", default=None, help="florg TOML config file")
     parser.add_argument("--run-dir", default=None, help="run directory (default <workdir>/run-<time>)")

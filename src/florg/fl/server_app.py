@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from florg.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.config import RunConfig, load_config
 from florg.experiment import Experiment, get_experiment
 from florg.rundir import RunDir
@@ -44,8 +45,12 @@ def run_server(
     run_dir: RunDir,
     reporter: Reporter | None = None,
     experiment: Experiment | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run all rounds on ``grid``; returns the run summary (also written to ``summary.json``)."""
+    """Run all rounds on ``grid``; returns the run summary (also written to ``summary.json``).
+
+    With ``resume=True`` the run continues after the last round checkpointed in ``run_dir``.
+    """
     reporter = reporter or _print_reporter
     t_start = time.perf_counter()
     try:  # a failure while building the model/data must not leave status.json at "running"
@@ -56,6 +61,22 @@ def run_server(
     except BaseException as exc:
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    # Resume: continue after the last checkpointed round; rows of a round cut short are dropped.
+    ckpt = load_checkpoint(run_dir.path) if resume else None
+    done = int(ckpt["round"]) if ckpt else 0
+    if ckpt:
+        restore_rng(ckpt)
+        initial = ckpt["state"]
+        rows = [r for r in run_dir.read_metrics() if r["round"] <= done]
+        run_dir.rewrite_metrics(rows)
+        cumulative = dict(ckpt["cumulative"])
+        run_dir.set_status("running", resumed_from_round=done)
+    else:
+        rows = []
+        cumulative = {"bytes_up": 0, "bytes_down": 0}
+        if resume:  # interrupted before the first checkpoint: start over
+            run_dir.rewrite_metrics([])
+            run_dir.set_status("running")
     round_log = RoundLog()
     strategy = AdapterStrategy(
         method,
@@ -67,13 +88,19 @@ def run_server(
         min_available_nodes=cfg.federation.min_available_nodes,
         round_log=round_log,
         max_norm=cfg.federation.max_norm,
+        round_offset=done,
+        node_wait_timeout=cfg.federation.round_timeout,
     )
-    cumulative = {"bytes_up": 0, "bytes_down": 0}
-    rows: list[dict[str, Any]] = []
+    if ckpt:
+        strategy._node_partition = dict(ckpt.get("node_partition", {}))
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + done
+        if flower_round == 0 and done > 0:
+            return None  # the resumed starting point was evaluated before the interruption
         t0 = time.perf_counter()
-        method.load_global(exp.model, from_record(arrays))
+        state = from_record(arrays)
+        method.load_global(exp.model, state)
         res = evaluate(exp.model, exp.test_loader())
         info = round_log.get(server_round)
         timing = {"eval_seconds": time.perf_counter() - t0, "wall_seconds": time.perf_counter() - t_start}
@@ -95,19 +122,30 @@ def run_server(
             "timing": timing,
         }
         rows.append(row)
-        run_dir.append_metrics(row)
+        run_dir.append_metrics(row)  # the row first, then the checkpoint: see florg.checkpoint
+        save_checkpoint(run_dir.path, {
+            "round": server_round,
+            "state": state,
+            "cumulative": dict(cumulative),
+            "node_partition": dict(strategy._node_partition),
+            "config": cfg.to_dict(),
+        })
         reporter(row)
         return MetricRecord({"accuracy": res["accuracy"], "loss": res["loss"]})
 
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=to_record(initial),
-            num_rounds=cfg.train.rounds,
-            timeout=cfg.federation.round_timeout,
-            evaluate_fn=evaluate_fn,
-        )
-        final = from_record(result.arrays) if len(result.arrays) else initial
+        remaining = cfg.train.rounds - done
+        if remaining > 0:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=to_record(initial),
+                num_rounds=remaining,
+                timeout=cfg.federation.round_timeout,
+                evaluate_fn=evaluate_fn,
+            )
+            final = from_record(result.arrays) if len(result.arrays) else initial
+        else:
+            final = initial
         method.load_global(exp.model, final)
         _save_adapters(exp, run_dir)
         from florg.plots import plot_runs
@@ -122,6 +160,10 @@ def run_server(
             "bytes_total": cumulative["bytes_up"] + cumulative["bytes_down"],
             "wall_seconds": time.perf_counter() - t_start,
         }
+        if rows and "personal_accuracy" in rows[-1]:
+            summary["personal_accuracy_after"] = rows[-1]["personal_accuracy"]
+        if done:
+            summary["resumed_from_round"] = done
         run_dir.write_json("summary.json", summary)
         run_dir.set_status("complete", rounds=len(rows) - 1)
         return summary
@@ -131,12 +173,8 @@ def run_server(
 
 
 def _save_adapters(exp: Experiment, run_dir: RunDir) -> None:
-    """The final adapter in PEFT format and, for FLoRG, exported as a plain LoRA."""
-    exp.model.save_pretrained(str(run_dir.path / "adapter"))
-    if exp.method.name in ("florg",):
-        from florg.adapters import save_as_lora
-
-        save_as_lora(exp.model, str(run_dir.path / "adapter_lora"))
+    """The final global model's adapter files (the method decides: PEFT format, LoRA export, W0 delta)."""
+    exp.method.save_artifacts(exp.model, run_dir.path)
 
 
 def make_server_app(cfg: RunConfig, run_dir: RunDir, reporter: Reporter | None = None) -> ServerApp:

@@ -56,7 +56,7 @@ class _QuietFlower(logging.Filter):
 
 
 def run_simulation_engine(
-    cfg: RunConfig, run_dir: RunDir, reporter: Reporter | None = None, verbose: bool = False
+    cfg: RunConfig, run_dir: RunDir, reporter: Reporter | None = None, verbose: bool = False, resume: bool = False
 ) -> dict[str, Any]:
     """Run the federated job with ``cfg.data.num_clients`` simulated SuperNodes; returns the summary."""
     set_offline_env()
@@ -72,7 +72,7 @@ def run_simulation_engine(
 
     @server_app.main()
     def main(grid: Grid, context) -> None:  # noqa: ANN001
-        holder["summary"] = run_server(grid, cfg, run_dir, reporter)
+        holder["summary"] = run_server(grid, cfg, run_dir, reporter, resume=resume)
 
     flwr_logger = logging.getLogger("flwr")
     quiet = _QuietFlower(verbose)

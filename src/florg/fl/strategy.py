@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from florg.methods import FederatedMethod
+from florg.methods.base import EVAL_PREFIX, SERVER_PREFIX
 
 from .records import CONFIG_KEY, from_record, to_record
 
@@ -56,6 +58,11 @@ class AdapterStrategy(FedAvg):
         As in :class:`flwr.serverapp.strategy.FedAvg`.
     round_log : RoundLog, optional
         Receives per-round measurements (bytes up/down, participants, aggregation time).
+    node_wait_timeout : float
+        Seconds to wait for ``min_available_nodes`` nodes before a round gives up with an error.
+    round_offset : int
+        Rounds already done before ``start`` (a resumed run): Flower's round ``i`` is round
+        ``i + round_offset`` of the run (learning rate, sampling and client seeds follow it).
     max_norm : float
         Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).
 
@@ -77,6 +84,8 @@ class AdapterStrategy(FedAvg):
         min_available_nodes: int = 2,
         round_log: RoundLog | None = None,
         max_norm: float = 1e4,
+        round_offset: int = 0,
+        node_wait_timeout: float = 600.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -91,6 +100,8 @@ class AdapterStrategy(FedAvg):
         self.seed = seed
         self.round_log = round_log or RoundLog()
         self.max_norm = max_norm
+        self.round_offset = round_offset
+        self.node_wait_timeout = node_wait_timeout
         self._current: dict[str, Any] = {}
         self._node_partition: dict[int, int] = {}
 
@@ -119,7 +130,13 @@ class AdapterStrategy(FedAvg):
         Node ids are random in Flower's simulation, partition ids are not, so the same seed
         selects the same clients in every run.
         """
+        deadline = time.monotonic() + self.node_wait_timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} nodes connected after {self.node_wait_timeout:.0f} s; "
+                    f"federation.min_available_nodes is {self.min_available_nodes} (start more SuperNodes or lower it)"
+                )
             log(INFO, "Waiting for nodes: %d connected (minimum %d)", len(nodes), self.min_available_nodes)
             time.sleep(1.0)
         size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
@@ -134,6 +151,7 @@ class AdapterStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._current = from_record(arrays)
         node_ids = self._sample(grid, server_round)
         lr = float(self.lr_fn(server_round))
@@ -141,13 +159,14 @@ class AdapterStrategy(FedAvg):
         config["server-round"] = server_round
         config["lr"] = lr
         config[CONFIG_KEY] = self.run_config_json
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        wire = _wire(arrays)  # server-only arrays never go down
+        content = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         self.round_log.update(
             server_round,
             lr=lr,
             sampled=len(node_ids),
-            bytes_down=arrays.count_bytes() * len(node_ids),
-            bytes_down_head=_head_bytes(arrays) * len(node_ids),
+            bytes_down=wire.count_bytes() * len(node_ids),
+            bytes_down_head=_head_bytes(wire) * len(node_ids),
         )
         log(INFO, "configure_train: round %d, %d clients, lr %.3g", server_round, len(node_ids), lr)
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
@@ -156,9 +175,10 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         good: list[tuple[int, dict, int, float]] = []
-        bytes_up = bytes_up_head = 0
+        bytes_up = bytes_up_head = bytes_up_eval = 0
         failures = rejected = 0
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -168,7 +188,9 @@ class AdapterStrategy(FedAvg):
                 continue
             arrays = msg.content.get(self.arrayrecord_key)
             if isinstance(arrays, ArrayRecord):
-                bytes_up += arrays.count_bytes()
+                eval_only = _prefixed_bytes(arrays, EVAL_PREFIX)  # evaluation-only payload, not protocol traffic
+                bytes_up += arrays.count_bytes() - eval_only
+                bytes_up_eval += eval_only
                 bytes_up_head += _head_bytes(arrays)
             parsed, problems = self._parse_reply(msg)
             if problems:
@@ -181,6 +203,8 @@ class AdapterStrategy(FedAvg):
         good.sort(key=lambda item: item[0])
         self.round_log.update(server_round, participants=len(good), failures=failures, rejected=rejected,
                               bytes_up=bytes_up, bytes_up_head=bytes_up_head, failed=not good)
+        if bytes_up_eval:
+            self.round_log.update(server_round, bytes_up_eval=bytes_up_eval)
         if not good:
             log(WARNING, "round %d: no valid reply; the global adapter is unchanged", server_round)
             return None, None
@@ -220,5 +244,54 @@ class AdapterStrategy(FedAvg):
         return (pid, tensors, int(n), float(metrics.get("train_loss", float("nan")))), []
 
 
+    # ------------------------------------------------------------------ client-side evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every client evaluates its own model, for methods that define one (``method.client_evaluation``)."""
+        if not self.method.client_evaluation:
+            return []
+        server_round += self.round_offset
+        node_ids = sorted(grid.get_node_ids())
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        config[CONFIG_KEY] = self.run_config_json
+        wire = _wire(arrays)
+        self.round_log.update(server_round, bytes_down_eval=wire.count_bytes() * len(node_ids))
+        content = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' own accuracies -> ``personal_accuracy`` in the round row."""
+        server_round += self.round_offset
+        results = []
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, msg.metadata.src_node_id,
+                    msg.error.reason)
+                continue
+            m = msg.content["metrics"]
+            results.append((float(m["accuracy"]), int(m["num-examples"])))
+        if not results:
+            return None
+        total = sum(n for _, n in results)
+        acc = sum(a * n for a, n in results) / total
+        self.round_log.update(server_round, personal_accuracy=acc, personal_clients=len(results),
+                              personal_accuracy_min=min(a for a, _ in results),
+                              personal_accuracy_max=max(a for a, _ in results))
+        return MetricRecord({"personal_accuracy": acc})
+
+
+def _wire(record: ArrayRecord) -> ArrayRecord:
+    """What is sent down: the global state without its server-only (``server/``) arrays."""
+    if not any(k.startswith(SERVER_PREFIX) for k in record):
+        return record
+    return ArrayRecord(OrderedDict((k, v) for k, v in record.items() if not k.startswith(SERVER_PREFIX)))
+
+
+def _prefixed_bytes(record: ArrayRecord, prefix: str) -> int:
+    return sum(len(v.data) + len(k) for k, v in record.items() if k.startswith(prefix))
+
+
 def _head_bytes(record: ArrayRecord) -> int:
-    return sum(len(v.data) + len(k) for k, v in record.items() if k.startswith("head/"))
+    return _prefixed_bytes(record, "head/")

@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import FederatedMethod
+from .fedex_lora import FedExLoRAMethod
+from .federa import FeDeRAMethod
+from .fedit import FedITMethod
+from .fedsa_lora import FedSALoRAMethod
+from .ffa_lora import FFALoRAMethod
+from .flora import FLoRAMethod
 from .florg import FLoRGMethod
 
 if TYPE_CHECKING:
@@ -12,6 +18,12 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[FederatedMethod]] = {
     FLoRGMethod.name: FLoRGMethod,
+    FedITMethod.name: FedITMethod,
+    FeDeRAMethod.name: FeDeRAMethod,
+    FFALoRAMethod.name: FFALoRAMethod,
+    FedSALoRAMethod.name: FedSALoRAMethod,
+    FedExLoRAMethod.name: FedExLoRAMethod,
+    FLoRAMethod.name: FLoRAMethod,
 }
 
 
@@ -28,4 +40,15 @@ def get_method(cfg: RunConfig) -> FederatedMethod:
     return cls(cfg)
 
 
-__all__ = ["FederatedMethod", "FLoRGMethod", "METHODS", "get_method"]
+__all__ = [
+    "FederatedMethod",
+    "FedExLoRAMethod",
+    "FeDeRAMethod",
+    "FedITMethod",
+    "FedSALoRAMethod",
+    "FFALoRAMethod",
+    "FLoRAMethod",
+    "FLoRGMethod",
+    "METHODS",
+    "get_method",
+]

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientInfo",
     "EVAL_PREFIX",
+    "check_tensors",
     "FederatedMethod",
     "HEAD_PREFIX",
     "SERVER_PREFIX",
@@ -121,6 +122,31 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float] | No
     for t, p in zip(tensors, w):
         acc += p * t.to(torch.float64)
     return acc.to(tensors[0].dtype)
+
+
+def check_tensors(upload: Tensors, expected: dict[str, tuple[int, ...]], max_norm: float = 0.0) -> list[str]:
+    """Problems of ``upload`` against the ``expected`` keys and shapes (see :meth:`FederatedMethod.check_upload`)."""
+    problems = [f"{key}: missing" for key in expected if key not in upload]
+    problems += [f"{key}: unexpected key" for key in upload if key not in expected]
+    dtype = None
+    for key in expected:
+        value = upload.get(key)
+        if value is None:
+            continue
+        if tuple(value.shape) != expected[key]:
+            problems.append(f"{key}: shape {tuple(value.shape)}, expected {expected[key]}")
+            continue
+        if not value.is_floating_point():
+            problems.append(f"{key}: dtype {value.dtype} is not floating point")
+            continue
+        if dtype is not None and value.dtype != dtype:
+            problems.append(f"{key}: dtype {value.dtype} differs from {dtype}")
+        dtype = dtype or value.dtype
+        if not bool(torch.isfinite(value).all()):
+            problems.append(f"{key}: contains NaN or Inf")
+        elif max_norm > 0 and float(torch.linalg.vector_norm(value.double())) > max_norm:
+            problems.append(f"{key}: norm {float(torch.linalg.vector_norm(value.double())):.4g} exceeds {max_norm:g}")
+    return problems
 
 
 class FederatedMethod(ABC):
@@ -216,28 +242,7 @@ class FederatedMethod(ABC):
         """Problems with one client's upload (empty list = valid): missing or unexpected keys,
         wrong shapes, a non-floating or mixed dtype, NaN/Inf, a Frobenius norm above ``max_norm``
         (``0`` = no bound)."""
-        expected = self.expected_upload(current)
-        problems = [f"{key}: missing" for key in expected if key not in upload]
-        problems += [f"{key}: unexpected key" for key in upload if key not in expected]
-        dtype = None
-        for key in expected:
-            value = upload.get(key)
-            if value is None:
-                continue
-            if tuple(value.shape) != expected[key]:
-                problems.append(f"{key}: shape {tuple(value.shape)}, expected {expected[key]}")
-                continue
-            if not value.is_floating_point():
-                problems.append(f"{key}: dtype {value.dtype} is not floating point")
-                continue
-            if dtype is not None and value.dtype != dtype:
-                problems.append(f"{key}: dtype {value.dtype} differs from {dtype}")
-            dtype = dtype or value.dtype
-            if not bool(torch.isfinite(value).all()):
-                problems.append(f"{key}: contains NaN or Inf")
-            elif max_norm > 0 and float(torch.linalg.vector_norm(value.double())) > max_norm:
-                problems.append(f"{key}: norm {float(torch.linalg.vector_norm(value.double())):.4g} exceeds {max_norm:g}")
-        return problems
+        return check_tensors(upload, self.expected_upload(current), max_norm)
 
     @abstractmethod
     def aggregate_adapter(

@@ -8,6 +8,7 @@ Server rule: :func:`florg.core.aggregate_model` -- ``Q = sum p_n A_n^T A_n`` (th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ A_PREFIX = "A/"
 
 class FLoRGMethod(FederatedMethod):
     name = "florg"
+    display_name = "FLoRG"
     adapter_param_marker = "florg_A"
 
     def build(self, model: nn.Module, target_modules: list[str], head_modules: list[str]) -> nn.Module:
@@ -60,6 +62,13 @@ class FLoRGMethod(FederatedMethod):
                 if tuple(param.shape) != tuple(value.shape):
                     raise ValueError(f"layer '{name}': global A has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
                 param.copy_(value.to(param.dtype))
+
+    def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
+        """``adapter/`` (FLoRG PEFT format) and ``adapter_lora/`` (the same adapter as a plain LoRA)."""
+        from florg.adapters import save_as_lora
+
+        super().save_artifacts(model, run_path)
+        save_as_lora(model, str(Path(run_path) / "adapter_lora"))
 
     def aggregate_adapter(
         self, uploads: list[Tensors], weights: list[float] | None, current: Tensors

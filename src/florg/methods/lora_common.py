@@ -375,6 +375,11 @@ class LoRAMethod(FederatedMethod):
                 if not key.startswith(SERVER_PREFIX):
                     raise KeyError(f"'{key}' is not a state key of method '{self.name}'")
 
+    def expected_upload(self, current: Tensors) -> dict[str, tuple[int, ...]]:
+        """The global state's keys and shapes, less ``server/`` keys and the W0 corrections (never uploaded)."""
+        return {k: tuple(v.shape) for k, v in current.items()
+                if not k.startswith(SERVER_PREFIX) and not k.endswith(W0_SUFFIX)}
+
     def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
         """``adapter/`` (PEFT LoRA) and, when W0 changed, ``base_delta.safetensors``.
 

@@ -1,0 +1,415 @@
+"""``florg compare``: every method on one configuration, into one compare directory.
+
+All runs share one config: the same data partition (it follows the seed), seeds, local steps,
+batch size, learning-rate schedule, rounds, adapted modules and head handling. Only
+``method.name`` (and, for the FLoRG ablation, ``method.procrustes``) differ between methods.
+
+Layout of a compare directory::
+
+    <dir>/compare.json                 the shared config, methods and seeds (a resumed compare must match)
+    <dir>/runs/<method>-seed<s>/       one ordinary run directory per method and seed
+    <dir>/results.md                   the tables (paper layout), rewritten after every run
+    <dir>/summary.json                 the same numbers, machine-readable
+    <dir>/plots/accuracy_vs_round.png  mean over seeds, one line per method
+    <dir>/plots/accuracy_vs_bytes.png  accuracy vs cumulative bytes (log x)
+
+Resume: running the same compare again skips every run whose ``status.json`` says
+``complete``; a run that was cut short is started again from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from florg.config import ConfigError, RunConfig
+
+__all__ = [
+    "ABLATION",
+    "COMPARE_DEFAULTS",
+    "DISPLAY",
+    "METHOD_ORDER",
+    "RunSpec",
+    "bytes_to_target",
+    "compare_config",
+    "parse_methods",
+    "plan_runs",
+    "run_compare",
+    "summarise",
+]
+
+#: the order of the columns (the paper's, then FLoRA, then the ablation row)
+METHOD_ORDER = ["florg", "fedit", "federa", "ffa-lora", "fedsa-lora", "fedex-lora", "flora", "florg-noalign"]
+ABLATION = "florg-noalign"
+DISPLAY = {
+    "florg": "FLoRG",
+    "fedit": "FedIT",
+    "federa": "FeDeRA",
+    "ffa-lora": "FFA-LoRA",
+    "fedsa-lora": "FedSA-LoRA",
+    "fedex-lora": "FedEx-LoRA",
+    "flora": "FLoRA",
+    "florg-noalign": "FLoRG w/o alignment",
+}
+
+#: the default compare configuration (identical to configs/compare.toml; a test keeps them equal).
+#: The paper's setting (20 clients, r = 4, Dirichlet 0.5) sized to finish 8 runs x 1 seed in about
+#: 20 minutes on a 2-core CPU.
+COMPARE_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "out_dir": "runs",
+    "model": {"name": "minilm", "max_length": 32},
+    "data": {"task": "wordnet", "num_clients": 20, "partition": "dirichlet", "alpha": 0.5,
+             "max_train_examples": 4000, "max_test_examples": 400},
+    "method": {"rank": 4, "alpha": 16.0, "weighting": "examples", "train_head": True, "procrustes": "paper",
+               "federa_mode": "product_svd", "personal_eval_examples": 100},
+    "train": {"rounds": 8, "local_steps": 4, "batch_size": 16, "lr": 3e-3, "lr_schedule": "constant",
+              "optimizer": "adamw", "reset_optimizer": True},
+    "federation": {"fraction_train": 1.0, "min_train_nodes": 2, "min_available_nodes": 2},
+}
+
+Log = Callable[[str], None]
+
+
+def compare_config(overrides: Sequence[str] = ()) -> RunConfig:
+    """The default compare config (:data:`COMPARE_DEFAULTS`) with ``key=value`` overrides."""
+    from florg.config import apply_overrides, validate
+
+    cfg = RunConfig.from_dict(json.loads(json.dumps(COMPARE_DEFAULTS)))
+    apply_overrides(cfg, list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def parse_methods(text: str | Sequence[str] | None) -> list[str]:
+    """``"fedit,florg"`` -> labels in table order; empty = all of :data:`METHOD_ORDER`."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return list(METHOD_ORDER)
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [t for t in items if t not in METHOD_ORDER]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; valid: {', '.join(METHOD_ORDER)}")
+    return [m for m in METHOD_ORDER if m in items]
+
+
+@dataclass
+class RunSpec:
+    label: str
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-seed{self.seed}"
+
+
+def _method_overrides(label: str, base: RunConfig) -> dict[str, str]:
+    if label == "florg":
+        return {"name": "florg", "procrustes": base.method.procrustes if base.method.procrustes != "none" else "paper"}
+    if label == ABLATION:
+        return {"name": "florg", "procrustes": "none"}
+    return {"name": label}
+
+
+def plan_runs(base: RunConfig, compare_dir: Path, methods: Sequence[str], seeds: int) -> list[RunSpec]:
+    """One run per (seed, method), seed-major, each validated by its method before anything runs."""
+    from florg.methods import get_method
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    specs = []
+    for i in range(seeds):
+        for label in methods:
+            cfg = RunConfig.from_dict(base.to_dict())
+            for key, value in _method_overrides(label, base).items():
+                setattr(cfg.method, key, value)
+            cfg.seed = base.seed + i
+            cfg.out_dir = str(compare_dir / "runs")
+            cfg.name = f"{label}-seed{cfg.seed}"
+            get_method(cfg)  # ConfigError for settings the method cannot honour, before any training
+            specs.append(RunSpec(label, cfg.seed, cfg))
+    return specs
+
+
+def _shared(cfg: RunConfig) -> dict[str, Any]:
+    """The part of a config that every run of a compare shares."""
+    d = cfg.to_dict()
+    d.pop("out_dir", None)
+    d.pop("name", None)
+    d["method"].pop("name", None)
+    d["method"].pop("procrustes", None)
+    return d
+
+
+def _check_compare_json(compare_dir: Path, base: RunConfig, methods: Sequence[str], seeds: int) -> None:
+    path = compare_dir / "compare.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("config") != _shared(base):
+            raise ConfigError(
+                f"compare directory '{compare_dir}' holds a compare with a different configuration; "
+                "use another --dir (or delete it) to start a new comparison"
+            )
+        methods = [m for m in METHOD_ORDER if m in set(old.get("methods", [])) | set(methods)]
+        seeds = max(seeds, int(old.get("seeds", 1)))
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": _shared(base), "base_seed": base.seed, "methods": list(methods),
+                                "seeds": seeds}, indent=2, sort_keys=True))
+
+
+def run_compare(
+    base: RunConfig,
+    compare_dir: str | Path,
+    methods: Sequence[str] | None = None,
+    seeds: int = 1,
+    target_fraction: float = 0.95,
+    log: Log = print,
+    reporter: Callable[[RunSpec], Callable[[dict[str, Any]], None]] | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) a comparison and write its tables and plots; returns :func:`summarise`'s dict."""
+    from florg.fl.simulation import run_simulation_engine
+    from florg.rundir import RunDir
+
+    if not 0.0 < target_fraction <= 1.0:
+        raise ConfigError(f"--target-fraction must be in (0, 1], got {target_fraction}")
+    compare_dir = Path(compare_dir)
+    methods = list(methods or METHOD_ORDER)
+    specs = plan_runs(base, compare_dir, methods, seeds)
+    _check_compare_json(compare_dir, base, methods, seeds)
+    log(f"compare: {len(methods)} methods x {seeds} seed(s) = {len(specs)} runs into {compare_dir}")
+    durations: list[float] = []
+    failed: list[str] = []
+    for i, spec in enumerate(specs, 1):
+        path = compare_dir / "runs" / spec.name
+        status = _status(path)
+        if status == "complete":
+            log(f"[{i}/{len(specs)}] {spec.name}: complete, skipped")
+            continue
+        if path.exists():
+            log(f"[{i}/{len(specs)}] {spec.name}: incomplete ({status or 'no status'}), starting it again")
+            shutil.rmtree(path)
+        eta = ""
+        if durations:
+            left = sum(1 for s in specs[i - 1:] if _status(compare_dir / "runs" / s.name) != "complete")
+            eta = f" (about {left * sum(durations) / len(durations) / 60:.1f} min left)"
+        log(f"[{i}/{len(specs)}] {spec.name}: {DISPLAY[spec.label]}, seed {spec.seed}, "
+            f"{spec.cfg.train.rounds} rounds{eta}")
+        t0 = time.perf_counter()
+        try:
+            run_simulation_engine(spec.cfg, RunDir.create(spec.cfg),
+                                  reporter=reporter(spec) if reporter else (lambda row: None), verbose=verbose)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failed method must not stop the comparison
+            failed.append(spec.name)
+            log(f"[{i}/{len(specs)}] {spec.name}: FAILED: {type(exc).__name__}: {exc}")
+        durations.append(time.perf_counter() - t0)
+        log(f"[{i}/{len(specs)}] {spec.name}: done in {durations[-1]:.0f} s")
+        summarise(compare_dir, methods, seeds, target_fraction, base_seed=base.seed, base=base)
+    result = summarise(compare_dir, methods, seeds, target_fraction, base_seed=base.seed, base=base)
+    result["failed"] = failed
+    return result
+
+
+def _status(path: Path) -> str | None:
+    p = path / "status.json"
+    return json.loads(p.read_text()).get("status") if p.is_file() else None
+
+
+# --------------------------------------------------------------------------------- summaries
+
+
+def bytes_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | None:
+    """Cumulative bytes (up + down) when the global accuracy first reaches ``target`` (None: never)."""
+    for row in rows:
+        if row.get("test_accuracy", -1.0) >= target:
+            return int(row.get("bytes_total_cum", 0))
+    return None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if len(values) > 1 else "")
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "not reached"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return str(n)
+
+
+def _mean_rows(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-round mean of accuracy and cumulative bytes over seeds (rounds present in every run)."""
+    rounds = min(len(r) for r in runs)
+    out = []
+    for i in range(rounds):
+        rows = [r[i] for r in runs]
+        out.append({"round": rows[0]["round"],
+                    "test_accuracy": sum(r["test_accuracy"] for r in rows) / len(rows),
+                    "bytes_total_cum": sum(r.get("bytes_total_cum", 0) for r in rows) / len(rows)})
+    return out
+
+
+def summarise(
+    compare_dir: str | Path,
+    methods: Sequence[str],
+    seeds: int,
+    target_fraction: float = 0.95,
+    base_seed: int = 0,
+    base: RunConfig | None = None,
+) -> dict[str, Any]:
+    """Read the complete runs of a compare directory; write ``results.md``, ``summary.json`` and plots."""
+    compare_dir = Path(compare_dir)
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for label in methods:
+        for i in range(seeds):
+            path = compare_dir / "runs" / f"{label}-seed{base_seed + i}"
+            if _status(path) == "complete":
+                rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                if rows:
+                    runs.setdefault(label, []).append(rows)
+    per: dict[str, dict[str, Any]] = {}
+    for label, rr in runs.items():
+        finals = [r[-1]["test_accuracy"] for r in rr]
+        personal = [r[-1]["personal_accuracy"] for r in rr if "personal_accuracy" in r[-1]]
+        trained = [[x for x in r if x.get("round", 0) > 0] for r in rr]
+        per[label] = {
+            "seeds": len(rr),
+            "final_accuracy": finals,
+            "final_accuracy_mean": _mean_std(finals)[0],
+            "final_accuracy_std": _mean_std(finals)[1],
+            "personal_accuracy": personal,
+            "bytes_total": [r[-1].get("bytes_total_cum", 0) for r in rr],
+            "bytes_per_round": _mean_std([sum(x.get("bytes_up", 0) + x.get("bytes_down", 0) for x in t) / max(len(t), 1)
+                                          for t in trained])[0],
+            "bytes_up_per_round": _mean_std([sum(x.get("bytes_up", 0) for x in t) / max(len(t), 1) for t in trained])[0],
+            "bytes_down_per_round": _mean_std([sum(x.get("bytes_down", 0) for x in t) / max(len(t), 1)
+                                               for t in trained])[0],
+            "sent_rel_error": _mean_std([sum(x.get("sent_rel_error_max", 0.0) for x in t) / max(len(t), 1)
+                                         for t in trained])[0],
+            "agg_rel_error": _mean_std([sum(x.get("agg_rel_error_max", 0.0) for x in t) / max(len(t), 1)
+                                        for t in trained])[0],
+        }
+    main = [m for m in methods if m != ABLATION and m in per]
+    best = max((per[m]["final_accuracy_mean"] for m in main), default=None)
+    target = best * target_fraction if best is not None else None
+    for label, rr in runs.items():
+        hits = [bytes_to_target(r, target) for r in rr] if target is not None else []
+        reached = [h for h in hits if h is not None]
+        per[label]["bytes_to_target"] = hits
+        per[label]["bytes_to_target_mean"] = (sum(reached) / len(reached)) if reached else None
+    ref = per.get("florg", {}).get("bytes_to_target_mean")
+    summary = {
+        "methods": list(methods),
+        "seeds": seeds,
+        "target_fraction": target_fraction,
+        "best_final_accuracy": best,
+        "target_accuracy": target,
+        "per_method": per,
+    }
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    (compare_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    (compare_dir / "results.md").write_text(_markdown(summary, base, ref))
+    if runs:
+        from florg.plots import plot_runs
+
+        title = f"{base.model.name} on {base.data.task}" if base is not None else ""
+        plot_runs({DISPLAY[m]: _mean_rows(runs[m]) for m in methods if m in runs}, compare_dir / "plots", title=title)
+    return summary
+
+
+def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None) -> str:
+    per = summary["per_method"]
+    methods = [m for m in summary["methods"] if m != ABLATION]
+    model = base.model.name if base is not None else "?"
+    task = base.data.task if base is not None else "?"
+    seeds = summary["seeds"]
+    best = max((per[m]["final_accuracy_mean"] for m in methods if m in per), default=None)
+    lines = [f"# Method comparison: {model} on {task}", ""]
+    if base is not None:
+        lines += [
+            f"{base.data.num_clients} clients, {base.data.partition} partition (alpha = {base.data.alpha}), r = "
+            f"{base.method.rank}, alpha = {base.method.alpha}, {base.train.rounds} rounds x {base.train.local_steps} "
+            f"local steps (batch {base.train.batch_size}, {base.train.optimizer}, lr {base.train.lr:g}, "
+            f"{base.train.lr_schedule}), weighting '{base.method.weighting}', head "
+            f"{'FedAvg-ed by every method' if base.method.train_head else 'frozen'}; "
+            f"seeds {base.seed}..{base.seed + seeds - 1}. FeDeRA mode: {base.method.federa_mode}.",
+            "",
+        ]
+    lines += ["## Final global test accuracy (%), mean ± std over seeds", ""]
+    header = "| Base model | Dataset | " + " | ".join(DISPLAY[m] for m in methods) + " |"
+    lines += [header, "|" + "---|" * (len(methods) + 2)]
+    cells = []
+    for m in methods:
+        if m not in per:
+            cells.append("–")
+            continue
+        text = _pm(per[m]["final_accuracy"])
+        cells.append(f"**{text}**" if best is not None and per[m]["final_accuracy_mean"] == best else text)
+    lines += [f"| {model} | {task} | " + " | ".join(cells) + " |", ""]
+    done = {m: per[m]["seeds"] for m in summary["methods"] if m in per}
+    if any(n < seeds for n in done.values()) or len(done) < len(summary["methods"]):
+        lines += [f"Complete runs per method: {', '.join(f'{DISPLAY[m]} {done.get(m, 0)}/{seeds}' for m in summary['methods'])}.", ""]
+    if "fedsa-lora" in per:
+        lines += [
+            "FedSA-LoRA keeps B local: its global accuracy is that of the named global model (A_bar with "
+            "B_bar, the example-weighted mean of the round's B_n, uploaded for evaluation only and not counted "
+            "as protocol traffic). Its personalised accuracy (each client's own B_n with A_bar, on the test split "
+            "reweighted to the client's label distribution, example-weighted over clients): "
+            f"{_pm(per['fedsa-lora']['personal_accuracy'])} %.",
+            "",
+        ]
+    target = summary.get("target_accuracy")
+    lines += ["## Communication", ""]
+    if target is not None:
+        lines += [f"Target: {summary['target_fraction']:.0%} of the best final accuracy = {target * 100:.2f} %. "
+                  "Bytes to target = cumulative Flower payload bytes (uplink + downlink, all clients, adapter + "
+                  "head) when the global accuracy first reaches the target (mean over the seeds that reach it).", ""]
+    lines += ["| Method | bytes to target | × FLoRG | seeds reaching | bytes / round (up + down) | up / round | "
+              "down / round | total bytes | agg. error | sent error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in summary["methods"]:
+        if m not in per:
+            continue
+        d = per[m]
+        b2t = d["bytes_to_target_mean"]
+        ratio = f"{b2t / ref:.2f}×" if (b2t is not None and ref) else "–"
+        reached = sum(h is not None for h in d["bytes_to_target"])
+        total = sum(d["bytes_total"]) / len(d["bytes_total"])
+        lines.append(f"| {DISPLAY[m]} | {_fmt_bytes(b2t)} | {ratio} | {reached}/{d['seeds']} | "
+                     f"{_fmt_bytes(d['bytes_per_round'])} | {_fmt_bytes(d['bytes_up_per_round'])} | "
+                     f"{_fmt_bytes(d['bytes_down_per_round'])} | {_fmt_bytes(total)} | {d['agg_rel_error']:.2e} | "
+                     f"{d['sent_rel_error']:.2e} |")
+    lines += ["", "agg. error / sent error: relative Frobenius error of the new global update against the weighted "
+              "mean of the client updates, before / after any rank-r truncation (max over layers, mean over rounds).",
+              ""]
+    if "florg" in per or ABLATION in per:
+        lines += ["## Ablation: Procrustes alignment (final accuracy, %)", "", f"| Base | Setting | {task} |",
+                  "|---|---|---|"]
+        w = per.get("florg", {}).get("final_accuracy", [])
+        wo = per.get(ABLATION, {}).get("final_accuracy", [])
+        lines += [f"| {model} | w/ alignment | {_pm(w)} |", f"| {model} | w/o alignment | {_pm(wo)} |"]
+        if w and wo:
+            lines.append(f"| | drop | {(_mean_std(w)[0] - _mean_std(wo)[0]) * 100:.2f} |")
+        lines.append("")
+    lines += ["Plots: plots/accuracy_vs_round.png, plots/accuracy_vs_bytes.png (mean over seeds).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""FeDeRA (Yan et al., 2024) as the FLoRG paper uses it: SVD-of-W0 init, product aggregation, rank-r re-split.
+
+Client shape: PEFT LoRA initialised with PEFT's ``init_lora_weights="pissa"``: the top-r SVD
+``W0 = U S V^T`` gives ``B0 = U_r (S_r/s)^(1/2)`` and ``A0 = (S_r/s)^(1/2) V_r^T``, and the
+principal part is subtracted, ``W_res = W0 - s B0 A0``, so the initial model is exactly the
+pretrained one (a choice: the FeDeRA paper does not say whether it subtracts). ``W_res`` is
+computed by every process from the same pretrained weights with the same deterministic dense SVD;
+only the sign-invariant product ``U_r S_r V_r^T`` enters it, so nothing extra crosses the wire
+(the init factors themselves arrive in round 1's download, counted like every download).
+Upload and download: ``A`` (``r x d_in``) and ``B`` (``d_out x r``) per adapted layer.
+
+Server rule (``method.federa_mode``):
+
+* ``"product_svd"`` (default; FLoRG's "aggregate the product, then decompose" reading): form
+  ``P = sum_n p_n s B_n A_n`` exactly as ``X Y`` with ``X = [B_1, ..., B_N]`` and
+  ``Y = [s p_1 A_1; ...; s p_N A_N]``, take its SVD (:func:`florg.methods.lora_common.product_svd`:
+  thin QRs of the stacked factors and an SVD of the ``Nr x Nr`` core when ``Nr < min(d_out, d_in)``,
+  otherwise a dense SVD) and re-split the top r: ``B = U_r (S_r/s)^(1/2)``,
+  ``A = (S_r/s)^(1/2) V_r^T``. Exact only when ``rank(P) <= r``; the tail is dropped
+  (``sent_rel_error``). Singular vectors keep the SVD's own signs and rotations, with no
+  alignment between rounds: this is the decomposition drift FLoRG's Procrustes step removes.
+* ``"init_only_fedavg"`` (the FeDeRA paper's own rule): FedAvg of ``A`` and of ``B``, as FedIT.
+
+The server keeps the init factors under ``server/`` keys (never sent) to report the errors of the
+update relative to the pretrained weight, ``s B A - s B0 A0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import SERVER_PREFIX, Tensors, normalised_weights, weighted_mean
+from .lora_common import (
+    A_SUFFIX,
+    Factored,
+    LoRAMethod,
+    a_key,
+    b_key,
+    layer_errors,
+    layer_names,
+    product_svd,
+    summarise_errors,
+    weighted_products,
+)
+
+INIT_A = ".init_A"
+INIT_B = ".init_B"
+
+
+class FeDeRAMethod(LoRAMethod):
+    name = "federa"
+    display_name = "FeDeRA"
+    init_lora_weights = "pissa"
+    modifies_base = True  # W0 -> W_res once, at build
+
+    def adapter_state(self, model: nn.Module) -> Tensors:
+        return self.lora_state(model)
+
+    def initial_global(self, model: nn.Module) -> Tensors:
+        state = super().initial_global(model)
+        for name, layer in self.layers(model).items():
+            state[SERVER_PREFIX + name + INIT_A] = self.get_A(layer)
+            state[SERVER_PREFIX + name + INIT_B] = self.get_B(layer)
+        return state
+
+    def aggregate_adapter(
+        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
+    ) -> tuple[Tensors, dict[str, Any]]:
+        p = normalised_weights(weights, len(uploads))
+        s = self.scale
+        r = int(self.cfg.method.rank)
+        mode = self.cfg.method.federa_mode
+        new: Tensors = {k: v for k, v in current.items() if k.startswith(SERVER_PREFIX)}
+        diags = []
+        for name in layer_names(current, A_SUFFIX):
+            a_n = [u[a_key(name)] for u in uploads]
+            b_n = [u[b_key(name)] for u in uploads]
+            dtype = a_n[0].dtype
+            a0, b0 = current.get(SERVER_PREFIX + name + INIT_A), current.get(SERVER_PREFIX + name + INIT_B)
+            shape = (int(b_n[0].shape[0]), int(a_n[0].shape[1]))
+            principal = Factored.product(b0, a0, s) if a0 is not None else Factored(shape)
+            clients = weighted_products(b_n, a_n, [s * w for w in p])
+            exact = None
+            if mode == "product_svd":
+                x = torch.cat([b.to(torch.float64) for b in b_n], dim=1)
+                y = torch.cat([a.to(torch.float64) * (s * w) for a, w in zip(a_n, p)], dim=0)
+                m = int(x.shape[1])
+                u, sig, v = product_svd(x, y, max(m, r))
+                exact = Factored.product(u * sig, v.T) - principal  # all singular triplets: P itself
+                root = (sig[:r] / s).clamp_min(0.0).sqrt()
+                b_new = (u[:, :r] * root).to(dtype)
+                a_new = (root[:, None] * v[:, :r].T).to(dtype)
+            elif mode == "init_only_fedavg":
+                a_new, b_new = weighted_mean(a_n, p), weighted_mean(b_n, p)
+            else:  # pragma: no cover - validated by the config
+                raise ValueError(f"unknown method.federa_mode {mode!r}")
+            new[a_key(name)], new[b_key(name)] = a_new, b_new
+            diags.append(layer_errors(
+                target=clients - principal,
+                sent=Factored.product(b_new, a_new, s) - principal,
+                previous=Factored.product(current[b_key(name)], current[a_key(name)], s) - principal,
+                exact=exact,
+            ))
+        return new, summarise_errors(diags)

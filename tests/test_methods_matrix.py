@@ -1,0 +1,489 @@
+"""One test matrix for every federated method (no Flower runtime).
+
+On a tiny random BERT (hidden 32, 2 layers; adapted: query, value, intermediate.dense 32->48 and
+output.dense 48->32, so both d_out > d_in and d_out < d_in occur) every method is built, three
+clients share ONE model object (as simulated clients share the per-process cached model) and train
+a few steps on random tokens for two rounds through the client hooks, and the server aggregates.
+Client and global updates are read off the model by a forward pass (``W_eff = (layer(I) - bias)^T``),
+so nothing relies on a method's own bookkeeping or on a weight's storage orientation.
+
+Checked per method: its exactness property against ``sum_n p_n dW_n``, the reported
+``agg_rel_error``/``sent_rel_error`` diagnostics, the pitfalls of baselines.md (transposed residual,
+FedIT's variable mix-up, FLoRA's stacking scale), and that the bytes of the real Flower
+``ArrayRecord`` payloads equal the communication formula plus a fixed per-array overhead.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2ForSequenceClassification
+
+from florg.config import ConfigError, load_config
+from florg.fl.records import to_record
+from florg.methods import METHODS, get_method
+from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval, wire_state
+from florg.methods.flora import stack_uploads
+from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
+from florg.train import label_weighted_accuracy
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+BERT = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+            max_position_embeddings=32, num_labels=3)  # fmt: skip
+TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
+HEADS = ["classifier"]
+EXAMPLES = [10, 20, 30]  # example counts of the three clients -> p = 1/6, 2/6, 3/6
+P = [n / sum(EXAMPLES) for n in EXAMPLES]
+ALPHA, RANK = 8.0, 4
+ALL = ["florg", "fedit", "federa", "ffa-lora", "fedsa-lora", "fedex-lora", "flora"]
+EXTRA = {"flora-hetero": ("flora", ["method.client_ranks=[1,2,4]"]),
+         "federa-fedavg": ("federa", ["method.federa_mode=init_only_fedavg"])}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is fastest (and steady on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_registered_method_is_in_the_matrix():
+    assert sorted(METHODS) == sorted(ALL)
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def plain_bert():
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(BertConfig(**BERT)).eval()
+
+
+def setup(label, *overrides):
+    name, extra = EXTRA.get(label, (label, []))
+    cfg = load_config(None, [f"method.name={name}", f"method.rank={RANK}", f"method.alpha={ALPHA}", *extra,
+                             *overrides])
+    method = get_method(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = method.build(plain_bert(), TARGETS, HEADS).eval()
+    return cfg, method, model
+
+
+def _target_modules(model):
+    """``{clean name: adapted module}`` for the targeted layers (LoRA or FLoRG tuner layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from florg.adapters import clean_module_name
+
+    return {clean_module_name(n): m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+PRETRAINED = {
+    n: m.weight.detach().double().clone()
+    for n, m in plain_bert().named_modules()
+    if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in TARGETS)
+}
+
+
+@torch.no_grad()
+def effective(module):
+    """The layer's effective ``d_out x d_in`` weight, read off a forward pass on the identity."""
+    base = module.get_base_layer()
+    x = torch.eye(module.in_features)
+    bias = base.bias if base.bias is not None else 0.0
+    return (module(x) - bias).T.double()
+
+
+def deltas(model):
+    """``W_eff - W_pretrained`` of every adapted layer."""
+    return {name: effective(mod) - PRETRAINED[name] for name, mod in _target_modules(model).items()}
+
+
+def local_train(model, seed, steps=3, lr=0.05):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = {"input_ids": torch.randint(1, 97, (8, 10), generator=gen),
+                 "labels": torch.randint(0, 3, (8,), generator=gen)}
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def run_rounds(label, rounds=2, overrides=()):
+    """Two federated rounds on one shared model; returns the last round's data."""
+    cfg, method, model = setup(label, *overrides)
+    state = method.initial_global(model)
+    local = {pid: {} for pid in range(3)}
+    for rnd in range(1, rounds + 1):
+        uploads, client_deltas = [], []
+        for pid in range(3):
+            info = ClientInfo(partition_id=pid, server_round=rnd)
+            method.client_load(model, wire_state(state), info, local[pid])
+            local_train(model, seed=100 * rnd + pid)
+            client_deltas.append(deltas(model))
+            up = method.client_upload(model, info, local[pid])
+            assert method.check_upload(up, state, 1e4) == []
+            uploads.append(up)
+        previous = state
+        state, diag = method.aggregate(uploads, EXAMPLES, state)
+        method.load_global(model, state)  # the server's view of the new global model
+        global_delta = deltas(model)
+    target = {n: sum(p * d[n] for p, d in zip(P, client_deltas)) for n in global_delta}
+    return dict(cfg=cfg, method=method, model=model, state=state, previous=previous, uploads=uploads,
+                diag=diag, target=target, global_delta=global_delta, local=local)
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+def _measured_sent_error(r):
+    return max(rel(r["global_delta"][n], r["target"][n]) for n in r["target"])
+
+
+def _assert_diagnostics_match(r):
+    """The reported sent_rel_error_max is what the model actually shows."""
+    assert r["diag"]["sent_rel_error_max"] == pytest.approx(_measured_sent_error(r), rel=1e-4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- exactness matrix
+
+
+@pytest.mark.parametrize("label", ["ffa-lora", "fedex-lora", "flora", "flora-hetero"])
+def test_exact_methods_global_update_is_the_weighted_mean(label):
+    r = run_rounds(label)
+    for name in r["target"]:
+        assert rel(r["global_delta"][name], r["target"][name]) < 1e-6, name
+    assert r["diag"]["agg_rel_error_max"] < 1e-6 and r["diag"]["sent_rel_error_max"] < 1e-6
+
+
+def test_florg_gram_aggregate_is_exact_and_truncation_is_reported():
+    from florg.adapters import florg_layers
+
+    r = run_rounds("florg")
+    layers = florg_layers(r["model"])
+    for name, target in r["target"].items():
+        layer = layers[name]
+        a_n = [u["A/" + name].double() for u in r["uploads"]]
+        q = sum(p * a.T @ a for p, a in zip(P, a_n))
+        exact = layer.scaling["default"] * layer.florg_L["default"].double() @ q @ layer.florg_R["default"].double()
+        assert rel(exact, target) < 1e-6, name
+    assert r["diag"]["agg_rel_error_max"] < 1e-6  # before the rank-r truncation
+    assert r["diag"]["sent_rel_error_max"] > 1e-3  # 3 clients x rank 4 > r: truncation is visible
+    _assert_diagnostics_match(r)
+
+
+def test_fedit_error_is_exactly_the_cross_term():
+    r = run_rounds("fedit")
+    s = ALPHA / RANK
+    for name, target in r["target"].items():
+        a = [u[name + ".lora_A.weight"].double() for u in r["uploads"]]
+        b = [u[name + ".lora_B.weight"].double() for u in r["uploads"]]
+        cross = sum(P[i] * P[j] * (b[i] - b[j]) @ (a[i] - a[j]) for i in range(3) for j in range(3))
+        expected_gap = -0.5 * s * cross  # s B_bar A_bar - sum p s B A
+        gap = r["global_delta"][name] - target
+        assert rel(gap, expected_gap) < 1e-5, name
+        assert float(torch.linalg.matrix_norm(gap)) > 1e-4  # the error is real, not rounding
+    _assert_diagnostics_match(r)
+
+
+def test_fedit_averages_every_client_not_only_the_first():
+    """The FLoRA repository's FedIT branch returns p_1 * (first client); the global must be the full mean."""
+    cfg, method, model = setup("fedit")
+    current = method.initial_global(model)
+    gen = torch.Generator().manual_seed(3)
+    uploads = [{k: torch.randn(v.shape, generator=gen) for k, v in current.items()} for _ in range(3)]
+    new, _ = method.aggregate(uploads, EXAMPLES, current)
+    for key in current:
+        mean = sum(p * u[key].double() for p, u in zip(P, uploads))
+        assert torch.allclose(new[key].double(), mean, atol=1e-6), key
+        assert not torch.allclose(new[key].double(), P[0] * uploads[0][key].double(), atol=1e-3)
+
+
+@pytest.mark.parametrize("label", ["federa", "federa-fedavg"])
+def test_federa(label):
+    r = run_rounds(label)
+    s = ALPHA / RANK
+    for name, target in r["target"].items():
+        a0 = r["state"]["server/" + name + ".init_A"].double()
+        b0 = r["state"]["server/" + name + ".init_B"].double()
+        principal = s * b0 @ a0
+        if label == "federa":  # global update + P0 = best rank-r approximation of (target + P0)
+            u, sig, vh = torch.linalg.svd(target + principal)
+            best = u[:, :RANK] @ torch.diag(sig[:RANK]) @ vh[:RANK]
+            assert rel(r["global_delta"][name] + principal, best) < 1e-5, name
+        else:  # the FeDeRA paper's own rule: FedAvg of the factors
+            a = sum(p * u[name + ".lora_A.weight"].double() for p, u in zip(P, r["uploads"]))
+            b = sum(p * u[name + ".lora_B.weight"].double() for p, u in zip(P, r["uploads"]))
+            assert rel(r["global_delta"][name] + principal, s * b @ a) < 1e-5, name
+    if label == "federa":
+        assert r["diag"]["agg_rel_error_max"] < 1e-6  # the product aggregate itself is exact
+        assert r["diag"]["sent_rel_error_max"] > 1e-3  # the rank-r tail is dropped
+    _assert_diagnostics_match(r)
+
+
+def test_federa_init_keeps_the_pretrained_function_and_is_the_svd_of_w0():
+    cfg, method, model = setup("federa")
+    ids = torch.randint(1, 97, (4, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = plain_bert()(input_ids=ids).logits
+        out = model(input_ids=ids).logits
+    assert torch.allclose(out, ref, atol=1e-5)
+    s = ALPHA / RANK
+    for name, layer in lora_layers(model).items():
+        w0 = PRETRAINED[name]
+        u, sig, vh = torch.linalg.svd(w0)
+        principal = u[:, :RANK] @ torch.diag(sig[:RANK]) @ vh[:RANK]
+        ba = (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
+        assert rel(s * ba, principal) < 1e-4, name  # PEFT takes the SVD in float32
+        assert torch.allclose(layer.get_base_layer().weight.double(), w0 - s * ba, atol=1e-5)
+
+
+def test_product_svd_thin_path_equals_dense_svd():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=gen, dtype=torch.float64), torch.randn(6, 30, generator=gen, dtype=torch.float64)
+    u, s, v = product_svd(x, y, 3)  # thin path: 6 < 30
+    ud, sd, vhd = torch.linalg.svd(x @ y)
+    assert torch.allclose(s, sd[:3])
+    assert torch.allclose(u @ torch.diag(s) @ v.T, ud[:, :3] @ torch.diag(sd[:3]) @ vhd[:3], atol=1e-10)
+    u2, s2, v2 = product_svd(x, y, 8)  # more than the rank: zero tail
+    assert torch.allclose(u2 @ torch.diag(s2) @ v2.T, x @ y, atol=1e-10) and float(s2[6:].abs().max()) == 0.0
+
+
+def test_factored_norm_never_needs_the_dense_matrix_and_agrees_with_it():
+    gen = torch.Generator().manual_seed(2)
+    terms = [(torch.randn(50, 3, generator=gen), torch.randn(3, 40, generator=gen)) for _ in range(4)]
+    f = Factored((50, 40), terms) - Factored.product(terms[0][0], terms[0][1], 0.5)
+    assert f.fro() == pytest.approx(float(torch.linalg.matrix_norm(f.dense())), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- FedSA-LoRA
+
+
+def test_fedsa_global_model_and_personal_B_stay_per_client():
+    r = run_rounds("fedsa-lora")
+    method, model, s = r["method"], r["model"], ALPHA / RANK
+    for name, target in r["target"].items():  # the named global model: W0 + s B_bar A_bar
+        a = sum(p * u[name + ".lora_A.weight"].double() for p, u in zip(P, r["uploads"]))
+        b = sum(p * u[EVAL_PREFIX + name + ".lora_B.weight"].double() for p, u in zip(P, r["uploads"]))
+        assert rel(r["global_delta"][name], s * b @ a) < 1e-5
+    _assert_diagnostics_match(r)
+    # Each client's next model is its OWN B with the global A, although all share one model object.
+    down = wire_state(r["state"])
+    assert not any(k.startswith("server/") or ".lora_B." in k for k in down)
+    for pid in (2, 0, 1):
+        method.client_load(model, down, ClientInfo(pid, 3), r["local"][pid])
+        for name, layer in lora_layers(model).items():
+            assert torch.equal(layer.lora_B["default"].weight, r["local"][pid][name + ".lora_B.weight"])
+            assert torch.equal(layer.lora_A["default"].weight, down[name + ".lora_A.weight"])
+    assert not torch.equal(r["local"][0][name + ".lora_B.weight"], r["local"][1][name + ".lora_B.weight"])
+    fresh = {}
+    method.client_load(model, down, ClientInfo(7, 3), fresh)  # a client's first round starts from B = 0
+    assert all(float(layer.lora_B["default"].weight.detach().abs().max()) == 0.0 for layer in lora_layers(model).values())
+
+
+def test_label_weighted_accuracy():
+    res = {"accuracy": 0.5, "class_total": {0: 10, 1: 10, 2: 4}, "class_correct": {0: 10, 1: 0, 2: 2}}
+    assert label_weighted_accuracy(res, [3, 1, 0]) == pytest.approx(0.75)  # 3/4 * 1.0 + 1/4 * 0.0
+    assert label_weighted_accuracy(res, [0, 0, 5]) == pytest.approx(0.5)
+    assert label_weighted_accuracy(res, [0, 0, 0, 9]) == 0.5  # no overlap: plain accuracy
+
+
+# ----------------------------------------------------------------------------- FFA-LoRA
+
+
+def test_ffa_A_is_frozen_seeded_identical_and_never_on_the_wire():
+    _, m1, model1 = setup("ffa-lora")
+    _, m2, model2 = setup("ffa-lora")
+    for (n1, l1), (n2, l2) in zip(lora_layers(model1).items(), lora_layers(model2).items()):
+        a = l1.lora_A["default"].weight
+        assert n1 == n2 and torch.equal(a, l2.lora_A["default"].weight) and not a.requires_grad
+        assert torch.equal(a, seeded_lora_A(RANK, a.shape[1], seed=0, tag=n1 + "#lora_A"))
+    assert not any(".lora_A." in k for k in wire_state(m1.initial_global(model1)))
+    assert not any(".lora_A." in k for k in m1.upload(model1))
+
+
+# ----------------------------------------------------------------------------- FedEx-LoRA orientation
+
+
+@torch.no_grad()
+def _check_fedex_orientation(method, model, state):
+    gen = torch.Generator().manual_seed(9)
+    for key in [k for k in state if k.endswith(".w0_delta")]:
+        state[key] = torch.randn(state[key].shape, generator=gen)  # non-symmetric, even for square layers
+    for key in [k for k in state if ".lora_" in k]:
+        state[key] = torch.randn(state[key].shape, generator=gen) * 0.1
+    method.load_global(model, state)
+    s = ALPHA / RANK
+    for name, layer in lora_layers(model).items():
+        w0 = layer.florg_w0_pretrained.double()
+        w0 = w0.T if layer.fan_in_fan_out else w0  # to d_out x d_in
+        expected = w0 + state[w0_key(name)].double() + s * (
+            state[name + ".lora_B.weight"].double() @ state[name + ".lora_A.weight"].double())
+        assert rel(effective(layer), expected) < 1e-5, name
+
+
+def test_fedex_residual_is_not_transposed_on_linear_layers():
+    _, method, model = setup("fedex-lora")
+    _check_fedex_orientation(method, model, method.initial_global(model))
+
+
+def test_fedex_residual_is_transposed_only_for_conv1d():
+    cfg = load_config(None, ["method.name=fedex-lora", f"method.rank={RANK}", f"method.alpha={ALPHA}"])
+    method = get_method(cfg)
+    torch.manual_seed(0)
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                                    num_labels=3, pad_token_id=0)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = method.build(gpt2, ["c_attn"], ["score"]).eval()  # Conv1D 32 -> 96, stored (d_in, d_out)
+    layer = next(iter(lora_layers(model).values()))
+    assert layer.fan_in_fan_out and tuple(layer.get_base_layer().weight.shape) == (32, 96)
+    state = method.initial_global(model)
+    assert tuple(state[next(k for k in state if k.endswith(".w0_delta"))].shape) == (96, 32)
+    _check_fedex_orientation(method, model, state)
+
+
+# ----------------------------------------------------------------------------- FLoRA stacking scale
+
+
+def test_flora_stacking_scale_with_heterogeneous_ranks():
+    gen = torch.Generator().manual_seed(4)
+    ranks = [1, 2, 4]
+    a_n = [torch.randn(r, 32, generator=gen) for r in ranks]
+    b_n = [torch.randn(48, r, generator=gen) for r in ranks]
+    a_stack, b_stack = stack_uploads(a_n, b_n, P, ALPHA)
+    assert a_stack.shape == (7, 32) and b_stack.shape == (48, 7)
+    expected = sum(p * (ALPHA / r) * b.double() @ a.double() for p, r, a, b in zip(P, ranks, a_n, b_n))
+    assert torch.allclose(b_stack @ a_stack, expected, atol=1e-10)
+    one_scale = sum(p * (ALPHA / 4) * b.double() @ a.double() for p, a, b in zip(P, a_n, b_n))
+    assert not torch.allclose(b_stack @ a_stack, one_scale, atol=1e-3)  # a single shared scale is wrong
+
+
+def test_flora_clients_train_a_fresh_lora_of_their_own_rank():
+    cfg, method, model = setup("flora-hetero")
+    state = wire_state(method.initial_global(model))
+    for pid, r_k in [(0, 1), (1, 2), (2, 4), (3, 1)]:
+        method.client_load(model, state, ClientInfo(pid, 1), {})
+        local_train(model, seed=pid)
+        up = method.upload(model)
+        for name, layer in lora_layers(model).items():
+            assert up[name + ".lora_A.weight"].shape[0] == r_k and up[name + ".lora_B.weight"].shape[1] == r_k
+            assert layer.scaling["default"] == ALPHA / r_k
+            assert float(layer.lora_A["default"].weight[r_k:].detach().abs().sum()) == 0.0  # the padding stays exactly 0
+            assert float(layer.lora_B["default"].weight[:, r_k:].detach().abs().sum()) == 0.0
+
+
+# ----------------------------------------------------------------------------- communication = formula
+
+
+NPY_HEADER = 128  # np.save: magic + version + header length + the padded header dict (64-byte aligned)
+
+
+def test_flower_array_overhead_is_the_npy_header():
+    from flwr.app import Array
+
+    for shape in [(4, 32), (48, 4), (3,), (384, 384)]:
+        arr = np.zeros(shape, dtype=np.float32)
+        assert len(Array.from_numpy_ndarray(arr).data) == arr.nbytes + NPY_HEADER
+    rec = to_record({"ab": torch.zeros(4, 32), "head/c": torch.zeros(3)})
+    assert rec.count_bytes() == 4 * (128 + 3) + 2 * NPY_HEADER + len("ab") + len("head/c")
+
+
+def _layer_dims(model):
+    return {name: (m.out_features, m.in_features) for name, m in _target_modules(model).items()}
+
+
+def _formula(name, dims, r, rk=None):
+    """Parameters per client per round (up, down) from baselines.md section 3 / method.md 5.2."""
+    up = down = 0
+    for m, n in dims.values():
+        k = min(m, n)
+        per = {
+            "florg": (r * k, r * k),
+            "fedit": (r * (m + n), r * (m + n)),
+            "federa": (r * (m + n), r * (m + n)),
+            "ffa-lora": (r * m, r * m),
+            "fedsa-lora": (r * n, r * n),
+            "fedex-lora": (r * (m + n), r * (m + n) + m * n),
+            "flora": ((rk or r) * (m + n), m * n),
+        }[name]
+        up, down = up + per[0], down + per[1]
+    return up, down
+
+
+def _payload_bytes(state):
+    """``(4 x elements, overhead)`` of a state as Flower counts it; overhead = header + key per array."""
+    rec = to_record(state)
+    elements = sum(v.numel() for v in state.values())
+    overhead = sum(NPY_HEADER + len(k.encode()) for k in state)
+    assert rec.count_bytes() == 4 * elements + overhead
+    return rec.count_bytes(), overhead
+
+
+@pytest.mark.parametrize("label", ALL + ["flora-hetero"])
+def test_communication_measured_equals_formula(label):
+    cfg, method, model = setup(label)
+    name = cfg.method.name
+    dims = _layer_dims(model)
+    n_layers = len(dims)
+    head_elems = 3 * 32 + 3  # classifier weight + bias, both directions, every method
+    state = method.initial_global(model)
+    down = wire_state(state)
+    for pid in range(3):
+        rk = method.client_rank(pid) if name == "flora" else None
+        method.client_load(model, down, ClientInfo(pid, 1), {})
+        up_protocol, up_eval = split_eval(method.client_upload(model, ClientInfo(pid, 1), {}))
+        f_up, f_down = _formula(name, dims, RANK, rk)
+        up_bytes, up_over = _payload_bytes(up_protocol)
+        down_bytes, down_over = _payload_bytes(down)
+        assert up_bytes == 4 * (f_up + head_elems) + up_over
+        assert down_bytes == 4 * (f_down + head_elems) + down_over
+        # arrays per layer (so the overhead is fixed too): head = 2 arrays
+        per_layer_up = {"florg": 1, "ffa-lora": 1, "fedsa-lora": 1}.get(name, 2)
+        per_layer_down = {"florg": 1, "ffa-lora": 1, "fedsa-lora": 1, "fedex-lora": 3, "flora": 1}.get(name, 2)
+        assert len(up_protocol) == per_layer_up * n_layers + 2
+        assert len(down) == per_layer_down * n_layers + 2
+        if name == "fedsa-lora":  # evaluation-only B, counted apart from the protocol
+            assert sum(v.numel() for v in up_eval.values()) == sum(RANK * m for m, _ in dims.values())
+        else:
+            assert up_eval == {}
+    assert all(k.startswith(HEAD_PREFIX) for k in down if "classifier" in k)
+
+
+# ----------------------------------------------------------------------------- settings a method cannot honour
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "flora"])
+def test_heterogeneous_ranks_are_refused_except_by_flora(name):
+    with pytest.raises(ConfigError, match="method.client_ranks"):
+        get_method(load_config(None, [f"method.name={name}", "method.client_ranks=[2,4]"]))
+    get_method(load_config(None, ["method.name=flora", "method.client_ranks=[2,4]"]))
+
+
+@pytest.mark.parametrize("name", ["federa", "fedex-lora", "flora"])
+def test_methods_that_change_w0_refuse_low_precision(name):
+    with pytest.raises(ConfigError, match="model.dtype"):
+        get_method(load_config(None, [f"method.name={name}", "model.dtype=bfloat16"]))
+
+
+def test_other_refusals():
+    with pytest.raises(ConfigError, match="reset_optimizer"):
+        get_method(load_config(None, ["method.name=flora", "train.reset_optimizer=false"]))
+    with pytest.raises(ConfigError, match="valid methods: .*fedex-lora.*fedit.*flora"):
+        get_method(load_config(None, ["method.name=fedavg"]))
+    with pytest.raises(ConfigError, match="federa_mode"):
+        load_config(None, ["method.federa_mode=svd"])
+    with pytest.raises(ValueError, match="rank 40 is larger"):
+        setup("fedit", "method.rank=40")
