@@ -6,24 +6,32 @@ meant for integration tests and for trying a deployment before spreading it over
 
     from florg.fl.deploy import LocalDeployment
 
-    with LocalDeployment("work", num_supernodes=2) as dep:
+    with LocalDeployment("work", num_supernodes=2, supernode_auth=True) as dep:
         result = dep.run(overrides=["data.num_clients=2", "train.rounds=2"], run_dir="work/run")
         print(result.status)              # "finished:completed"
 
-or from a shell: ``python -m florg.fl.deploy --supernodes 2 --workdir work -- train.rounds=2``.
+or from a shell: ``python -m florg.fl.deploy --supernodes 2 --workdir work --supernode-auth -- train.rounds=2``.
 
 Every process gets free loopback ports, its own ``FLWR_HOME`` under the work folder and a log
 file in ``<workdir>/logs``. Runtime dependency installation and Flower's update check are turned
 off, and the Hugging Face offline flags are set. Leaving the ``with`` block (also on errors or
 Ctrl-C) stops exactly the processes this object started, and the helper processes they spawned
-(SuperExec, ServerApp, ClientApp), by process id. TLS is used when ``tls`` is given
-(see ``scripts/make_certs.sh``); without it the deployment runs with ``--insecure``, which is
+(SuperExec, ServerApp, ClientApp), by process id.
+
+Security: TLS is the default. Pass certificate files with ``tls`` (see ``scripts/make_certs.sh``)
+or let the deployment create a throwaway CA and server certificate in
+``<workdir>/throwaway-certs``. With ``supernode_auth=True`` the SuperLink only accepts SuperNodes
+whose public keys were registered with ``flwr supernode register`` before they connect (keys from
+``scripts/make_node_keys.sh`` or throwaway ones in ``<workdir>/throwaway-keys``). Plain-text
+``--insecure`` mode needs an explicit ``insecure=True`` (``--insecure`` on the command line) and is
 for testing only.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -43,11 +51,15 @@ __all__ = [
     "APP_DIR",
     "DeploymentError",
     "LocalDeployment",
+    "NodeKey",
     "RunResult",
     "TLSFiles",
     "deployment_env",
     "find_free_port",
     "find_free_ports",
+    "load_node_keys",
+    "make_node_keys",
+    "make_throwaway_certs",
     "pid_alive",
 ]
 
@@ -66,6 +78,7 @@ BASE_ENV = {
 }
 
 _SUPERNODE_READY = "SuperNode ID"  # logged once a SuperNode is registered with the SuperLink
+_SUPERNODE_REFUSED = "Failed to initialize the connection to the SuperLink"  # logged before a SuperNode gives up
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
@@ -90,6 +103,145 @@ class TLSFiles:
         if missing:
             raise FileNotFoundError(f"missing certificate files: {', '.join(missing)} (run scripts/make_certs.sh)")
         return files
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A SuperNode's key pair for SuperNode authentication (an EC key on a NIST curve, P-384).
+
+    Flower 1.42 reads both files in OpenSSH format, as written by ``ssh-keygen -t ecdsa -b 384``
+    (``scripts/make_node_keys.sh``) or :func:`make_node_keys`.
+    """
+
+    private_key: Path  #: ``-----BEGIN OPENSSH PRIVATE KEY-----`` file (``--auth-supernode-private-key``)
+    public_key: Path  #: ``ecdsa-sha2-nistp384 AAAA...`` line (``flwr supernode register``)
+
+    @classmethod
+    def from_file(cls, private_key: str | Path) -> NodeKey:
+        """The key pair ``private_key`` + ``private_key.pub`` (the ``ssh-keygen`` naming)."""
+        private = Path(private_key).resolve()
+        key = cls(private, private.with_name(private.name + ".pub"))
+        missing = [str(p) for p in (key.private_key, key.public_key) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"missing SuperNode key files: {', '.join(missing)} (run scripts/make_node_keys.sh)")
+        return key
+
+
+def load_node_keys(folder: str | Path, count: int, prefix: str = "supernode-") -> list[NodeKey]:
+    """``<folder>/<prefix>0`` ... ``<prefix><count-1>`` (and their ``.pub``), one per SuperNode."""
+    return [NodeKey.from_file(Path(folder) / f"{prefix}{i}") for i in range(count)]
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by the owner only (mode 0600 from the start)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def make_node_keys(
+    folder: str | Path, names: Sequence[str] = ("supernode-0", "supernode-1"), *, overwrite: bool = False
+) -> list[NodeKey]:
+    """Create one SuperNode key pair per name: ``<folder>/<name>`` (private) and ``<name>.pub``.
+
+    EC P-384 keys in OpenSSH format, the same as ``ssh-keygen -t ecdsa -b 384 -N ""``. Raises
+    :class:`FileExistsError` instead of replacing an existing key unless ``overwrite``.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(folder).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for name in names:
+        key = NodeKey(out / name, out / f"{name}.pub")
+        if not overwrite and (key.private_key.exists() or key.public_key.exists()):
+            raise FileExistsError(f"SuperNode key {key.private_key} exists (remove it or pass overwrite=True)")
+        private = ec.generate_private_key(ec.SECP384R1())
+        _write_secret(key.private_key, private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        key.public_key.write_bytes(public + f" {name}\n".encode())
+        keys.append(key)
+    return keys
+
+
+def _san_entry(value: str) -> Any:
+    from cryptography import x509
+
+    kind, _, name = value.partition(":")
+    if kind == "IP":
+        return x509.IPAddress(ipaddress.ip_address(name))
+    if kind == "DNS":
+        return x509.DNSName(name)
+    try:  # a bare name: an IP address or a host name
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        return x509.DNSName(value)
+
+
+def make_throwaway_certs(folder: str | Path, extra_sans: Sequence[str] = (), days: int = 30) -> TLSFiles:
+    """A throwaway CA and a SuperLink certificate in ``folder`` (like ``scripts/make_certs.sh``).
+
+    Writes ``ca.crt``, ``ca.key``, ``server.pem`` and ``server.key``; the server certificate is
+    valid for ``localhost``, ``127.0.0.1``, ``::1`` and ``extra_sans`` (``DNS:name``, ``IP:addr``
+    or a bare name/address). For tests only: the CA key is stored unencrypted next to the
+    certificates. Existing files are replaced.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(folder).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+    def pem_key(key: rsa.RSAPrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "florg test CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans: list[Any] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                       x509.IPAddress(ipaddress.ip_address("::1"))]
+    for extra in extra_sans:
+        entry = _san_entry(extra)
+        if entry not in sans:
+            sans.append(entry)
+    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(out / "ca.crt", out / "server.pem", out / "server.key")
+    _write_secret(out / "ca.key", pem_key(ca_key))
+    _write_secret(files.server_key, pem_key(server_key))
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    return files
 
 
 @dataclass
@@ -241,7 +393,15 @@ class LocalDeployment:
         directories (``out_dir=runs``) end up in it.
     num_supernodes : number of SuperNodes; SuperNode ``i`` gets the node config
         ``partition-id=i num-partitions=<num_supernodes>`` unless ``node_configs`` is given.
-    tls : certificate files; ``None`` runs everything with ``--insecure`` (testing only).
+    tls : certificate files (``scripts/make_certs.sh``, :meth:`TLSFiles.from_dir`); ``None``
+        creates a throwaway CA and server certificate in ``<workdir>/throwaway-certs`` at start.
+    insecure : run without TLS (``--insecure`` everywhere). Testing only; it must be asked for
+        explicitly and cannot be combined with ``tls`` or ``supernode_auth``.
+    supernode_auth : start the SuperLink with ``--enable-supernode-auth``, register the public
+        key of every SuperNode with ``flwr supernode register`` before it starts, and start each
+        SuperNode with ``--auth-supernode-private-key``. Needs TLS (Flower refuses it otherwise).
+    node_keys : one :class:`NodeKey` per SuperNode (``supernode_auth`` only); ``None`` creates
+        throwaway keys in ``<workdir>/throwaway-keys`` at start.
     ready_timeout : seconds to wait for the SuperLink and for each SuperNode to become ready.
     stop_timeout : seconds to wait after SIGTERM before SIGKILL.
     env : extra environment variables for all processes.
@@ -253,6 +413,9 @@ class LocalDeployment:
         num_supernodes: int = 2,
         *,
         tls: TLSFiles | None = None,
+        insecure: bool = False,
+        supernode_auth: bool = False,
+        node_keys: Sequence[NodeKey] | None = None,
         node_configs: Sequence[str] | None = None,
         host: str = "127.0.0.1",
         connection_name: str = "florg-local",
@@ -264,9 +427,21 @@ class LocalDeployment:
             raise ValueError("num_supernodes must be >= 1")
         if node_configs is not None and len(node_configs) != num_supernodes:
             raise ValueError("node_configs needs one entry per SuperNode")
+        if insecure and tls is not None:
+            raise ValueError("insecure=True runs without TLS: do not pass tls as well")
+        if insecure and supernode_auth:
+            raise ValueError("SuperNode authentication needs TLS: it cannot be combined with insecure=True")
+        if node_keys is not None and not supernode_auth:
+            raise ValueError("node_keys are only used with supernode_auth=True")
+        if node_keys is not None and len(node_keys) != num_supernodes:
+            raise ValueError("node_keys needs one key per SuperNode")
         self.workdir = Path(workdir).resolve()
         self.num_supernodes = num_supernodes
-        self.tls = tls
+        self.tls = tls  #: certificate files (set at start when throwaway ones are created)
+        self.insecure = bool(insecure)
+        self.supernode_auth = bool(supernode_auth)
+        self.node_keys: list[NodeKey] = list(node_keys or [])  #: keys of the SuperNodes (auth only)
+        self.registered: dict[str, int] = {}  #: public key file -> node id from ``flwr supernode register``
         self.node_configs = list(node_configs) if node_configs is not None else [
             f"partition-id={i} num-partitions={num_supernodes}" for i in range(num_supernodes)
         ]
@@ -327,20 +502,117 @@ class LocalDeployment:
             raise
 
     def _start_all(self) -> None:
+        self._prepare_credentials()
         self._start_superlink()
         self._write_cli_config()
+        if self.supernode_auth:
+            self._register_all([key.public_key for key in self.node_keys])
         ports = find_free_ports(self.num_supernodes, self.host)
-        for i, port in enumerate(ports):
-            self._start_supernode(i, port)
+        started = [self._start_supernode(f"supernode-{i}", port, self.node_configs[i],
+                                         self.node_keys[i] if self.supernode_auth else None)
+                   for i, port in enumerate(ports)]
         deadline = time.monotonic() + self.ready_timeout
-        for i, port in enumerate(self.supernode_ports):
-            proc = self._procs[1 + i]
-
-            def ready(p: int = port, pr: _Proc = proc) -> bool:
-                return _port_open(self.host, p) and self._log_has(pr, _SUPERNODE_READY)
-
-            self._wait(proc, deadline, ready)
+        for proc, port in zip(started, ports):
+            self._wait_supernode(proc, port, deadline)
         self._note_helpers()
+
+    def _prepare_credentials(self) -> None:
+        """Throwaway certificates (unless insecure or given) and SuperNode keys (auth, unless given)."""
+        if not self.insecure and self.tls is None:
+            extra = [] if self.host in ("127.0.0.1", "localhost", "::1") else [self.host]
+            self.tls = make_throwaway_certs(self.workdir / "throwaway-certs", extra_sans=extra)
+        if self.supernode_auth and not self.node_keys:
+            names = [f"supernode-{i}" for i in range(self.num_supernodes)]
+            self.node_keys = make_node_keys(self.workdir / "throwaway-keys", names, overwrite=True)
+
+    def register_supernode(self, public_key: str | Path, timeout: float = 60.0) -> int:
+        """``flwr supernode register <public_key>``: allow the SuperNode with that key; its node id.
+
+        Only meaningful with ``supernode_auth``: the SuperLink then accepts a SuperNode only if
+        its public key was registered before it connects.
+        """
+        if self.superlink_port is None:
+            raise DeploymentError("start the deployment first")
+        public_key = Path(public_key).resolve()
+        log = self.log_dir / f"flwr-supernode-register-{public_key.name.removesuffix('.pub')}.log"
+        cmd = [self._bin("flwr"), "supernode", "register", str(public_key), self.connection_name, "--format", "json"]
+        returncode, output = self._run_cli(cmd, log, timeout, False)
+        reply = _last_json(output)
+        node_id = reply.get("node-id") if reply else None
+        if returncode != 0 or not reply or not reply.get("success") or node_id is None:
+            raise DeploymentError(f"could not register SuperNode key {public_key} (rc={returncode}); log {log}:\n"
+                                  + _tail(log))
+        self.registered[str(public_key)] = int(node_id)
+        return int(node_id)
+
+    def _register_all(self, public_keys: Sequence[Path]) -> None:
+        """Register the keys concurrently (each ``flwr`` call spends most of its time starting up)."""
+        errors: list[BaseException] = []
+
+        def register(key: Path) -> None:
+            try:
+                self.register_supernode(key)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=register, args=(key,), daemon=True) for key in public_keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def add_supernode(
+        self,
+        node_config: str,
+        *,
+        auth_key: NodeKey | None = None,
+        register: bool = False,
+        wait: bool = True,
+        name: str | None = None,
+    ) -> str:
+        """Start one more SuperNode (same SuperLink, TLS settings and clean-up); its process name.
+
+        ``auth_key`` is passed as ``--auth-supernode-private-key``; ``register`` registers its
+        public key first. ``wait=False`` returns right after starting the process, e.g. for a
+        SuperNode that the SuperLink is expected to refuse (see :meth:`wait_for_exit`).
+        """
+        if self.superlink_port is None:
+            raise DeploymentError("start the deployment first")
+        name = name or f"supernode-{len(self._procs) - 1}"
+        if name in self.logs():
+            raise ValueError(f"a process named {name!r} exists already")
+        if register:
+            if auth_key is None:
+                raise ValueError("register=True needs an auth_key")
+            self.register_supernode(auth_key.public_key)
+        port = find_free_port(self.host)
+        proc = self._start_supernode(name, port, node_config, auth_key)
+        if wait:
+            self._wait_supernode(proc, port, time.monotonic() + self.ready_timeout)
+        self._note_helpers()
+        return name
+
+    def wait_for_exit(self, name: str, timeout: float) -> int | None:
+        """Exit code of the started process ``name``, or ``None`` if it still runs after ``timeout`` s."""
+        proc = self._proc(name)
+        try:
+            return proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def list_supernodes(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """``flwr supernode list --verbose``: every node the SuperLink knows (``node-id``, ``status``, ...)."""
+        if self.superlink_port is None:
+            raise DeploymentError("start the deployment first")
+        log = self.log_dir / "flwr-supernode-list.log"
+        cmd = [self._bin("flwr"), "supernode", "list", self.connection_name, "--format", "json", "--verbose"]
+        returncode, output = self._run_cli(cmd, log, timeout, False)
+        reply = _last_json(output)
+        if returncode != 0 or not reply or not reply.get("success"):
+            raise DeploymentError(f"flwr supernode list failed (rc={returncode}); log {log}:\n" + _tail(log))
+        return list(reply.get("nodes", []))
 
     def run(
         self,
@@ -474,6 +746,8 @@ class LocalDeployment:
             else:
                 cmd += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
                         "--ssl-keyfile", str(self.tls.server_key)]
+            if self.supernode_auth:
+                cmd.append("--enable-supernode-auth")
             proc = self._spawn("superlink", cmd, "superlink")
             deadline = time.monotonic() + self.ready_timeout
             try:
@@ -488,15 +762,32 @@ class LocalDeployment:
             self.superlink_port = port
             return
 
-    def _start_supernode(self, index: int, port: int) -> None:
+    def _start_supernode(self, name: str, port: int, node_config: str, auth_key: NodeKey | None) -> _Proc:
         cmd = [self._bin("flower-supernode"), "--superlink", self.address, "--host", self.host,
-               "--port", str(port), "--node-config", self.node_configs[index]]
+               "--port", str(port), "--node-config", node_config]
         if self.tls is None:
             cmd.append("--insecure")
         else:
             cmd += ["--root-certificates", str(self.tls.ca_cert)]
-        self._spawn(f"supernode-{index}", cmd, f"supernode-{index}")
+        if auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(Path(auth_key.private_key).resolve())]
+        proc = self._spawn(name, cmd, name)
         self.supernode_ports.append(port)
+        return proc
+
+    def _wait_supernode(self, proc: _Proc, port: int, deadline: float) -> None:
+        """Wait until the SuperNode serves its port and has a node id from the SuperLink."""
+
+        def ready() -> bool:
+            return _port_open(self.host, port) and self._log_has(proc, _SUPERNODE_READY)
+
+        self._wait(proc, deadline, ready)
+
+    def _proc(self, name: str) -> _Proc:
+        for proc in self._procs:
+            if proc.name == name:
+                return proc
+        raise KeyError(f"no process named {name!r} (started: {', '.join(p.name for p in self._procs)})")
 
     def _write_cli_config(self) -> None:
         """``$FLWR_HOME/config.toml`` of the flwr CLI with this deployment as the default connection."""
@@ -595,6 +886,25 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
+def _last_json(output: str) -> dict[str, Any] | None:
+    """The last JSON object in ``output`` that starts at the beginning of a line.
+
+    ``flwr ... --format json`` prints one (pretty-printed over several lines), possibly after
+    other output.
+    """
+    decoder = json.JSONDecoder()
+    starts = [0] if output.startswith("{") else []
+    starts += [m.start() + 1 for m in re.finditer(r"\n\{", output)]
+    for start in reversed(starts):
+        try:
+            value, _ = decoder.raw_decode(output, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -616,9 +926,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="deployment", help="logs, FLWR_HOMEs (default ./deployment)")
     parser.add_argument("--config", default=None, help="florg TOML config file")
     parser.add_argument("--run-dir", default=None, help="run directory (default <workdir>/run-<time>)")
-    parser.add_argument("--tls-dir", default=None, help="folder from scripts/make_certs.sh; default: insecure")
+    security = parser.add_argument_group(
+        "security", "TLS is on by default (throwaway certificates in <workdir>/throwaway-certs unless --tls-dir)")
+    security.add_argument("--tls-dir", default=None,
+                          help="folder with ca.crt, server.pem, server.key (scripts/make_certs.sh)")
+    security.add_argument("--supernode-auth", action="store_true",
+                          help="only registered SuperNodes may join (--enable-supernode-auth + flwr supernode "
+                          "register); throwaway keys in <workdir>/throwaway-keys unless --node-keys-dir")
+    security.add_argument("--node-keys-dir", default=None,
+                          help="folder with supernode-<i> / supernode-<i>.pub key pairs "
+                          "(scripts/make_node_keys.sh); implies --supernode-auth")
+    security.add_argument("--insecure", action="store_true",
+                          help="no TLS, no authentication: for local testing only")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     args = parser.parse_args(argv)
+    supernode_auth = args.supernode_auth or args.node_keys_dir is not None
+    if args.insecure and (args.tls_dir or supernode_auth):
+        parser.error("--insecure turns TLS off; it cannot be combined with --tls-dir, --supernode-auth "
+                     "or --node-keys-dir")
 
     workdir = Path(args.workdir).resolve()
     run_dir = args.run_dir or str(workdir / time.strftime("run-%Y%m%d-%H%M%S"))
@@ -626,8 +951,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(o.startswith("data.num_clients=") for o in overrides):
         overrides.append(f"data.num_clients={args.supernodes}")
     tls = TLSFiles.from_dir(args.tls_dir) if args.tls_dir else None
-    with LocalDeployment(workdir, args.supernodes, tls=tls) as dep:
-        print(f"SuperLink at {dep.address}, {args.supernodes} SuperNodes; logs in {dep.log_dir}", flush=True)
+    keys = load_node_keys(args.node_keys_dir, args.supernodes) if args.node_keys_dir else None
+    if args.insecure:
+        print("WARNING: --insecure: no TLS and no SuperNode authentication (for local testing only)", flush=True)
+    with LocalDeployment(workdir, args.supernodes, tls=tls, insecure=args.insecure,
+                         supernode_auth=supernode_auth, node_keys=keys) as dep:
+        mode = "insecure" if args.insecure else "TLS" + (" + SuperNode authentication" if supernode_auth else "")
+        print(f"SuperLink at {dep.address} ({mode}), {args.supernodes} SuperNodes; logs in {dep.log_dir}", flush=True)
         result = dep.run(overrides=overrides, run_dir=run_dir, config_file=args.config, timeout=args.timeout, echo=True)
     print(f"run {result.run_id}: {result.status}; run directory {run_dir}", flush=True)
     return 0 if result.ok else 1
