@@ -78,10 +78,20 @@ def test_bytes_match_payload_sizes(two_runs):
     row = run_dir.read_metrics()[1]
     adapter_bytes_per_client = (row["bytes_up"] - row["bytes_up_head"]) / 3
     layers, r, k = 12, 4, 384  # MiniLM: 6 layers x (query, value)
-    payload = layers * r * k * 4
-    assert payload <= adapter_bytes_per_client <= payload + layers * 256
+    names = [f"A/bert.encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value")]
+    assert adapter_bytes_per_client == layers * (r * k * 4 + 128) + sum(len(n) for n in names)
 
 
 def test_same_seed_same_metrics(two_runs):
     (a, _), (b, _) = two_runs
     assert _deterministic(a.read_metrics()) == _deterministic(b.read_metrics())
+
+
+def test_bfloat16_wire(tmp_path):
+    run_dir, summary = _run(tmp_path, "bf16", ["federation.wire_dtype=bfloat16"])
+    row = run_dir.read_metrics()[1]
+    names = [f"A/bert.encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value")]
+    per_client = (row["bytes_up"] - row["bytes_up_head"]) / 3
+    assert per_client == 12 * (4 * 384 * 2 + 128 + len("#bf16")) + sum(len(n) for n in names)
+    assert row["bytes_down"] == row["bytes_up"]
+    assert summary["accuracy_after"] is not None and row["agg_rel_error_max"] < 1e-10

@@ -95,6 +95,8 @@ class FederationConfig:
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client.")
     backend_cpus: int = _f(0, "CPUs given to the simulation backend (0 = all of this machine's cores).")
     round_timeout: float = _f(600.0, "Seconds to wait for client replies each round.")
+    wire_dtype: str = _f("float32", "Dtype of adapter tensors on the wire both ways: float32, float16 or bfloat16 (the head stays float32).",
+                         choices=("float32", "float16", "bfloat16"))
     faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, norm, examples, error, stall) or dropout:FRACTION. Empty = off.")
     max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).")
 

@@ -53,6 +53,7 @@ __all__ = [
     "GramAccumulator",
     "GramFactor",
     "aggregate",
+    "aggregate_gram",
     "aggregate_model",
     "gram_eigen",
     "procrustes_align",
@@ -540,6 +541,38 @@ def aggregate(
         raise
     gf, thin = _eigen(factors, p, chosen, k, eig_rtol, layer)  # thin path: finiteness checked on M
     return _finish(layer, gf, thin, previous, rank, variant, align, diagnostics, factors[0].dtype)
+
+
+def aggregate_gram(
+    q: torch.Tensor,
+    *,
+    previous: torch.Tensor | None = None,
+    rank: int,
+    variant: Variant = "paper",
+    align: bool = True,
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    diagnostics: bool = True,
+    layer: str = "<layer>",
+    out_dtype: torch.dtype = torch.float32,
+) -> AggregationResult:
+    """Aggregate one layer from a given symmetric ``k x k`` matrix ``Q`` (the Gram path).
+
+    For a ``Q`` that was not formed from the uploads alone, e.g. with privacy noise added or
+    a bias subtracted (:mod:`florg.core.privacy`). ``Q`` need not be PSD: eigenvalues at or
+    below ``eig_rtol * lam_max`` (so every negative one) are dropped. The diagnostics compare
+    with this ``Q``.
+    """
+    if q.ndim != 2 or q.shape[0] != q.shape[1] or q.shape[0] < 1:
+        raise ValueError(f"layer {layer!r}: Q must be a square k x k matrix, got shape {tuple(q.shape)}")
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError(f"layer {layer!r}: Q contains NaN or Inf")
+    if variant not in ("paper", "top-r"):
+        raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
+    _check_previous(previous, rank, int(q.shape[0]), layer)
+    _check_eig_rtol(eig_rtol, layer)
+    q = q.to(dtype=_F64)
+    gf = _gram_path_eigen(0.5 * (q + q.T), eig_rtol)
+    return _finish(layer, gf, None, previous, rank, variant, align, diagnostics, out_dtype)
 
 
 def aggregate_model(

@@ -72,7 +72,8 @@ def train(msg: Message, context: Context) -> Message:
     upload = method.client_upload(model, info, local)
     if local:
         context.state[_LOCAL_KEY] = to_record(local)
-    return Message(RecordDict({"arrays": to_record(upload), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": to_record(upload, cfg.federation.wire_dtype), "metrics": metrics}),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -22,7 +22,7 @@ from florg.experiment import Experiment, get_experiment
 from florg.rundir import RunDir
 from florg.train import evaluate, round_lr
 
-from .records import from_record, to_record
+from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
 
 __all__ = ["make_server_app", "run_server", "app"]
@@ -90,6 +90,7 @@ def run_server(
         max_norm=cfg.federation.max_norm,
         round_offset=done,
         node_wait_timeout=cfg.federation.round_timeout,
+        wire_dtype=cfg.federation.wire_dtype,
     )
     if ckpt:
         strategy._node_partition = dict(ckpt.get("node_partition", {}))
@@ -138,14 +139,14 @@ def run_server(
         if remaining > 0:
             result = strategy.start(
                 grid=grid,
-                initial_arrays=to_record(initial),
+                initial_arrays=to_record(initial, cfg.federation.wire_dtype),
                 num_rounds=remaining,
                 timeout=cfg.federation.round_timeout,
                 evaluate_fn=evaluate_fn,
             )
-            final = from_record(result.arrays) if len(result.arrays) else initial
+            final = from_record(result.arrays) if len(result.arrays) else quantize(initial, cfg.federation.wire_dtype)
         else:
-            final = initial
+            final = quantize(initial, cfg.federation.wire_dtype)
         method.load_global(exp.model, final)
         _save_adapters(exp, run_dir)
         from florg.plots import plot_runs

@@ -58,6 +58,9 @@ class AdapterStrategy(FedAvg):
         As in :class:`flwr.serverapp.strategy.FedAvg`.
     round_log : RoundLog, optional
         Receives per-round measurements (bytes up/down, participants, aggregation time).
+    wire_dtype : str
+        Dtype of adapter tensors on the wire (``float32``, ``float16``, ``bfloat16``); the global
+        state is kept exactly as the clients decode it.
     node_wait_timeout : float
         Seconds to wait for ``min_available_nodes`` nodes before a round gives up with an error.
     round_offset : int
@@ -86,6 +89,7 @@ class AdapterStrategy(FedAvg):
         max_norm: float = 1e4,
         round_offset: int = 0,
         node_wait_timeout: float = 600.0,
+        wire_dtype: str = "float32",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -102,6 +106,7 @@ class AdapterStrategy(FedAvg):
         self.max_norm = max_norm
         self.round_offset = round_offset
         self.node_wait_timeout = node_wait_timeout
+        self.wire_dtype = wire_dtype
         self._current: dict[str, Any] = {}
         self._node_partition: dict[int, int] = {}
 
@@ -218,7 +223,7 @@ class AdapterStrategy(FedAvg):
         self.round_log.update(server_round, agg_seconds=agg_seconds, train_loss=train_loss,
                               train_examples=examples, **diagnostics)
         metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
-        return to_record(new_state), metrics
+        return to_record(new_state, self.wire_dtype), metrics
 
 
     def _parse_reply(self, msg: Message) -> tuple[tuple[int, dict, int, float] | None, list[str]]:
