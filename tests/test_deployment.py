@@ -1,8 +1,9 @@
 """Multi-process deployment: a SuperLink and two SuperNodes as separate processes, then ``flwr run``.
 
 Each test starts its processes on free loopback ports with its own FLWR_HOME (under tmp_path).
-The insecure and the TLS test run the tiny config for 2 rounds through florg's Flower App and
-check the run directory; two short tests check the clean-up when the body or the start fails. The
+The insecure (explicit ``insecure=True``) and the TLS test run the tiny config for 2 rounds
+through florg's Flower App and check the run directory; two short tests check the clean-up when
+the body or the start fails (the first with the default: TLS with throwaway certificates). The
 fixture stops exactly the processes the test started (and the helpers they spawned), by PID,
 also when the test fails, and then checks that those PIDs are gone.
 """
@@ -86,7 +87,7 @@ def _run_and_check(dep: LocalDeployment, run_dir: Path) -> None:
 
 
 def test_deployment_insecure(deployments, tmp_path):
-    dep = deployments(num_supernodes=2)
+    dep = deployments(num_supernodes=2, insecure=True)  # testing only, and only when asked for
     _run_and_check(dep, tmp_path / "run")
     config = (dep.flwr_home / "config.toml").read_text()
     assert "insecure = true" in config and dep.address in config
@@ -104,11 +105,13 @@ def test_deployment_tls(deployments, tmp_path):
 
 
 def test_processes_stopped_when_the_body_fails(deployments):
-    dep = deployments(num_supernodes=2)
+    dep = deployments(num_supernodes=2)  # no tls, no insecure: TLS with throwaway certificates
     with pytest.raises(RuntimeError, match="boom"):
         with dep:
             started = dep.pids
             assert len(started) == 3 and all(pid_alive(pid) for pid in started)
+            assert dep.tls is not None and dep.tls.ca_cert.parent == dep.workdir / "throwaway-certs"
+            assert "--insecure" not in dep.logs()["superlink"].read_text().splitlines()[0]
             raise RuntimeError("boom")
     assert not [pid for pid in dep.all_pids() if pid_alive(pid)]
 

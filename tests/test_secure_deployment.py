@@ -61,6 +61,19 @@ def _script(name: str, *args: str | Path) -> None:
                    capture_output=True, env=env)
 
 
+def _session_members(sessions: set[int]) -> list[int]:
+    """Live processes in the given sessions (every started process leads its own session; Linux only)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and fields[0] != "Z" and int(fields[3]) in sessions:
+            found.append(int(entry.name))
+    return found
+
+
 def _check_key(key: NodeKey) -> None:
     """The pair loads the way Flower 1.42 loads it (CLI: public key, SuperNode: private key)."""
     assert len(try_load_public_key(key.public_key)) > 0
@@ -89,7 +102,8 @@ def test_make_node_keys_python(tmp_path):
         _check_key(key)
     with pytest.raises(FileExistsError):
         make_node_keys(tmp_path, ["a"])
-    assert make_node_keys(tmp_path, ["a"], overwrite=True)[0].public_key.read_text() != keys[0].public_key.read_text()
+    old = keys[0].public_key.read_text()
+    assert make_node_keys(tmp_path, ["a"], overwrite=True)[0].public_key.read_text() != old
     with pytest.raises(FileNotFoundError, match="make_node_keys.sh"):
         NodeKey.from_file(tmp_path / "missing")
 
@@ -190,6 +204,7 @@ def test_tls_and_supernode_auth(tmp_path):
         dep.stop()
     assert not [pid for pid in pids if pid_alive(pid)]
     assert not [pid for pid in dep.all_pids() if pid_alive(pid)]
+    assert not _session_members(set(dep.pids))  # no orphaned helper (e.g. a refused SuperNode's SuperExec)
 
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "complete", status

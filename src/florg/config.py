@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -107,6 +108,21 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    mode: str = _f("off", "Differential privacy: 'off', 'local' (clients clip and noise their uploads) or 'central' "
+                          "(the server clips each upload and noises the aggregate Gram matrix). FLoRG only; see docs/privacy.md.",
+                   choices=("off", "local", "central"))
+    clip_norm: float = _f(1.0, "C: each client's adapter factors (all layers together) are scaled to Frobenius norm <= C.")
+    noise_multiplier: float = _f(1.0, "sigma: Gaussian noise std is sigma*C per factor entry (local) or sigma*C^2/m on the Gram matrices (central).")
+    delta: float = _f(1e-5, "delta at which the cumulative epsilon is reported each round (privacy_epsilon in metrics.jsonl).")
+    head_clip_norm: float = _f(0.0, "Clip norm of the head update (head minus the global head) when method.train_head; 0 = clip_norm. Noised with the same sigma.")
+    debias: bool = _f(True, "Local DP: subtract the noise's expected contribution sum_n p_n r (sigma C)^2 I from the server's Gram matrix.")
+    amplification: bool = _f(False, "Central DP: account for amplification by client sampling (fraction_train < 1; replace-one "
+                                    "neighbours). Valid only if who is sampled stays secret (florg samples from the run seed).")
+    reproducible_noise: bool = _f(False, "Draw the noise from the run seed (repeatable experiments, no real protection) instead of OS entropy.")
+
+
+@dataclass
 class RunConfig:
     seed: int = _f(0, "Global seed: bases, initial A, partitioning, data order.")
     out_dir: str = _f("runs", "Parent folder of run directories.")
@@ -117,6 +133,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -292,6 +309,25 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key {exc}") from None
     need(cfg.federation.max_norm >= 0, "federation.max_norm", "must be >= 0 (0 = no bound)")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _validate_privacy(cfg, need)
+
+
+def _validate_privacy(cfg: RunConfig, need: Any) -> None:
+    """DP settings (the method's support is checked by the method: FederatedMethod.check_config)."""
+    pv = cfg.privacy
+    if pv.mode == "off":
+        return
+    need(math.isfinite(pv.clip_norm) and pv.clip_norm > 0, "privacy.clip_norm", f"must be > 0 under privacy.mode={pv.mode!r}, got {pv.clip_norm}")
+    need(math.isfinite(pv.noise_multiplier) and pv.noise_multiplier > 0, "privacy.noise_multiplier",
+         f"must be > 0 under privacy.mode={pv.mode!r} (sigma = 0 gives no privacy), got {pv.noise_multiplier}")
+    need(0.0 < pv.delta < 1.0, "privacy.delta", f"must be in (0, 1), e.g. 1e-5, got {pv.delta}")
+    need(math.isfinite(pv.head_clip_norm) and pv.head_clip_norm >= 0, "privacy.head_clip_norm", f"must be >= 0 (0 = clip_norm), got {pv.head_clip_norm}")
+    need(not pv.amplification or pv.mode == "central", "privacy.amplification",
+         "applies to privacy.mode='central' only (under local DP the server sees who takes part); set it to false")
+    if pv.mode == "central":
+        need(cfg.method.weighting == "uniform", "method.weighting",
+             f"is {cfg.method.weighting!r} but privacy.mode='central' needs 'uniform' (each client's Gram matrix gets weight 1/m, "
+             "which bounds its influence by C^2/m); set method.weighting=uniform")
 
 
 FAULT_KINDS = ("nan", "inf", "shape", "missing", "dtype", "norm", "examples", "error", "stall")

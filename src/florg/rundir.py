@@ -36,7 +36,7 @@ from florg.config import RunConfig
 
 __all__ = ["RunDir", "package_versions"]
 
-_PACKAGES = ("florg", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets", "numpy", "ray", "safetensors")
+_PACKAGES = ("florg", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets", "numpy", "ray", "safetensors", "dp-accounting")
 
 
 def package_versions() -> dict[str, str]:

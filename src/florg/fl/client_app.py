@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florg.config import RunConfig
+from florg.core.privacy import noise_generator
 from florg.experiment import get_experiment
 from florg.methods.base import ClientInfo
 from florg.train import cycle, evaluate, label_weighted_accuracy, make_optimizer, train_steps
@@ -54,7 +55,8 @@ def train(msg: Message, context: Context) -> Message:
     model, method = exp.model, exp.method
     info = ClientInfo(partition_id=pid, server_round=server_round)
     local = _local_state(context)
-    method.client_load(model, from_record(msg.content["arrays"]), info, local)
+    received = from_record(msg.content["arrays"])
+    method.client_load(model, received, info, local)
 
     torch.manual_seed((cfg.seed * 1_000_003 + server_round) * 10_007 + pid)  # dropout etc.
     optimizer = make_optimizer(model.parameters(), cfg.train, lr)
@@ -70,6 +72,9 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": pid,
     })
     upload = method.client_upload(model, info, local)
+    if cfg.privacy.mode == "local":  # clip and noise before anything leaves the client (docs/privacy.md)
+        gen = noise_generator(cfg.privacy.reproducible_noise, cfg.seed, server_round, pid, "local")
+        upload = method.privatize_upload(upload, received, gen)
     if local:
         context.state[_LOCAL_KEY] = to_record(local)
     return Message(RecordDict({"arrays": to_record(upload, cfg.federation.wire_dtype), "metrics": metrics}),

@@ -351,6 +351,27 @@ def _descendants(roots: Sequence[int]) -> list[int]:
     return found
 
 
+def _session_members(sessions: Mapping[int, str]) -> list[int]:
+    """Live processes in the sessions ``sid -> start time of the session leader`` (Linux only).
+
+    Only processes that started no earlier than the leader count; together with the caller's
+    check that the leader's pid was not reused, this keeps unrelated sessions out.
+    """
+    found: list[int] = []
+    if not sessions or not Path("/proc/self").exists():
+        return found
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is None or len(fields) <= 19 or fields[0] == "Z" or not fields[3].isdigit():
+            continue
+        leader_start = sessions.get(int(fields[3]))
+        if leader_start is not None and int(fields[19]) >= int(leader_start):
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass
 class _Proc:
     name: str
@@ -859,10 +880,20 @@ class LocalDeployment:
             return False
 
     def _note_helpers(self) -> None:
-        """Remember the live descendants of the started processes (they may be re-parented later)."""
+        """Remember the helpers of the started processes (they may be re-parented later).
+
+        The live descendants of the running ones, plus the processes left in the session of a
+        started process that has already exited (e.g. the SuperExec of a SuperNode the SuperLink
+        refused: it is re-parented when the SuperNode exits and only stops once Flower notices).
+        """
         roots = [p.popen.pid for p in self._procs if p.popen.poll() is None]
         if roots:
             for pid in _descendants(roots):
+                self._helpers.setdefault(pid, _start_time(pid))
+        sessions = {p.popen.pid: p.start_time for p in self._procs
+                    if p.start_time is not None and _start_time(p.popen.pid) in (None, p.start_time)}
+        for pid in _session_members(sessions):
+            if pid not in sessions:
                 self._helpers.setdefault(pid, _start_time(pid))
 
     @staticmethod

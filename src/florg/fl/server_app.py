@@ -1,9 +1,10 @@
 """The florg ServerApp: run the strategy, evaluate the global model centrally, write the run directory.
 
-``make_server_app(cfg, run_dir)`` builds a ServerApp bound to a resolved config (used by the
-embedded simulation). The module-level ``app`` is the same ServerApp for deployments started
-with ``flwr run``: it reads its config from the Flower run config keys ``config-file`` (a florg
-TOML file, optional), ``overrides`` (``key=value`` pairs separated by spaces) and ``run-dir``.
+``run_server(grid, cfg, run_dir)`` is the whole server side; the embedded simulation
+(``florg.fl.simulation``) wraps it in a ServerApp bound to a resolved config. The module-level
+``app`` is the ServerApp for deployments started with ``flwr run``: it reads its config from
+the Flower run config keys ``config-file`` (a florg TOML file, optional), ``overrides``
+(``key=value`` pairs separated by spaces) and ``run-dir``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from florg.train import evaluate, round_lr
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
 
-__all__ = ["make_server_app", "run_server", "app"]
+__all__ = ["run_server", "app"]
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -94,6 +95,8 @@ def run_server(
     )
     if ckpt:
         strategy._node_partition = dict(ckpt.get("node_partition", {}))
+        if strategy.privacy is not None and ckpt.get("privacy"):
+            strategy.privacy.load_state_dict(ckpt["privacy"])  # epsilon keeps counting across the resume
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + done
@@ -130,6 +133,7 @@ def run_server(
             "cumulative": dict(cumulative),
             "node_partition": dict(strategy._node_partition),
             "config": cfg.to_dict(),
+            "privacy": strategy.privacy.state_dict() if strategy.privacy is not None else None,
         })
         reporter(row)
         return MetricRecord({"accuracy": res["accuracy"], "loss": res["loss"]})
@@ -176,17 +180,6 @@ def run_server(
 def _save_adapters(exp: Experiment, run_dir: RunDir) -> None:
     """The final global model's adapter files (the method decides: PEFT format, LoRA export, W0 delta)."""
     exp.method.save_artifacts(exp.model, run_dir.path)
-
-
-def make_server_app(cfg: RunConfig, run_dir: RunDir, reporter: Reporter | None = None) -> ServerApp:
-    """A ServerApp bound to ``cfg`` that writes into ``run_dir``."""
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, run_dir, reporter)
-
-    return server
 
 
 app = ServerApp()

@@ -20,9 +20,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from florg.core.privacy import noise_generator
 from florg.methods import FederatedMethod
 from florg.methods.base import EVAL_PREFIX, SERVER_PREFIX
 
+from .privacy import PrivacyLedger
 from .records import CONFIG_KEY, from_record, to_record
 
 __all__ = ["AdapterStrategy", "RoundLog"]
@@ -109,6 +111,11 @@ class AdapterStrategy(FedAvg):
         self.wire_dtype = wire_dtype
         self._current: dict[str, Any] = {}
         self._node_partition: dict[int, int] = {}
+        # Differential privacy (privacy.mode local/central): epsilon in every round's row.
+        self.privacy = PrivacyLedger.from_config(method.cfg)
+        self._sample_size = 0
+        if self.privacy is not None and round_offset == 0:
+            self.round_log.update(0, **self.privacy.row())
 
     def summary(self) -> None:
         log(INFO, "\t├── Method: %s", self.method.name)
@@ -159,6 +166,7 @@ class AdapterStrategy(FedAvg):
         server_round += self.round_offset
         self._current = from_record(arrays)
         node_ids = self._sample(grid, server_round)
+        self._sample_size = len(node_ids)
         lr = float(self.lr_fn(server_round))
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
@@ -212,11 +220,21 @@ class AdapterStrategy(FedAvg):
             self.round_log.update(server_round, bytes_up_eval=bytes_up_eval)
         if not good:
             log(WARNING, "round %d: no valid reply; the global adapter is unchanged", server_round)
+            # Local DP: clients that replied did release their noisy uploads to the server.
+            self._account(server_round, released=self.privacy is not None and self.privacy.mode == "local"
+                          and failures < len(replies))
             return None, None
         t0 = time.perf_counter()
-        new_state, diagnostics = self.method.aggregate(
-            [g[1] for g in good], [g[2] for g in good], self._current
-        )
+        if self.privacy is not None and self.privacy.mode == "central":
+            new_state, diagnostics = self.method.aggregate_private(
+                [g[1] for g in good], self._current, denominator=max(self._sample_size, len(good)),
+                generator=noise_generator(self.privacy.reproducible, self.seed, server_round, "central"),
+            )
+        else:
+            new_state, diagnostics = self.method.aggregate(
+                [g[1] for g in good], [g[2] for g in good], self._current
+            )
+        self._account(server_round, released=True)
         agg_seconds = time.perf_counter() - t0
         examples = sum(g[2] for g in good)
         train_loss = sum(g[3] * g[2] for g in good) / examples
@@ -225,6 +243,14 @@ class AdapterStrategy(FedAvg):
         metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
         return to_record(new_state, self.wire_dtype), metrics
 
+
+    def _account(self, server_round: int, released: bool) -> None:
+        """Compose this round's privacy release (if any) and put the cumulative epsilon in its row."""
+        if self.privacy is None:
+            return
+        if released:
+            self.privacy.release(self._sample_size)
+        self.round_log.update(server_round, **self.privacy.row())
 
     def _parse_reply(self, msg: Message) -> tuple[tuple[int, dict, int, float] | None, list[str]]:
         """``((partition id, tensors, num examples, train loss), [])`` or ``(None, problems)``."""

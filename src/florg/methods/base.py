@@ -161,6 +161,8 @@ class FederatedMethod(ABC):
     supports_client_ranks: ClassVar[bool] = False
     #: whether the server asks every client to evaluate its own (personalised) model each round
     client_evaluation: ClassVar[bool] = False
+    #: whether the method implements differential privacy (``privacy.mode`` local/central; docs/privacy.md)
+    supports_privacy: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -178,6 +180,11 @@ class FederatedMethod(ABC):
                 f"config key 'method.client_ranks': method '{self.name}' trains one rank for every client "
                 f"(method.rank); heterogeneous ranks {list(cfg.method.client_ranks)} need method.name='flora'. "
                 "Set method.client_ranks=[] or choose flora"
+            )
+        if cfg.privacy.mode != "off" and not self.supports_privacy:
+            raise ConfigError(
+                f"config key 'privacy.mode': method '{self.name}' has no differential-privacy support "
+                f"(privacy.mode={cfg.privacy.mode!r}); set privacy.mode=off or method.name=florg"
             )
 
     @property

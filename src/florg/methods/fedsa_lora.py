@@ -38,9 +38,9 @@ from .lora_common import (
     a_key,
     b_key,
     layer_errors,
+    layer_names,
     summarise_errors,
     weighted_products,
-    layer_names,
 )
 
 

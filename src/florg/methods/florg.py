@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from florg.core import aggregate_model
+from florg.core import privacy as dp
 
-from .base import FederatedMethod, Tensors
+from .base import FederatedMethod, Tensors, normalised_weights, split_head
 
 A_PREFIX = "A/"
 
@@ -25,6 +26,12 @@ class FLoRGMethod(FederatedMethod):
     name = "florg"
     display_name = "FLoRG"
     adapter_param_marker = "florg_A"
+    supports_privacy = True
+
+    def check_config(self, cfg) -> None:  # noqa: ANN001
+        super().check_config(cfg)
+        if cfg.privacy.mode != "off":
+            dp.check_accounting_available()
 
     def build(self, model: nn.Module, target_modules: list[str], head_modules: list[str]) -> nn.Module:
         from peft import get_peft_model
@@ -76,6 +83,15 @@ class FLoRGMethod(FederatedMethod):
         m = self.cfg.method
         keys = list(current)
         per_layer = {key: [u[key] for u in uploads] for key in keys}
+        pv = self.cfg.privacy
+        if pv.mode == "local" and pv.debias:
+            # Local DP: remove the noise's expected Gram contribution sum_n p_n r_n (sigma C)^2 I.
+            p = normalised_weights(weights, len(uploads))
+            ranks = [int(u[keys[0]].shape[0]) for u in uploads]
+            shift = dp.noise_bias(ranks, p, pv.noise_multiplier * pv.clip_norm)
+            results = dp.dp_aggregate_layers(per_layer, p, previous=current, rank=m.rank, shift=shift, **self._align_kw())
+            return {key: res.factor for key, res in results.items()}, {**summarise_diagnostics(results.values()),
+                                                                       "dp_debias_shift": shift}
         results = aggregate_model(
             per_layer,
             weights,
@@ -87,6 +103,68 @@ class FLoRGMethod(FederatedMethod):
         )
         new_state = {key: res.factor for key, res in results.items()}
         return new_state, summarise_diagnostics(results.values())
+
+    # ---- differential privacy (docs/privacy.md; the math is in florg.core.privacy) ----------
+    def _align_kw(self) -> dict[str, Any]:
+        m = self.cfg.method
+        return {"variant": "top-r" if m.procrustes == "top-r" else "paper", "align": m.procrustes != "none",
+                "eig_rtol": m.eig_rtol}
+
+    def _head_clip_norm(self) -> float:
+        pv = self.cfg.privacy
+        return pv.head_clip_norm or pv.clip_norm
+
+    def privatize_upload(self, upload: Tensors, received: Tensors, generator: torch.Generator) -> Tensors:
+        """Local DP at the client: clip all factors jointly to C and add N(0, (sigma C)^2) to every entry;
+        the head goes up as ``h_global + clip(h - h_global, C_head) + N(0, (sigma C_head)^2)``."""
+        pv = self.cfg.privacy
+        adapter, head = split_head(upload)
+        unknown = [key for key in adapter if not key.startswith(A_PREFIX)]
+        if unknown:
+            raise ValueError(f"local DP: cannot privatise upload keys {unknown}")
+        clipped, _ = dp.clip_joint(adapter, pv.clip_norm)
+        out = dp.add_gaussian(clipped, pv.noise_multiplier * pv.clip_norm, generator)
+        if head:
+            c_head = self._head_clip_norm()
+            delta = {k: v.double() - received[k].double() for k, v in head.items()}
+            clipped_head, _ = dp.clip_joint(delta, c_head)
+            noisy = dp.add_gaussian(clipped_head, pv.noise_multiplier * c_head, generator)
+            out.update({k: (received[k].double() + noisy[k]).to(head[k].dtype) for k in head})
+        return out
+
+    def aggregate_private(
+        self, uploads: list[Tensors], current: Tensors, *, denominator: int, generator: torch.Generator
+    ) -> tuple[Tensors, dict[str, Any]]:
+        """Central DP at the server: clip each client's factors jointly to C, ``Q_l = (1/m) sum_n A_nl^T A_nl``
+        plus symmetric noise of scale ``sigma C^2 / m`` (m = ``denominator``, the number of clients
+        sampled), then factor and align as usual; the head moves by the mean clipped update plus
+        ``N(0, (sigma C_head / m)^2)``."""
+        pv, m = self.cfg.privacy, self.cfg.method
+        if not uploads or denominator < len(uploads):
+            raise ValueError(f"central DP: {len(uploads)} uploads for a denominator of {denominator}")
+        cur_adapter, cur_head = split_head(current)
+        clipped, norms, head_updates = [], [], []
+        c_head = self._head_clip_norm()
+        for upload in uploads:
+            adapter, head = split_head(upload)
+            factors, norm = dp.clip_joint(adapter, pv.clip_norm)
+            clipped.append(factors)
+            norms.append(norm)
+            if head:
+                head_updates.append(dp.clip_joint({k: v.double() - cur_head[k].double() for k, v in head.items()}, c_head)[0])
+        p = [1.0 / denominator] * len(uploads)
+        std = dp.central_gram_std(pv.clip_norm, pv.noise_multiplier, denominator)
+        per_layer = {key: [c[key] for c in clipped] for key in cur_adapter}
+        results = dp.dp_aggregate_layers(per_layer, p, previous=cur_adapter, rank=m.rank, noise_std=std,
+                                         generator=generator, **self._align_kw())
+        new_state: Tensors = {key: res.factor for key, res in results.items()}
+        if head_updates:
+            mean = dp.noisy_mean(head_updates, denominator, pv.noise_multiplier * c_head / denominator, generator)
+            new_state.update({k: (cur_head[k].double() + mean[k]).to(cur_head[k].dtype) for k in mean})
+        metrics = summarise_diagnostics(results.values())
+        metrics.update(dp_gram_noise_std=std, dp_upload_norm_mean=sum(norms) / len(norms),
+                       dp_clipped_fraction=sum(n > pv.clip_norm for n in norms) / len(norms))
+        return new_state, metrics
 
 
 def summarise_diagnostics(results) -> dict[str, float]:

@@ -1,0 +1,137 @@
+"""``florg compare`` without Flower: planning, resume (skip complete runs), tables, plots, defaults."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import florg.fl.simulation as simulation
+from florg.compare import (
+    COMPARE_DEFAULTS,
+    METHOD_ORDER,
+    bytes_to_target,
+    compare_config,
+    parse_methods,
+    plan_runs,
+    run_compare,
+)
+from florg.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FINAL = {"florg": 0.80, "fedit": 0.70, "florg-noalign": 0.75}  # fake final accuracies per method
+PER_ROUND = {"florg": 1000, "fedit": 2000, "florg-noalign": 1000}  # fake bytes per round
+
+
+def test_default_compare_config_is_configs_compare_toml():
+    assert compare_config().to_dict() == load_config(ROOT / "configs" / "compare.toml").to_dict()
+    cfg = compare_config()
+    assert (cfg.data.num_clients, cfg.method.rank, cfg.data.alpha, cfg.data.partition) == (20, 4, 0.5, "dirichlet")
+    assert COMPARE_DEFAULTS["train"]["rounds"] == cfg.train.rounds
+
+
+def test_parse_methods():
+    assert parse_methods("") == METHOD_ORDER
+    assert parse_methods("florg-noalign, fedit,florg") == ["florg", "fedit", "florg-noalign"]
+    with pytest.raises(ConfigError, match="valid: florg, fedit"):
+        parse_methods("florg,fedavg")
+
+
+def test_runs_share_one_config_and_only_the_method_differs(tmp_path):
+    base = compare_config(["train.rounds=3", "method.procrustes=top-r"])
+    specs = plan_runs(base, tmp_path, METHOD_ORDER, seeds=2)
+    assert [s.name for s in specs[:2]] == ["florg-seed0", "fedit-seed0"] and specs[-1].name == "florg-noalign-seed1"
+    shared = []
+    for s in specs:
+        d = s.cfg.to_dict()
+        assert d["out_dir"] == str(tmp_path / "runs") and d["name"] == s.name
+        meth = d["method"]
+        assert (meth.pop("name"), meth.pop("procrustes")) == {
+            "florg": ("florg", "top-r"), "florg-noalign": ("florg", "none")}.get(s.label, (s.label, "top-r"))
+        for key in ("out_dir", "name", "seed"):
+            d.pop(key)
+        shared.append(json.dumps(d, sort_keys=True))
+    assert len(set(shared)) == 1
+
+
+def _fake_engine(calls):
+    def fake(cfg, run_dir, reporter=None, verbose=False, **kw):
+        calls.append(cfg.name)
+        label = cfg.name.rsplit("-seed", 1)[0]
+        final = FINAL[label] + 0.01 * cfg.seed
+        cum = 0
+        for r in range(cfg.train.rounds + 1):
+            if r:
+                cum += PER_ROUND[label]
+            row = {"round": r, "test_accuracy": 0.25 + (final - 0.25) * r / cfg.train.rounds, "bytes_up": 0 if r == 0
+                   else PER_ROUND[label] // 2, "bytes_down": 0 if r == 0 else PER_ROUND[label] // 2,
+                   "bytes_total_cum": cum, "agg_rel_error_max": 0.0, "sent_rel_error_max": 0.1}
+            run_dir.append_metrics(row)
+            if reporter:
+                reporter(row)
+        run_dir.set_status("complete", rounds=cfg.train.rounds)
+        return {}
+
+    return fake
+
+
+def test_compare_tables_plots_and_resume(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls))
+    base = compare_config(["train.rounds=4"])
+    methods = ["florg", "fedit", "florg-noalign"]
+    out = tmp_path / "cmp"
+    logs = []
+    res = run_compare(base, out, methods, seeds=2, target_fraction=0.9, log=logs.append)
+    assert len(calls) == 6 and res["failed"] == []
+    per = res["per_method"]
+    assert per["florg"]["final_accuracy"] == pytest.approx([0.80, 0.81])
+    # target = 0.9 * best mean final (FLoRG, 0.805); FLoRG reaches it in round 4, FedIT never
+    assert res["target_accuracy"] == pytest.approx(0.9 * 0.805)
+    assert per["florg"]["bytes_to_target"] == [4000, 4000] and per["fedit"]["bytes_to_target_mean"] is None
+    md = (out / "results.md").read_text()
+    assert "| Base model | Dataset | FLoRG | FedIT |" in md and "**80.50 ± 0.71**" in md
+    assert "| minilm | w/o alignment | 75.50 ± 0.71 |" in md and "| | drop | 5.00 |" in md
+    assert "| FLoRG | 4.00 KB | 1.00× | 2/2 |" in md and "| FedIT | not reached | – | 0/2 |" in md
+    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["per_method"]["fedit"]["seeds"] == 2
+
+    # Resume: complete runs are skipped; an incomplete one is run again from scratch.
+    (out / "runs" / "fedit-seed1" / "status.json").write_text(json.dumps({"status": "running"}))
+    calls.clear()
+    run_compare(base, out, methods, seeds=2, target_fraction=0.9, log=logs.append)
+    assert calls == ["fedit-seed1"]
+    assert any("florg-seed0: complete, skipped" in m for m in logs)
+
+    # A different shared configuration is refused, before anything runs.
+    calls.clear()
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_compare(compare_config(["train.rounds=5"]), out, methods, seeds=1, log=logs.append)
+    assert calls == []
+
+
+def test_settings_a_method_cannot_honour_fail_before_any_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls))
+    with pytest.raises(ConfigError, match="method.client_ranks"):
+        run_compare(compare_config(["method.client_ranks=[2,4]"]), tmp_path, ["flora", "fedit"], log=lambda m: None)
+    assert calls == [] and not (tmp_path / "runs").exists()
+
+
+def test_bytes_to_target():
+    rows = [{"round": 0, "test_accuracy": 0.2, "bytes_total_cum": 0},
+            {"round": 1, "test_accuracy": 0.6, "bytes_total_cum": 10},
+            {"round": 2, "test_accuracy": 0.5, "bytes_total_cum": 20}]
+    assert bytes_to_target(rows, 0.55) == 10 and bytes_to_target(rows, 0.2) == 0 and bytes_to_target(rows, 0.7) is None
+
+
+def test_cli_compare_rejects_an_unknown_method_before_running(monkeypatch):
+    from typer.testing import CliRunner
+
+    from florg.cli.main import app
+
+    calls = []
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls))
+    res = CliRunner().invoke(app, ["compare", "--methods", "florg,fedavg"])
+    assert res.exit_code == 2 and "valid: florg, fedit" in res.output and calls == []
