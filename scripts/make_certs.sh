@@ -12,6 +12,9 @@
 #   ca.key      the CA private key (only needed to sign more certificates)
 #   server.pem  the SuperLink's certificate (--ssl-certfile), valid for 127.0.0.1, ::1, localhost
 #   server.key  the SuperLink's private key (--ssl-keyfile)
+#
+# TLS is also what SuperNode authentication (--enable-supernode-auth) builds on; the SuperNodes'
+# key pairs come from scripts/make_node_keys.sh. See docs/deployment.md.
 set -euo pipefail
 
 if [ "$#" -lt 1 ]; then

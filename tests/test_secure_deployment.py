@@ -184,7 +184,8 @@ def test_tls_and_supernode_auth(tmp_path):
 
             result = dep.run(APP_DIR, overrides=TINY, run_dir=run_dir, timeout=RUN_TIMEOUT)
             logs = "\n".join(f"--- {name}: {path}" for name, path in dep.logs().items())
-            assert result.ok, f"flwr run: rc={result.returncode} status={result.status}\n{result.output[-4000:]}\n{logs}"
+            assert result.ok, (f"flwr run: rc={result.returncode} status={result.status}\n"
+                               f"{result.output[-4000:]}\n{logs}")
 
             for name, error in refused.items():
                 code = dep.wait_for_exit(name, REFUSAL_TIMEOUT)

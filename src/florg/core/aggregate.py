@@ -591,9 +591,10 @@ def aggregate_model(
 
     ``uploads[layer]`` holds the clients' factors for that layer, in the same client order
     for every layer (``weights`` apply to clients). Layers on the thin path that share a
-    shape (same ``k`` and the same client ranks) are batched: one batched ``M M^T`` and one
-    batched eigendecomposition per shape group. Returns ``{layer: AggregationResult}`` with
-    ``diagnostics["seconds"]`` unset; time the call as a whole.
+    shape (same ``k`` and the same client ranks) share one batched eigendecomposition of their
+    ``m x m`` matrices ``G = M M^T`` per shape group; ``M`` itself (``m x k`` float64) is built
+    layer by layer, so memory stays ``O(m k)`` for the whole model. Returns
+    ``{layer: AggregationResult}`` with ``diagnostics["seconds"]`` unset; time the call as a whole.
     """
     if not uploads:
         raise ValueError("aggregate_model: no layers were uploaded")

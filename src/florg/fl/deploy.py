@@ -78,7 +78,7 @@ BASE_ENV = {
 }
 
 _SUPERNODE_READY = "SuperNode ID"  # logged once a SuperNode is registered with the SuperLink
-_SUPERNODE_REFUSED = "Failed to initialize the connection to the SuperLink"  # logged before a SuperNode gives up
+_SUPERNODE_REFUSED = "Failed to initialize the connection to the SuperLink"  # logged when a SuperNode gives up
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
@@ -123,7 +123,8 @@ class NodeKey:
         key = cls(private, private.with_name(private.name + ".pub"))
         missing = [str(p) for p in (key.private_key, key.public_key) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"missing SuperNode key files: {', '.join(missing)} (run scripts/make_node_keys.sh)")
+            raise FileNotFoundError(
+                f"missing SuperNode key files: {', '.join(missing)} (run scripts/make_node_keys.sh)")
         return key
 
 
@@ -802,7 +803,13 @@ class LocalDeployment:
         def ready() -> bool:
             return _port_open(self.host, port) and self._log_has(proc, _SUPERNODE_READY)
 
-        self._wait(proc, deadline, ready)
+        try:
+            self._wait(proc, deadline, ready)
+        except DeploymentError as exc:
+            if self._log_has(proc, _SUPERNODE_REFUSED):
+                hint = " (with SuperNode authentication, is its public key registered?)" if self.supernode_auth else ""
+                raise DeploymentError(f"the SuperLink refused {proc.name}{hint}: {exc}") from None
+            raise
 
     def _proc(self, name: str) -> _Proc:
         for proc in self._procs:
