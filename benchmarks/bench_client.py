@@ -9,6 +9,7 @@ Modes::
     python benchmarks/bench_client.py                  # CPU: MiniLM seq-cls (4 labels), batch 8 x 128 and 16 x 32
     python benchmarks/bench_client.py --tiny           # CPU: tiny random Llama (bf16), crash test of the GPU path
     python benchmarks/bench_client.py --device cuda    # GPU: Llama-3.2-1B shape, random weights, bf16, batch 8 x 512
+    python benchmarks/bench_client.py --meta-estimate  # no GPU needed: GPU memory model of the 1B step on the meta device
 
 Memory:
 
@@ -20,6 +21,13 @@ Memory:
 * CUDA: ``torch.cuda.max_memory_allocated`` during one step above ``memory_allocated`` before it
   (the step's transient), plus the method's own resident tensors (model weights, adapter, bases,
   AdamW state), i.e. the peak the method would reach if it ran alone.
+* ``--meta-estimate``: the 1B-shape model is built on PyTorch's meta device (shapes and dtypes, no
+  storage) and run forward once under ``torch.autograd.graph.saved_tensors_hooks``; the bytes of
+  all distinct tensors autograd keeps for the backward pass (activations), plus the resident
+  tensors (weights, adapter, frozen bases, gradients and AdamW state of the trainable tensors),
+  give a device-independent model of the GPU peak. Attention-probability tensors
+  (batch x heads x len x len) are reported separately: the meta device traces the math attention,
+  which keeps them, while flash / memory-efficient SDPA on a GPU does not.
 """
 
 from __future__ import annotations
@@ -276,6 +284,70 @@ def table(results: list[dict[str, Any]], device: str, title: str) -> str:
     )
 
 
+# --------------------------------------------------------------------------- meta-device memory model
+
+
+def meta_estimate(method: str, tiny: bool, vocab: int, batch: int, seq: int, r: int, alpha: float) -> dict[str, Any]:
+    """Memory model of one training step of the Llama shape, traced on the meta device (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cfg = llama_config(tiny, vocab)
+    info = {"targets": ["q_proj", "v_proj"], "head": []}
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = wrap(base, method, info, r, alpha)  # FLoRG bases are generated on the CPU here
+    model.to("meta")
+    model.train()
+    resident = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    bases = sum(b.untyped_storage().nbytes() for n, b in model.named_buffers() if "florg_" in n)
+
+    saved: dict[int, tuple[int, tuple[int, ...]]] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        st = x.untyped_storage()
+        saved.setdefault(st._cdata, (st.nbytes(), tuple(x.shape)))
+        return x
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(input_ids=ids, labels=ids)
+    act = {k: v for k, v in saved.items() if k not in resident}
+    heads = cfg.num_attention_heads
+    attn = sum(n for n, shape in act.values() if shape == (batch, heads, seq, seq))
+    saved_bytes = sum(n for n, _ in act.values())
+    weights = sum(resident.values())
+    # AdamW keeps two float32 moments per trainable tensor; gradients have the tensors' size.
+    optimizer = 2 * sum(p.numel() * 4 for p in trainable)
+    static = weights + trainable_bytes + optimizer
+    return {
+        "method": method, "batch": batch, "seq": seq, "vocab": cfg.vocab_size,
+        "weights_and_buffers_bytes": weights, "florg_bases_bytes": bases, "trainable_params": sum(p.numel() for p in trainable),
+        "grad_bytes": trainable_bytes, "optimizer_state_bytes": optimizer, "static_bytes": static,
+        "saved_activation_bytes": saved_bytes, "saved_attention_probs_bytes": attn,
+        "model_peak_bytes": static + saved_bytes, "model_peak_flash_bytes": static + saved_bytes - attn,
+    }
+
+
+def meta_table(est: dict[str, dict[str, Any]]) -> str:
+    f, l = est["florg"], est["lora"]
+    rows = []
+    for key, label in (("weights_and_buffers_bytes", "weights + buffers (incl. FLoRG bases)"),
+                       ("florg_bases_bytes", "  of which FLoRG bases L, R"),
+                       ("grad_bytes", "gradients of trainable tensors"), ("optimizer_state_bytes", "AdamW state"),
+                       ("saved_activation_bytes", "saved for backward (activations)"),
+                       ("saved_attention_probs_bytes", "  of which attention probabilities (not kept by flash SDPA)"),
+                       ("model_peak_bytes", "static + saved (math attention)"),
+                       ("model_peak_flash_bytes", "static + saved, without attention probabilities")):
+        rows.append([label, fmt_bytes(f[key]), fmt_bytes(l[key]),
+                     f"{f[key] / l[key]:.3f}" if l[key] else "—", fmt_bytes(f[key] - l[key])])
+    return print_table(["quantity", "FLoRG", "PEFT LoRA", "FLoRG / LoRA", "difference"], rows,
+                       title=f"memory model on the meta device, Llama batch {f['batch']} x {f['seq']}, vocab {f['vocab']}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -292,8 +364,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--vocab", type=int, default=128256, help="Llama vocabulary (128256 as Llama 3.2, or 32000)")
     ap.add_argument("--shapes", default=None,
                     help="comma list of BATCHxLEN (default: 8x128,16x32 for MiniLM; 8x512 for Llama; 2x32 with --tiny)")
-    ap.add_argument("--json", default=None, help="output JSON (default benchmarks/results_client[_cuda|_tiny].json)")
+    ap.add_argument("--meta-estimate", action="store_true",
+                    help="GPU memory model of the Llama step on the meta device (no GPU, no time measurement)")
+    ap.add_argument("--json", default=None,
+                    help="output JSON (default benchmarks/results_client[_cuda|_tiny|_meta].json)")
     args = ap.parse_args(argv)
+
+    if args.meta_estimate:
+        torch.set_num_threads(args.threads)
+        batch, seq = (2, 32) if args.tiny else (8, 512)
+        if args.shapes:
+            batch, seq = (int(v) for v in args.shapes.split(",")[0].lower().split("x"))
+        est = {}
+        for name in METHODS:
+            log(f"meta estimate: {name} ...")
+            est[name] = meta_estimate(name, args.tiny, args.vocab, batch, seq, args.rank, args.alpha)
+        out = {"machine": machine_info(), "tiny": args.tiny, "rank": args.rank, "alpha": args.alpha, "estimate": est,
+               "table": meta_table(est)}
+        out["ratio_model_peak_flash"] = est["florg"]["model_peak_flash_bytes"] / est["lora"]["model_peak_flash_bytes"]
+        out["ratio_model_peak"] = est["florg"]["model_peak_bytes"] / est["lora"]["model_peak_bytes"]
+        default = "results_client_meta" + ("_tiny" if args.tiny else "") + ".json"
+        path = args.json or str((Path(tempfile.gettempdir()) / "florg-bench" if args.tiny else HERE) / default)
+        write_json(path, out)
+        log(f"wrote {path}")
+        return out
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -11,8 +11,6 @@ also when the test fails, and then checks that those PIDs are gone.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,17 +89,6 @@ def test_deployment_insecure(deployments, tmp_path):
     _run_and_check(dep, tmp_path / "run")
     config = (dep.flwr_home / "config.toml").read_text()
     assert "insecure = true" in config and dep.address in config
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for scripts/make_certs.sh")
-def test_deployment_tls(deployments, tmp_path):
-    certs = tmp_path / "certs"
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(certs)], check=True, timeout=60,
-                   capture_output=True)
-    dep = deployments(num_supernodes=2, tls=TLSFiles.from_dir(certs))
-    _run_and_check(dep, tmp_path / "run")
-    assert "root-certificates" in (dep.flwr_home / "config.toml").read_text()
-    assert "--insecure" not in dep.logs()["superlink"].read_text().splitlines()[0]
 
 
 def test_processes_stopped_when_the_body_fails(deployments):

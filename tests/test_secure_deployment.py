@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +150,6 @@ def test_last_json_reads_pretty_printed_cli_output():
 
 # ------------------------------------------------------------------------- live deployment
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for scripts/make_certs.sh")
 def test_tls_and_supernode_auth(tmp_path):
     certs, keys_dir, other_keys = tmp_path / "certs", tmp_path / "keys", tmp_path / "other-keys"
     _script("make_certs.sh", certs)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
