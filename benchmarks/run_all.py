@@ -70,7 +70,7 @@ def la(x: list[float] | None) -> str:
 
 
 def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: dict[str, Any] | None,
-           cuda: dict[str, Any] | None, meta: dict[str, Any]) -> str:
+           cuda: dict[str, Any] | None, estimate: dict[str, Any] | None, meta: dict[str, Any]) -> str:
     m = meta["machine"]
     lines = [
         "# florg benchmark results",
@@ -145,6 +145,10 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
     else:
         rows.append(["GPU client step (Llama-3.2-1B shape, bf16, 8 x 512)", "tokens/s >= 1.0x, memory <= 1.05x",
                      "not measured (no GPU in this run)", "—"])
+        if estimate and not estimate.get("tiny"):
+            rows.append(["GPU memory, modelled on the meta device (static + saved activations, flash attention)",
+                         f"<= {TARGET_GPU_MEMORY:.2f}", f"{estimate['ratio_model_peak_flash']:.3f} (math attention: "
+                         f"{estimate['ratio_model_peak']:.3f})", "model only"])
     lines += ["## Targets", "", md_table(["target", "goal", "measured", "met"], rows), ""]
 
     # ---------------- server
@@ -246,6 +250,25 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
         lines += client_section(client, "## Client training step on CPU (`benchmarks/bench_client.py`)")
     if cuda:
         lines += client_section(cuda, "## Client training step on GPU (`benchmarks/bench_client.py --device cuda`)")
+    if estimate:
+        f, l = estimate["estimate"]["florg"], estimate["estimate"]["lora"]
+        mrows = []
+        for key, label in (("weights_and_buffers_bytes", "weights + buffers (incl. FLoRG bases)"),
+                           ("florg_bases_bytes", "of which FLoRG bases L, R"),
+                           ("grad_bytes", "gradients of trainable tensors"), ("optimizer_state_bytes", "AdamW state"),
+                           ("saved_activation_bytes", "saved for backward (activations)"),
+                           ("saved_attention_probs_bytes", "of which attention probabilities"),
+                           ("model_peak_bytes", "static + saved (math attention)"),
+                           ("model_peak_flash_bytes", "static + saved without attention probabilities (flash SDPA)")):
+            mrows.append([label, fmt_bytes(f[key]), fmt_bytes(l[key]), f"{f[key] / l[key]:.3f}" if l[key] else "—",
+                          fmt_bytes(f[key] - l[key])])
+        lines += [f"## GPU memory model without a GPU (`bench_client.py --meta-estimate`)", "",
+                  f"Llama {'tiny' if estimate.get('tiny') else '3.2-1B shape'} (vocab {f['vocab']}), bf16 weights, "
+                  f"batch {f['batch']} x {f['seq']}, causal-LM loss, r = {estimate['rank']}, targets q_proj, v_proj. The "
+                  "model is built on the meta device and run forward once; every distinct tensor autograd keeps for "
+                  "the backward pass is counted (activations), plus weights, buffers, gradients and AdamW state. "
+                  "It is a model of the peak, not a measurement (no allocator overhead or backward temporaries).", "",
+                  md_table(["quantity", "FLoRG", "PEFT LoRA", "FLoRG / LoRA", "difference"], mrows), ""]
     if tiny:
         lines += ["## GPU-path crash test on CPU (`bench_client.py --tiny`)", "",
                   f"Tiny random Llama in bf16 ran {tiny['steps']} timed steps per method without error "
@@ -275,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         env.setdefault(key, value)
     threads = ["--threads", str(args.threads)]
     quick = ["--quick"] if args.quick else []
-    paths = {name: outdir / f"results_{name}.json" for name in ("server", "client", "client_tiny", "client_cuda")}
+    paths = {name: outdir / f"results_{name}.json"
+             for name in ("server", "client", "client_tiny", "client_cuda", "client_meta")}
     machine = machine_info()
     t0 = time.perf_counter()
     if not args.skip_server:
@@ -285,15 +309,18 @@ def main(argv: list[str] | None = None) -> None:
         run(["benchmarks.bench_client", *threads, "--json", str(paths["client"]),
              *(["--steps", "4", "--warmup", "1", "--mem-reps", "1", "--shapes", "8x64"] if args.quick else [])], env)
         run(["benchmarks.bench_client", "--tiny", *threads, "--json", str(paths["client_tiny"])], env)
+        run(["benchmarks.bench_client", "--meta-estimate", *threads, "--json", str(paths["client_meta"]),
+             *(["--tiny"] if args.quick else [])], env)
     if args.cuda:
         run(["benchmarks.bench_client", "--device", "cuda", "--json", str(paths["client_cuda"]),
              *(["--tiny"] if args.quick else [])], env)
     meta = {
         "machine": machine, "threads": args.threads, "loadavg_end": loadavg(), "wall_s": time.perf_counter() - t0,
-        "command": "bash benchmarks/run_all.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join([*(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" for _ in [0] if "OMP_WAIT_POLICY" in os.environ),
+                             "bash benchmarks/run_all.sh", *(argv if argv is not None else sys.argv[1:])]),
     }
     text = report(load(paths["server"]), load(paths["client"]), load(paths["client_tiny"]),
-                  load(paths["client_cuda"]), meta)
+                  load(paths["client_cuda"]), load(paths["client_meta"]), meta)
     out = Path(args.out) if args.out else outdir / "RESULTS.md"
     out.write_text(text)
     log(f"wrote {out}")

@@ -1,5 +1,6 @@
 """Strategy logic without a Flower runtime: the FLoRG method's server rule and client sampling."""
 
+import pytest
 import torch
 
 from florg.config import load_config
@@ -96,3 +97,20 @@ def test_partial_participation_is_reproducible_by_partition_id():
     other_round._node_partition = dict(ids_a)
     rounds = {tuple(sorted(ids_a[n] for n in other_round._sample(_FakeGrid(list(ids_a)), r))) for r in range(1, 8)}
     assert len(rounds) > 1  # different rounds sample different clients
+
+
+def test_florg_strategy_is_a_fedavg_drop_in_with_its_options():
+    from flwr.serverapp.strategy import FedAvg
+
+    from florg.fl import FLoRG
+
+    s = FLoRG(rank=2, alpha=8.0, procrustes="top-r", weighting="uniform", fraction_train=0.5, min_train_nodes=3,
+              min_available_nodes=4, lr=1e-2, lr_schedule="cosine", lr_min=1e-3, num_rounds=5)
+    assert isinstance(s, FedAvg)
+    m = s.config.method
+    assert (m.name, m.rank, m.alpha, m.procrustes, m.weighting) == ("florg", 2, 8.0, "top-r", "uniform")
+    assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (0.5, 3, 4)
+    assert s.lr_fn(1) == pytest.approx(1e-2) and s.lr_fn(5) == pytest.approx(1e-3)
+    assert s.method.name == "florg"
+    with pytest.raises(ValueError, match="method.procrustes"):
+        FLoRG(procrustes="sideways")

@@ -69,7 +69,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {
              "max_train_examples": 4000, "max_test_examples": 300},
     "method": {"rank": 4, "alpha": 16.0, "weighting": "examples", "train_head": True, "procrustes": "paper",
                "federa_mode": "product_svd", "personal_eval_examples": 64},
-    "train": {"rounds": 8, "local_steps": 4, "batch_size": 16, "lr": 3e-3, "lr_schedule": "constant",
+    "train": {"rounds": 5, "local_steps": 8, "batch_size": 16, "lr": 5e-3, "lr_schedule": "constant",
               "optimizer": "adamw", "reset_optimizer": True},
     "federation": {"fraction_train": 1.0, "min_train_nodes": 2, "min_available_nodes": 2},
 }

@@ -76,10 +76,10 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    rounds: int = _f(8, "Federated rounds.")
-    local_steps: int = _f(4, "Local optimizer steps per client per round.")
+    rounds: int = _f(6, "Federated rounds.")
+    local_steps: int = _f(10, "Local optimizer steps per client per round.")
     batch_size: int = _f(16, "Local batch size.")
-    lr: float = _f(3e-3, "Peak learning rate (decided by the server, sent each round).")
+    lr: float = _f(5e-3, "Peak learning rate (decided by the server, sent each round).")
     lr_schedule: str = _f("constant", "Learning-rate schedule across rounds: constant or cosine.", choices=("constant", "cosine"))
     lr_min: float = _f(0.0, "Final learning rate of the cosine schedule.")
     optimizer: str = _f("adamw", "Local optimizer: adamw or sgd.", choices=("adamw", "sgd"))
