@@ -289,6 +289,16 @@ def test_privacy_needs_a_method_that_supports_it(name):
     get_method(load_config(None, ["privacy.mode=local"]))  # FLoRG supports it
 
 
+def test_missing_accounting_backend_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dp_accounting" else real(name, *a))
+    with pytest.raises(ConfigError, match="dp-accounting"):
+        get_method(load_config(None, ["privacy.mode=local"]))
+    get_method(load_config(None, []))  # not needed without DP
+
+
 def test_cli_rejects_dp_for_other_methods_before_training(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -343,3 +353,23 @@ def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, mode, extra):
     else:
         assert rows[1]["dp_debias_shift"] > 0
     assert summary["accuracy_after"] == rows[-1]["test_accuracy"]
+    if mode == "central":
+        _resume_keeps_counting(cfg, run_dir, rows)
+
+
+def _resume_keeps_counting(cfg, run_dir, rows):
+    """Cut the run back to its round-1 checkpoint; the resumed round 2 continues the accountant's count."""
+    from florg.checkpoint import load_checkpoint, save_checkpoint
+    from florg.fl.simulation import run_simulation_engine
+
+    ckpt = load_checkpoint(run_dir.path)
+    assert ckpt["privacy"]["compositions"][0]["count"] == 1 and len(ckpt["privacy"]["compositions"]) == 2
+    ckpt["round"] = 1
+    ckpt["privacy"]["compositions"] = ckpt["privacy"]["compositions"][:1]
+    save_checkpoint(run_dir.path, {k: v for k, v in ckpt.items() if k != "rng"})
+    run_dir.set_status("running")
+    run_simulation_engine(cfg, run_dir, reporter=lambda row: None, resume=True)
+    resumed = run_dir.read_metrics()
+    assert [r["round"] for r in resumed] == [0, 1, 2]
+    assert resumed[2]["privacy_releases"] == 2
+    assert resumed[2]["privacy_epsilon"] == pytest.approx(rows[2]["privacy_epsilon"], rel=1e-12)

@@ -29,6 +29,7 @@ Everything here is plain torch; the (epsilon, delta) accounting is in :mod:`flor
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -59,15 +60,13 @@ Tensors = Mapping[str, torch.Tensor]
 
 def check_accounting_available() -> None:
     """Raise :class:`florg.config.ConfigError` when the accountant's backend (``dp-accounting``) is missing."""
-    try:
-        import dp_accounting  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("dp_accounting") is None:
         from florg.config import ConfigError
 
         raise ConfigError(
             "config key 'privacy.mode': privacy accounting needs the package dp-accounting "
             "(pip install 'flwr[dp]', i.e. dp-accounting 0.6), or set privacy.mode=off"
-        ) from None
+        )
 
 
 def noise_generator(reproducible: bool, *parts: object) -> torch.Generator:
