@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import tempfile
@@ -305,19 +306,21 @@ def meta_estimate(method: str, tiny: bool, vocab: int, batch: int, seq: int, r: 
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     bases = sum(b.untyped_storage().nbytes() for n, b in model.named_buffers() if "florg_" in n)
 
-    saved: dict[int, tuple[int, tuple[int, ...]]] = {}
+    saved: dict[int, tuple[int, set[tuple[int, ...]]]] = {}  # storage -> (bytes, shapes it was saved under)
 
     def pack(x: torch.Tensor) -> torch.Tensor:
         st = x.untyped_storage()
-        saved.setdefault(st._cdata, (st.nbytes(), tuple(x.shape)))
+        saved.setdefault(st._cdata, (st.nbytes(), set()))[1].add(tuple(x.shape))
         return x
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         model(input_ids=ids, labels=ids)
     act = {k: v for k, v in saved.items() if k not in resident}
+    # Attention scores/probabilities: a (batch * heads) x len x len block, under whatever view.
     heads = cfg.num_attention_heads
-    attn = sum(n for n, shape in act.values() if shape == (batch, heads, seq, seq))
+    attn = sum(n for n, shapes in act.values()
+               if any(len(sh) >= 2 and sh[-2:] == (seq, seq) and math.prod(sh) == batch * heads * seq * seq for sh in shapes))
     saved_bytes = sum(n for n, _ in act.values())
     weights = sum(resident.values())
     # AdamW keeps two float32 moments per trainable tensor; gradients have the tensors' size.

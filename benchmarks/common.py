@@ -209,6 +209,7 @@ def machine_info() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "blas": blas,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gpu": gpu,
         "versions": versions,
         "loadavg_start": loadavg(),

@@ -87,7 +87,7 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
             ["OS", m["os"]],
             ["BLAS / LAPACK", m["blas"]],
             ["torch threads", meta["threads"]],
-            ["OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "(unset: library default)")],
+            ["OMP_WAIT_POLICY", m.get("omp_wait_policy") or "(unset: library default)"],
             ["GPU", (cuda or {}).get("machine", {}).get("gpu", {}) and cuda["machine"]["gpu"]["name"] or (m["gpu"] or {}).get("name", "none")],
             ["load average (1/5/15 min) at start", la(m["loadavg_start"])],
             ["load average at end", la(meta["loadavg_end"])],
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-client", action="store_true")
     ap.add_argument("--out", default=None, help="report path (default benchmarks/RESULTS.md)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing; rewrite the report from the JSON files of the last run")
     args = ap.parse_args(argv)
 
     outdir = Path(tempfile.gettempdir()) / "florg-bench" if args.quick else HERE
@@ -300,6 +302,17 @@ def main(argv: list[str] | None = None) -> None:
     quick = ["--quick"] if args.quick else []
     paths = {name: outdir / f"results_{name}.json"
              for name in ("server", "client", "client_tiny", "client_cuda", "client_meta")}
+    run_file = outdir / "results_run.json"
+    if args.report_only:
+        meta = load(run_file)
+        if meta is None:
+            raise SystemExit(f"--report-only: {run_file} is missing; run the benchmarks first")
+        text = report(load(paths["server"]), load(paths["client"]), load(paths["client_tiny"]),
+                      load(paths["client_cuda"]), load(paths["client_meta"]), meta)
+        out = Path(args.out) if args.out else outdir / "RESULTS.md"
+        out.write_text(text)
+        log(f"wrote {out}")
+        return
     machine = machine_info()
     t0 = time.perf_counter()
     if not args.skip_server:
@@ -319,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([*(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" for _ in [0] if "OMP_WAIT_POLICY" in os.environ),
                              "bash benchmarks/run_all.sh", *(argv if argv is not None else sys.argv[1:])]),
     }
+    with open(run_file, "w") as fh:
+        json.dump(meta, fh, indent=1, default=str)
     text = report(load(paths["server"]), load(paths["client"]), load(paths["client_tiny"]),
                   load(paths["client_cuda"]), load(paths["client_meta"]), meta)
     out = Path(args.out) if args.out else outdir / "RESULTS.md"
