@@ -395,3 +395,22 @@ def test_config_defaults_and_scaling():
     assert fa.FLoRGConfig(r=4, lora_alpha=16, use_rslora=True).scaling == 8.0
     model, layer, _ = adapted(12, 12, r=3, lora_alpha=9)
     assert layer.scaling["default"] == 3.0
+
+
+def test_effective_factors_keep_bases_in_storage_dtype_and_match_autograd():
+    """The custom autograd function gives the same gradients as casting the bases up front."""
+    from florg.adapters.florg.layer import _EffectiveFactors
+
+    g = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(48, 32, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(40, 32, generator=g))[0].T.contiguous().to(torch.bfloat16)
+    a1 = torch.randn(4, 32, generator=g, requires_grad=True)
+    a2 = a1.detach().clone().requires_grad_(True)
+    w_b, w_a = torch.randn(48, 4, generator=g), torch.randn(4, 40, generator=g)
+    b_eff, a_eff = _EffectiveFactors.apply(a1, left, right)
+    ((b_eff * w_b).sum() + (a_eff * w_a).sum()).backward()
+    ref_b, ref_a = left.float() @ a2.T, a2 @ right.float()
+    ((ref_b * w_b).sum() + (ref_a * w_a).sum()).backward()
+    assert torch.equal(b_eff, ref_b) and torch.equal(a_eff, ref_a)
+    assert torch.allclose(a1.grad, a2.grad, atol=1e-6)
+    assert b_eff.grad_fn is not None and left.dtype == torch.bfloat16

@@ -47,6 +47,33 @@ def _adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
+class _EffectiveFactors(torch.autograd.Function):
+    """``(L A^T, A R)`` with the bases kept in their storage dtype.
+
+    Autograd would otherwise save the bases cast to ``A``'s dtype (e.g. float32 copies of
+    bfloat16 ``L`` and ``R``) for the backward pass; this saves the stored tensors and casts
+    inside ``backward`` instead, so no extra copy of the bases outlives the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, left: torch.Tensor, right: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(left, right)
+        return left.to(a.dtype) @ a.T, a @ right.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_b: torch.Tensor | None, grad_a: torch.Tensor | None):  # type: ignore[override]
+        left, right = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad = None
+        if grad_b is not None:  # B_eff = L A^T  =>  dA = grad_b^T L
+            grad = grad_b.T @ left.to(grad_b.dtype)
+        if grad_a is not None:  # A_eff = A R  =>  dA = grad_a R^T
+            term = grad_a @ right.to(grad_a.dtype).T
+            grad = term if grad is None else grad + term
+        return grad, None, None
+
+
 class FLoRGLayer(BaseTunerLayer):
     """Mixin holding the FLoRG state of one adapted layer.
 
@@ -225,9 +252,9 @@ class FLoRGLayer(BaseTunerLayer):
         a = self.florg_A[adapter_name] if factor is None else factor
         dtype = a.dtype if dtype is None else dtype
         a = a.to(dtype)
-        left = self.florg_L[adapter_name].to(device=a.device, dtype=dtype)
-        right = self.florg_R[adapter_name].to(device=a.device, dtype=dtype)
-        return left @ a.T, a @ right
+        left = self.florg_L[adapter_name].to(device=a.device)
+        right = self.florg_R[adapter_name].to(device=a.device)
+        return _EffectiveFactors.apply(a, left, right)
 
     def _delta_from_factor(self, adapter_name: str, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         b_eff, a_eff = self.lora_factors(adapter_name, dtype=dtype, factor=factor)
@@ -341,7 +368,7 @@ class Linear(nn.Module, FLoRGLayer):
             b_eff, a_eff = self.lora_factors(name)  # (d_out, r), (r, d_in), in A's dtype
             xa = self._cast_input_dtype(x, a.dtype)
             h = nn.functional.linear(self.florg_dropout[name](xa), a_eff)
-            h = nn.functional.linear(h, b_eff) * self.scaling[name]
+            h = nn.functional.linear(h, b_eff * self.scaling[name])  # scale the small factor, not the output
             result = result + h.to(result_dtype)
         return result
 
