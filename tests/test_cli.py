@@ -26,6 +26,12 @@ def florg(*args, cwd, monkeypatch=None):
         (["--set", "model.target_modules=['nosuchmodule']"], "nosuchmodule"),
         (["--set", "method.rank=500"], "rank"),
         (["--config", "missing.toml"], "missing.toml"),
+        (["--set", "data.task=glue/rte"], "data.data_dir"),
+        (["--set", "federation.faults=bogus@1"], "federation.faults"),
+        (["--set", "federation.min_train_nodes=30"], "federation.min_train_nodes"),
+        (["--set", "train.rounds=abc"], "train.rounds"),
+        (["--set", "privacy.mode=local", "--set", "method.name=fedit"], "privacy"),
+        (["--resume", "."], "--resume takes its config from RUN_DIR/config.toml"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_run_dir(tmp_path, monkeypatch, args, needle):
@@ -43,3 +49,9 @@ def test_config_command_prints_resolved_toml(tmp_path):
     res = florg("config", "--set", "train.rounds=3", cwd=tmp_path)
     assert res.exit_code == 0
     assert "rounds = 3" in res.stdout
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch):
+    res = florg("run", "--resume", str(tmp_path), cwd=tmp_path, monkeypatch=monkeypatch)
+    assert res.exit_code == 2
+    assert "not a florg run directory" in res.stderr and "Traceback" not in res.stderr
