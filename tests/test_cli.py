@@ -55,3 +55,11 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch):
     res = florg("run", "--resume", str(tmp_path), cwd=tmp_path, monkeypatch=monkeypatch)
     assert res.exit_code == 2
     assert "not a florg run directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_data_dir_flag_is_the_data_dir_key(tmp_path, monkeypatch):
+    res = florg("run", "--data-dir", str(tmp_path / "nowordnet"), "--set", f"out_dir={tmp_path / 'runs'}",
+                cwd=tmp_path, monkeypatch=monkeypatch)
+    assert res.exit_code == 2
+    assert "wordnet-base" in res.stderr and "data.data_dir" in res.stderr
+    assert not (tmp_path / "runs").exists()

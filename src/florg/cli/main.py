@@ -68,6 +68,7 @@ def run(
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local data folder (same as --set data.data_dir=...).")] = None,
 ) -> None:
     """Run a federated fine-tuning job on the embedded simulation engine and write a run directory."""
     from florg.experiment import get_experiment, set_offline_env
@@ -82,6 +83,8 @@ def run(
         if RunDir(resume).status().get("status") == "complete":
             _fail(f"--resume: the run in '{resume}' is already complete")
         config = resume / "config.toml"
+    if data_dir is not None:
+        set_ = [*(set_ or []), f"data.data_dir={str(data_dir)!r}"]
     cfg = _load(config, set_)
     t0 = time.perf_counter()
     console.print(f"[bold]florg run[/]: {cfg.method.name} on {cfg.data.task} with {cfg.model.name}, "
