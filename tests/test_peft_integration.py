@@ -15,7 +15,7 @@ from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForSequenceClassification
 
 import florg.adapters as fa
 from florg.adapters import _peft_registry
@@ -23,21 +23,7 @@ from florg.adapters import _peft_registry
 # PEFT triggers a transformers deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-BERT_CONFIG = dict(
-    vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-    max_position_embeddings=32, num_labels=3,
-)  # fmt: skip
-GPT2_CONFIG = dict(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(BertConfig(**BERT_CONFIG)).eval()
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**GPT2_CONFIG)).eval()
+from tiny_models import tiny_bert, tiny_gpt2
 
 
 def fresh_copy(make, state):
