@@ -38,7 +38,7 @@ def test_parse_methods():
 
 
 def test_runs_share_one_config_and_only_the_method_differs(tmp_path):
-    base = compare_config(["train.rounds=3", "method.procrustes=top-r"])
+    base = compare_config(["train.rounds=3", "method.florg.procrustes=top-r"])
     specs = plan_runs(base, tmp_path, METHOD_ORDER, seeds=2)
     assert [s.name for s in specs[:2]] == ["florg-seed0", "fedit-seed0"] and specs[-1].name == "florg-noalign-seed1"
     shared = []
@@ -46,7 +46,7 @@ def test_runs_share_one_config_and_only_the_method_differs(tmp_path):
         d = s.cfg.to_dict()
         assert d["out_dir"] == str(tmp_path / "runs") and d["name"] == s.name
         meth = d["method"]
-        assert (meth.pop("name"), meth.pop("procrustes")) == {
+        assert (meth.pop("name"), meth["florg"].pop("procrustes")) == {
             "florg": ("florg", "top-r"), "florg-noalign": ("florg", "none")}.get(s.label, (s.label, "top-r"))
         for key in ("out_dir", "name", "seed"):
             d.pop(key)
@@ -91,7 +91,7 @@ def test_compare_tables_plots_and_resume(tmp_path, monkeypatch):
     assert per["florg"]["bytes_to_target"] == [4000, 4000] and per["fedit"]["bytes_to_target_mean"] is None
     md = (out / "results.md").read_text()
     assert "| Base model | Dataset | FLoRG | FedIT |" in md and "**80.50 ± 0.71**" in md
-    assert "| minilm | w/o alignment | 75.50 ± 0.71 |" in md and "| | drop | 5.00 |" in md
+    assert "| minilm | FLoRG w/o alignment | 75.50 ± 0.71 |" in md and "| | drop | 5.00 |" in md
     assert "| FLoRG | 4.00 KB | 1.00× | 2/2 |" in md and "| FedIT | not reached | – | 0/2 |" in md
     for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert (out / "plots" / name).stat().st_size > 1000

@@ -1,5 +1,7 @@
 """Run config: TOML + overrides, unknown keys, value checks, JSON round trip."""
 
+import re
+
 import pytest
 
 from florg.config import ConfigError, RunConfig, config_keys, load_config
@@ -16,21 +18,70 @@ def test_defaults_are_the_embedded_demo():
 def test_toml_then_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('seed = 3\n[train]\nrounds = 7\nlr = 0.01\n[model]\ntarget_modules = ["query"]\n')
-    cfg = load_config(p, ["train.rounds=2", "method.procrustes=top-r", "model.target_modules=query,key"])
+    cfg = load_config(p, ["train.rounds=2", "method.florg.procrustes=top-r", "model.target_modules=query,key"])
     assert cfg.seed == 3 and cfg.train.rounds == 2 and cfg.train.lr == 0.01
-    assert cfg.method.procrustes == "top-r"
+    assert cfg.method.florg.procrustes == "top-r"
     assert cfg.model.target_modules == ["query", "key"]
 
 
-def test_unknown_key_lists_valid_keys(tmp_path):
+def test_unknown_key_names_the_nearest_key_and_the_key_list(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["train.roundz=3"])
     msg = str(exc.value)
-    assert "train.roundz" in msg and "Did you mean 'train.rounds'" in msg and "method.rank" in msg
+    assert "train.roundz" in msg and "Did you mean 'train.rounds'" in msg and "florg config --keys" in msg
+    assert "method.rank" not in msg  # no wall of every key
     p = tmp_path / "c.toml"
     p.write_text("[trian]\nrounds = 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'trian'"):
         load_config(p)
+
+
+@pytest.mark.parametrize("old, new", [("method.procrustes", "method.florg.procrustes"),
+                                      ("method.federa_mode", "method.federa.mode"),
+                                      ("method.personal_eval_examples", "method.fedsa-lora.personal_eval_examples")])
+def test_moved_method_options_say_where_they_went(old, new):
+    with pytest.raises(ConfigError, match=f"'{old}' has moved to '{new}'"):
+        load_config(None, [f"{old}=1"])
+
+
+def test_each_method_has_its_own_section_in_toml(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[method]\nname = "federa"\n[method.federa]\nmode = "init_only_fedavg"\n'
+                 '[method.fedsa-lora]\npersonal_eval_examples = 7\n[method.florg]\ninit_scale = 0.03\n')
+    cfg = load_config(p)
+    assert cfg.method.federa.mode == "init_only_fedavg" and cfg.method.options("fedsa-lora").personal_eval_examples == 7
+    assert cfg.method.florg.init_scale == 0.03 and cfg.method.florg.procrustes == "paper"
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg  # the resolved config reloads (hyphenated section names)
+    assert "fedsa-lora" in cfg.to_dict()["method"]
+    with pytest.raises(ConfigError, match=r"method\.florg\.init_scale"):
+        load_config(None, ["method.florg.init_scale=0"])
+
+
+@pytest.mark.parametrize("toml, key, expected", [
+    ("[train]\nrounds = \"5\"\n", "train.rounds", "expected int, got '5' (str)"),
+    ("[train]\nrounds = 5.0\n", "train.rounds", "expected int"),
+    ("[train]\nlr = \"0.01\"\n", "train.lr", "expected float"),
+    ("[method]\ntrain_head = 1\n", "method.train_head", "expected bool"),
+    ("[model]\nname = 3\n", "model.name", "expected str"),
+    ("[model]\ntarget_modules = \"query\"\n", "model.target_modules", "expected a list of str"),
+    ("[method]\nclient_ranks = [\"2\"]\n", "method.client_ranks", "expected a list of int"),
+])
+def test_toml_values_of_the_wrong_type_are_errors(tmp_path, toml, key, expected):
+    p = tmp_path / "c.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': {expected}")):
+        load_config(p)
+
+
+def test_ints_are_accepted_for_floats_and_set_takes_comma_lists():
+    cfg = load_config(None, ["method.alpha=8", "data.classes=noun.animal,noun.plant", "method.client_ranks=2,4"])
+    assert cfg.method.alpha == 8.0 and isinstance(cfg.method.alpha, float)
+    assert cfg.data.classes == ["noun.animal", "noun.plant"]
+
+
+def test_config_pointing_at_a_folder_has_its_own_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +95,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("data.partition=random", "data.partition"),
         ("federation.fraction_train=0", "federation.fraction_train"),
         ("federation.min_train_nodes=30", "federation.min_train_nodes"),
-        ("method.compensate_init=maybe", "method.compensate_init"),
+        ("method.florg.compensate_init=maybe", "method.florg.compensate_init"),
         ("train.rounds=2.5", "train.rounds"),
     ],
 )

@@ -39,7 +39,7 @@ P = [n / sum(EXAMPLES) for n in EXAMPLES]
 ALPHA, RANK = 8.0, 4
 ALL = ["florg", "fedit", "federa", "ffa-lora", "fedsa-lora", "fedex-lora", "flora"]
 EXTRA = {"flora-hetero": ("flora", ["method.client_ranks=[1,2,4]"]),
-         "federa-fedavg": ("federa", ["method.federa_mode=init_only_fedavg"])}
+         "federa-fedavg": ("federa", ["method.federa.mode=init_only_fedavg"])}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -405,22 +405,26 @@ def _layer_dims(model):
     return {name: (m.out_features, m.in_features) for name, m in _target_modules(model).items()}
 
 
-def _formula(name, dims, r, rk=None):
-    """Parameters per client per round (up, down) from baselines.md section 3 / method.md 5.2."""
-    up = down = 0
-    for m, n in dims.values():
-        k = min(m, n)
-        per = {
-            "florg": (r * k, r * k),
-            "fedit": (r * (m + n), r * (m + n)),
-            "federa": (r * (m + n), r * (m + n)),
-            "ffa-lora": (r * m, r * m),
-            "fedsa-lora": (r * n, r * n),
-            "fedex-lora": (r * (m + n), r * (m + n) + m * n),
-            "flora": ((rk or r) * (m + n), m * n),
-        }[name]
-        up, down = up + per[0], down + per[1]
-    return up, down
+def _formula(method, dims, r, rk=None):
+    """Numbers per client per round (up, down): the method's own declared formula, summed over layers."""
+    per = [method.wire_numel(m, n, r, rk) for m, n in dims.values()]
+    return sum(u for u, _ in per), sum(d for _, d in per)
+
+
+def test_declared_formulas_are_the_published_ones():
+    """Each method's ``wire_numel`` against baselines.md section 3 / method.md 5.2, written out once here."""
+    m, n, r = 48, 32, 4  # d_out, d_in
+    k = min(m, n)
+    published = {
+        "florg": (r * k, r * k),
+        "fedit": (r * (m + n), r * (m + n)),
+        "federa": (r * (m + n), r * (m + n)),
+        "ffa-lora": (r * m, r * m),
+        "fedsa-lora": (r * n, r * n),
+        "fedex-lora": (r * (m + n), r * (m + n) + m * n),
+        "flora": (2 * (m + n), m * n),
+    }
+    assert {name: cls.wire_numel(m, n, r, 2 if name == "flora" else None) for name, cls in METHODS.items()} == published
 
 
 def _payload_bytes(state):
@@ -445,14 +449,13 @@ def test_communication_measured_equals_formula(label):
         rk = method.client_rank(pid) if name == "flora" else None
         method.client_load(model, down, ClientInfo(pid, 1), {})
         up_protocol, up_eval = split_eval(method.client_upload(model, ClientInfo(pid, 1), {}))
-        f_up, f_down = _formula(name, dims, RANK, rk)
+        f_up, f_down = _formula(method, dims, RANK, rk)
         up_bytes, up_over = _payload_bytes(up_protocol)
         down_bytes, down_over = _payload_bytes(down)
         assert up_bytes == 4 * (f_up + head_elems) + up_over
         assert down_bytes == 4 * (f_down + head_elems) + down_over
-        # arrays per layer (so the overhead is fixed too): head = 2 arrays
-        per_layer_up = {"florg": 1, "ffa-lora": 1, "fedsa-lora": 1}.get(name, 2)
-        per_layer_down = {"florg": 1, "ffa-lora": 1, "fedsa-lora": 1, "fedex-lora": 3, "flora": 1}.get(name, 2)
+        # arrays per layer as the method declares them (so the overhead is fixed too): head = 2 arrays
+        per_layer_up, per_layer_down = method.arrays_per_layer
         assert len(up_protocol) == per_layer_up * n_layers + 2
         assert len(down) == per_layer_down * n_layers + 2
         if name == "fedsa-lora":  # evaluation-only B, counted apart from the protocol
@@ -483,7 +486,7 @@ def test_other_refusals():
         get_method(load_config(None, ["method.name=flora", "train.reset_optimizer=false"]))
     with pytest.raises(ConfigError, match="valid methods: .*fedex-lora.*fedit.*flora"):
         get_method(load_config(None, ["method.name=fedavg"]))
-    with pytest.raises(ConfigError, match="federa_mode"):
-        load_config(None, ["method.federa_mode=svd"])
+    with pytest.raises(ConfigError, match="method.federa.mode"):
+        load_config(None, ["method.federa.mode=svd"])
     with pytest.raises(ValueError, match="rank 40 is larger"):
         setup("fedit", "method.rank=40")

@@ -31,7 +31,7 @@ TINY = [
     "model.max_length=24",
     "federation.min_train_nodes=2",
     "federation.min_available_nodes=2",
-    "method.personal_eval_examples=40",
+    "method.fedsa-lora.personal_eval_examples=40",
 ]
 
 

@@ -24,7 +24,7 @@ def _uploads(n=4, layers=("l0", "l1"), r=4, k=32, seed=0):
 
 
 def test_florg_method_server_rule_is_the_core_aggregation():
-    cfg = load_config(None, ["method.procrustes=paper", "method.weighting=examples"])
+    cfg = load_config(None, ["method.florg.procrustes=paper", "method.weighting=examples"])
     method = FLoRGMethod(cfg)
     ups, current = _uploads()
     examples = [10, 20, 30, 40]
@@ -45,7 +45,7 @@ def test_florg_method_server_rule_is_the_core_aggregation():
 
 
 def test_uniform_weighting_and_no_alignment():
-    cfg = load_config(None, ["method.weighting=uniform", "method.procrustes=none"])
+    cfg = load_config(None, ["method.weighting=uniform", "method.florg.procrustes=none"])
     ups, current = _uploads(seed=1)
     new, metrics = FLoRGMethod(cfg).aggregate(ups, [1, 1000, 1, 1], current)
     ref = aggregate_model({"A/l0": [u["A/l0"] for u in ups]}, None, previous={"A/l0": current["A/l0"]}, rank=4,
@@ -108,9 +108,9 @@ def test_florg_strategy_is_a_fedavg_drop_in_with_its_options():
               min_available_nodes=4, lr=1e-2, lr_schedule="cosine", lr_min=1e-3, num_rounds=5)
     assert isinstance(s, FedAvg)
     m = s.config.method
-    assert (m.name, m.rank, m.alpha, m.procrustes, m.weighting) == ("florg", 2, 8.0, "top-r", "uniform")
+    assert (m.name, m.rank, m.alpha, m.florg.procrustes, m.weighting) == ("florg", 2, 8.0, "top-r", "uniform")
     assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (0.5, 3, 4)
     assert s.lr_fn(1) == pytest.approx(1e-2) and s.lr_fn(5) == pytest.approx(1e-3)
     assert s.method.name == "florg"
-    with pytest.raises(ValueError, match="method.procrustes"):
+    with pytest.raises(ValueError, match="method.florg.procrustes"):
         FLoRG(procrustes="sideways")

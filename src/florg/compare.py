@@ -2,7 +2,9 @@
 
 All runs share one config: the same data partition (it follows the seed), seeds, local steps,
 batch size, learning-rate schedule, rounds, adapted modules and head handling. Only
-``method.name`` (and, for the FLoRG ablation, ``method.procrustes``) differ between methods.
+``method.name`` (and, for a named variant such as the FLoRG ablation, the options the variant sets)
+differ between rows. The rows, their order and display names come from the method registry
+(:func:`florg.methods.registry.compare_rows`).
 
 Layout of a compare directory::
 
@@ -31,7 +33,7 @@ from typing import Any
 from florg.config import ConfigError, RunConfig
 
 __all__ = [
-    "ABLATION",
+    "ABLATIONS",
     "COMPARE_DEFAULTS",
     "DISPLAY",
     "METHOD_ORDER",
@@ -44,19 +46,19 @@ __all__ = [
     "summarise",
 ]
 
-#: the order of the columns (the paper's, then FLoRA, then the ablation row)
-METHOD_ORDER = ["florg", "fedit", "federa", "ffa-lora", "fedsa-lora", "fedex-lora", "flora", "florg-noalign"]
-ABLATION = "florg-noalign"
-DISPLAY = {
-    "florg": "FLoRG",
-    "fedit": "FedIT",
-    "federa": "FeDeRA",
-    "ffa-lora": "FFA-LoRA",
-    "fedsa-lora": "FedSA-LoRA",
-    "fedex-lora": "FedEx-LoRA",
-    "flora": "FLoRA",
-    "florg-noalign": "FLoRG w/o alignment",
-}
+
+def _rows() -> dict[str, Any]:
+    from florg.methods.registry import compare_rows
+
+    return {row.label: row for row in compare_rows()}
+
+
+#: the rows in table order (the registry's methods and variants; ablation rows last)
+METHOD_ORDER: list[str] = list(_rows())
+#: label -> the name in tables and plots
+DISPLAY: dict[str, str] = {label: row.display_name for label, row in _rows().items()}
+#: the ablation rows (FLoRG without alignment)
+ABLATIONS: list[str] = [label for label, row in _rows().items() if row.ablation]
 
 #: the default compare configuration (identical to configs/compare.toml; a test keeps them equal).
 #: The paper's setting (20 clients, r = 4, Dirichlet 0.5) sized to finish 8 runs x 1 seed in about
@@ -67,8 +69,9 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     "model": {"name": "minilm", "max_length": 32},
     "data": {"task": "wordnet", "num_clients": 20, "partition": "dirichlet", "alpha": 0.5,
              "max_train_examples": 4000, "max_test_examples": 300},
-    "method": {"rank": 4, "alpha": 16.0, "weighting": "examples", "train_head": True, "procrustes": "paper",
-               "federa_mode": "product_svd", "personal_eval_examples": 64},
+    "method": {"rank": 4, "alpha": 16.0, "weighting": "examples", "train_head": True,
+               "florg": {"procrustes": "paper"}, "federa": {"mode": "product_svd"},
+               "fedsa-lora": {"personal_eval_examples": 64}},
     "train": {"rounds": 5, "local_steps": 8, "batch_size": 16, "lr": 5e-3, "lr_schedule": "constant",
               "optimizer": "adamw", "reset_optimizer": True},
     "federation": {"fraction_train": 1.0, "min_train_nodes": 2, "min_available_nodes": 2},
@@ -109,12 +112,12 @@ class RunSpec:
         return f"{self.label}-seed{self.seed}"
 
 
-def _method_overrides(label: str, base: RunConfig) -> dict[str, str]:
-    if label == "florg":
-        return {"name": "florg", "procrustes": base.method.procrustes if base.method.procrustes != "none" else "paper"}
-    if label == ABLATION:
-        return {"name": "florg", "procrustes": "none"}
-    return {"name": label}
+def _apply_row(cfg: RunConfig, label: str) -> None:
+    """Set ``method.name`` and the row's own option values (a variant's) on ``cfg``."""
+    row = _rows()[label]
+    cfg.method.name = row.method
+    for key, value in row.options.items():
+        setattr(cfg.method.options(row.method), key, value)
 
 
 def plan_runs(base: RunConfig, compare_dir: Path, methods: Sequence[str], seeds: int) -> list[RunSpec]:
@@ -127,8 +130,7 @@ def plan_runs(base: RunConfig, compare_dir: Path, methods: Sequence[str], seeds:
     for i in range(seeds):
         for label in methods:
             cfg = RunConfig.from_dict(base.to_dict())
-            for key, value in _method_overrides(label, base).items():
-                setattr(cfg.method, key, value)
+            _apply_row(cfg, label)
             cfg.seed = base.seed + i
             cfg.out_dir = str(compare_dir / "runs")
             cfg.name = f"{label}-seed{cfg.seed}"
@@ -143,7 +145,9 @@ def _shared(cfg: RunConfig) -> dict[str, Any]:
     d.pop("out_dir", None)
     d.pop("name", None)
     d["method"].pop("name", None)
-    d["method"].pop("procrustes", None)
+    for row in _rows().values():  # the options that rows set differ between runs
+        for key in row.options:
+            d["method"].get(row.method, {}).pop(key, None)
     return d
 
 
@@ -310,7 +314,7 @@ def summarise(
             "agg_rel_error": _mean_std([sum(x.get("agg_rel_error_max", 0.0) for x in t) / max(len(t), 1)
                                         for t in trained])[0],
         }
-    main = [m for m in methods if m != ABLATION and m in per]
+    main = [m for m in methods if m not in ABLATIONS and m in per]
     best = max((per[m]["final_accuracy_mean"] for m in main), default=None)
     target = best * target_fraction if best is not None else None
     for label, rr in runs.items():
@@ -340,7 +344,7 @@ def summarise(
 
 def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None) -> str:
     per = summary["per_method"]
-    methods = [m for m in summary["methods"] if m != ABLATION]
+    methods = [m for m in summary["methods"] if m not in ABLATIONS]
     model = base.model.name if base is not None else "?"
     task = base.data.task if base is not None else "?"
     seeds = summary["seeds"]
@@ -353,7 +357,7 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
             f"local steps (batch {base.train.batch_size}, {base.train.optimizer}, lr {base.train.lr:g}, "
             f"{base.train.lr_schedule}), weighting '{base.method.weighting}', head "
             f"{'FedAvg-ed by every method' if base.method.train_head else 'frozen'}; "
-            f"seeds {base.seed}..{base.seed + seeds - 1}. FeDeRA mode: {base.method.federa_mode}.",
+            f"seeds {base.seed}..{base.seed + seeds - 1}. FeDeRA mode: {base.method.federa.mode}.",
             "",
         ]
     lines += ["## Final global test accuracy (%), mean ± std over seeds", ""]
@@ -402,12 +406,12 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
     lines += ["", "agg. error / sent error: relative Frobenius error of the new global update against the weighted "
               "mean of the client updates, before / after any rank-r truncation (max over layers, mean over rounds).",
               ""]
-    if "florg" in per or ABLATION in per:
-        lines += ["## Ablation: Procrustes alignment (final accuracy, %)", "", f"| Base | Setting | {task} |",
-                  "|---|---|---|"]
-        w = per.get("florg", {}).get("final_accuracy", [])
-        wo = per.get(ABLATION, {}).get("final_accuracy", [])
-        lines += [f"| {model} | w/ alignment | {_pm(w)} |", f"| {model} | w/o alignment | {_pm(wo)} |"]
+    for label in [a for a in ABLATIONS if a in per]:
+        row = _rows()[label]
+        w = per.get(row.method, {}).get("final_accuracy", [])
+        wo = per[label]["final_accuracy"]
+        lines += [f"## Ablation: {DISPLAY[label]} (final accuracy, %)", "", f"| Base | Setting | {task} |", "|---|---|---|",
+                  f"| {model} | {DISPLAY[row.method]} | {_pm(w)} |", f"| {model} | {DISPLAY[label]} | {_pm(wo)} |"]
         if w and wo:
             lines.append(f"| | drop | {(_mean_std(w)[0] - _mean_std(wo)[0]) * 100:.2f} |")
         lines.append("")

@@ -1,12 +1,20 @@
 """Run configuration: a small tree of dataclasses, loaded from TOML plus ``key=value`` overrides.
 
-Every field carries a help text (``florg config --help-keys`` prints them). Unknown keys are an
-error that lists the valid ones. The defaults are the embedded demo: MiniLM on the WordNet
-4-class task, 20 clients, Dirichlet alpha = 0.5, FLoRG with r = 4.
+Every field carries a help text (``florg config --keys`` prints them). Unknown keys are an error
+that names the nearest valid key. Values must have the field's type (an int where an int is
+expected, ...); only ``--set`` may give a list as comma-separated text. The defaults are the
+embedded demo: MiniLM on the WordNet 4-class task, 20 clients, Dirichlet alpha = 0.5, FLoRG with
+r = 4.
+
+Options shared by every federated method live under ``method.*`` (name, rank, alpha, ...); each
+method's own options live under ``method.<name>.*`` (e.g. ``method.florg.procrustes``), in a small
+dataclass declared next to the method (:attr:`florg.methods.base.FederatedMethod.options_class`).
+The ``method`` section is assembled from the method registry the first time it is needed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -14,19 +22,24 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, get_type_hints
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "parse_faults"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "option", "parse_faults", "validate"]
 
 
 class ConfigError(ValueError):
     """A bad configuration value. The message names the field and the fix."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (and optional ``choices``), as every field of the tree uses."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = option
 
 
 @dataclass
@@ -53,25 +66,49 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("florg", "Federated method.")
+    """Options shared by every federated method; ``method.<name>.*`` sections are added per method."""
+
+    name: str = _f("florg", "Federated method (florg config --keys lists each method's own options under method.<name>).")
     rank: int = _f(4, "Adapter rank r (the paper's default is 4).")
     alpha: float = _f(16.0, "LoRA-style alpha; the scale is s = alpha / rank (the paper's '16' with r = 4 gives s = 4).")
     dropout: float = _f(0.0, "Adapter dropout, as in LoRA.")
-    procrustes: str = _f("paper", "Procrustes alignment: 'paper' (keep all r' eigenpairs), 'top-r', or 'none' (ablation).",
-                         choices=("paper", "top-r", "none"))
     weighting: str = _f("examples", "Aggregation weights: 'examples' (client example counts) or 'uniform' (1/N, as in the paper).",
                         choices=("examples", "uniform"))
-    init_scale: float = _f(0.01, "A0 = init_scale * N(0, 1) from the seed (A must start non-zero).")
-    compensate_init: bool = _f(False, "Subtract the initial delta from W0 so training starts exactly at the pretrained model.")
-    eig_rtol: float = _f(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
     train_head: bool = _f(True, "Train the classification head and FedAvg it (counted separately in the bytes).")
-    client_ranks: list[int] = _f([], "Per-client adapter ranks for methods that allow heterogeneous ranks (flora): "
+    client_ranks: list[int] = _f([], "Per-client adapter ranks for methods that allow heterogeneous ranks: "
                                      "client i uses client_ranks[i % len]; empty = every client uses method.rank.")
-    federa_mode: str = _f("product_svd", "FeDeRA server rule: 'product_svd' (aggregate sum p_n s B_n A_n exactly, "
-                                         "re-split by a rank-r SVD) or 'init_only_fedavg' (FedAvg of A and B).",
-                          choices=("product_svd", "init_only_fedavg"))
-    personal_eval_examples: int = _f(200, "FedSA-LoRA: global-test examples each client evaluates its personalised "
-                                          "model on per round (label-reweighted to its own data; 0 = all).")
+
+    def options(self, method_name: str) -> Any:
+        """The ``method.<method_name>.*`` options object (``None`` for a method without own options)."""
+        return getattr(self, _attr(method_name), None)
+
+
+def _attr(key: str) -> str:
+    """Python attribute name of a config key (``fedsa-lora`` -> ``fedsa_lora``)."""
+    return key.replace("-", "_")
+
+
+_METHOD_CONFIG_CLASS: type | None = None
+
+
+def method_config_class() -> type:
+    """``MethodConfig`` plus one ``method.<name>`` section per registered method that declares options."""
+    global _METHOD_CONFIG_CLASS
+    if _METHOD_CONFIG_CLASS is None:
+        from florg.methods.registry import option_classes
+
+        extra = [
+            (_attr(name), cls, field(default_factory=cls, metadata={"key": name, "help": f"Options of method '{name}'."}))
+            for name, cls in option_classes().items()
+        ]
+        _METHOD_CONFIG_CLASS = dataclasses.make_dataclass(
+            "MethodConfig", extra, bases=(MethodConfig,), namespace={"__module__": __name__}
+        )
+    return _METHOD_CONFIG_CLASS
+
+
+def _new_method_config() -> MethodConfig:
+    return method_config_class()()
 
 
 @dataclass
@@ -129,14 +166,15 @@ class RunConfig:
     name: str = _f("", "Run directory name (default: <method>-<task>-seed<seed>-<timestamp>).")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=_new_method_config)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain nested dicts keyed by config keys (``method.fedsa-lora``, ...)."""
+        return _to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -153,91 +191,119 @@ class RunConfig:
         return cls.from_dict(json.loads(text))
 
 
-def config_keys(cfg: Any | None = None, prefix: str = "") -> dict[str, tuple[Any, str]]:
-    """``{dotted.key: (default, help)}`` for every leaf field."""
-    cfg = cfg if cfg is not None else RunConfig()
-    out: dict[str, tuple[Any, str]] = {}
-    for f in fields(cfg):
-        val = getattr(cfg, f.name)
-        key = prefix + f.name
-        if dataclasses.is_dataclass(val):
-            out.update(config_keys(val, key + "."))
-        else:
-            out[key] = (val, f.metadata.get("help", ""))
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        val = getattr(obj, f.name)
+        out[_key(f)] = _to_dict(val) if dataclasses.is_dataclass(val) else copy.deepcopy(val)
     return out
 
 
+def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, str, dataclasses.Field]]:
+    """``(dotted key, owning object, attribute, field)`` for every leaf of the tree."""
+    for f in fields(obj):
+        val = getattr(obj, f.name)
+        key = prefix + _key(f)
+        if dataclasses.is_dataclass(val):
+            yield from _leaves(val, key + ".")
+        else:
+            yield key, obj, f.name, f
+
+
+def config_keys(cfg: Any | None = None) -> dict[str, tuple[Any, str]]:
+    """``{dotted.key: (value, help)}`` for every leaf field (the defaults when ``cfg`` is None)."""
+    cfg = cfg if cfg is not None else RunConfig()
+    return {key: (getattr(obj, attr), f.metadata.get("help", "")) for key, obj, attr, f in _leaves(cfg)}
+
+
+#: keys that moved (old -> new), for a precise message when an old config is loaded
+MOVED_KEYS = {
+    "method.procrustes": "method.florg.procrustes",
+    "method.init_scale": "method.florg.init_scale",
+    "method.compensate_init": "method.florg.compensate_init",
+    "method.eig_rtol": "method.florg.eig_rtol",
+    "method.federa_mode": "method.federa.mode",
+    "method.personal_eval_examples": "method.fedsa-lora.personal_eval_examples",
+}
+
+
 def _unknown(key: str) -> ConfigError:
-    valid = sorted(config_keys())
-    close = difflib.get_close_matches(key, valid, n=1)
+    if key in MOVED_KEYS:
+        return ConfigError(f"config key '{key}' has moved to '{MOVED_KEYS[key]}' (each method's own options live "
+                           f"under method.<name>); rename it")
+    valid = list(config_keys())
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys: {', '.join(valid)}")
+    return ConfigError(f"unknown config key '{key}'.{hint} 'florg config --keys' lists every key")
 
 
-def _coerce(key: str, typ: Any, value: Any) -> Any:
-    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    try:
-        if name == "bool" or typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if name == "int" or typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if name == "float" or typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if name == "str" or typ is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if str(typ).startswith("list"):
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError
-            if str(typ) == "list[int]":
-                if not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
-                    raise ValueError
-                return [int(v) for v in value]
-            if not all(isinstance(v, str) for v in value):
-                raise ValueError
-            return list(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}': cannot use {value!r} as {name}") from None
+def _type_name(typ: Any) -> str:
+    """``int``, ``float``, ``str``, ``bool``, ``list[str]``, ``list[int]``."""
+    if isinstance(typ, str):
+        return typ
+    return str(typ) if str(typ).startswith("list[") else getattr(typ, "__name__", str(typ))
+
+
+def _coerce(key: str, typ: Any, value: Any, *, from_text: bool = False) -> Any:
+    """``value`` if it has the field's type (an int is accepted for a float); else a ConfigError.
+
+    ``from_text`` (``--set`` values that are not TOML) additionally lets a list be given as
+    comma-separated text, e.g. ``--set data.classes=noun.animal,noun.plant``.
+    """
+    name = _type_name(typ)
+    ok = False
+    if name == "bool":
+        ok = isinstance(value, bool)
+    elif name == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif name == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif name == "str":
+        ok = isinstance(value, str)
+    elif name.startswith("list["):
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            if name == "list[int]" and all(v.lstrip("-").isdigit() for v in value):
+                value = [int(v) for v in value]
+        item = int if name == "list[int]" else str
+        ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+        value = list(value) if ok else value
+    if not ok:
+        shown = f"'{value}'" if isinstance(value, str) else repr(value)
+        got = type(value).__name__
+        want = "a list of " + name[5:-1] if name.startswith("list[") else name
+        raise ConfigError(f"config key '{key}': expected {want}, got {shown} ({got})")
     return value
 
 
-def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
+def _merge(obj: Any, data: dict[str, Any], prefix: str, *, from_text: bool = False) -> None:
     hints = get_type_hints(type(obj))
-    by_name = {f.name: f for f in fields(obj)}
+    by_key = {_key(f): f for f in fields(obj)}
     for name, value in data.items():
         key = prefix + name
-        if name not in by_name:
+        if name not in by_key:
             raise _unknown(key)
-        current = getattr(obj, name)
+        attr = by_key[name].name
+        current = getattr(obj, attr)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' is a section; set its fields, e.g. '{key}.{fields(current)[0].name}'")
-            _merge(current, value, key + ".")
+                raise ConfigError(f"config key '{key}' is a section; set its fields, e.g. '{key}.{_key(fields(current)[0])}'")
+            _merge(current, value, key + ".", from_text=from_text)
         else:
-            setattr(obj, name, _coerce(key, hints[name], value))
+            setattr(obj, attr, _coerce(key, hints[attr], value, from_text=from_text))
 
 
-def _parse_value(text: str) -> Any:
-    """Parse the right-hand side of ``--set key=value`` as a TOML value, falling back to a string."""
+def _parse_value(text: str) -> tuple[Any, bool]:
+    """``--set key=value``'s right-hand side as a TOML value, else the text itself: ``(value, is_text)``."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return tomllib.loads(f"v = {text}")["v"], False
     except tomllib.TOMLDecodeError:
-        return text
+        return text, True
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -252,35 +318,34 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         cur = nested
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
-        cur[parts[-1]] = _parse_value(raw.strip())
-        _merge(cfg, nested, prefix="")
+        value, is_text = _parse_value(raw.strip())
+        cur[parts[-1]] = value
+        _merge(cfg, nested, prefix="", from_text=is_text)
     return cfg
+
+
+def need(cond: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("config key '<key>': <msg>")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
 
 
 def validate(cfg: RunConfig) -> None:
     """Check values that can be checked without loading data or a model."""
-    keys = config_keys()
-
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"config key '{key}': {msg}")
-
-    for key, (_, _) in keys.items():
-        section, _, leaf = key.rpartition(".")
-        obj = getattr(cfg, section) if section else cfg
-        meta = {f.name: f.metadata for f in fields(obj)}[leaf]
-        choices = meta.get("choices")
+    for key, obj, attr, f in _leaves(cfg):
+        choices = f.metadata.get("choices")
         if choices is not None:
-            val = getattr(obj, leaf)
+            val = getattr(obj, attr)
             need(val in choices, key, f"{val!r} is not one of {', '.join(map(repr, choices))}")
     need(cfg.method.rank >= 1, "method.rank", f"must be >= 1, got {cfg.method.rank}")
     need(cfg.method.alpha > 0, "method.alpha", f"must be > 0, got {cfg.method.alpha}")
     need(0.0 <= cfg.method.dropout < 1.0, "method.dropout", "must be in [0, 1)")
-    need(cfg.method.init_scale > 0, "method.init_scale", "must be > 0 (A = 0 never trains)")
-    need(0 < cfg.method.eig_rtol < 1, "method.eig_rtol", "must be in (0, 1)")
     need(all(r >= 1 for r in cfg.method.client_ranks), "method.client_ranks",
          f"every rank must be >= 1, got {cfg.method.client_ranks}")
-    need(cfg.method.personal_eval_examples >= 0, "method.personal_eval_examples", "must be >= 0 (0 = all)")
+    for f in fields(cfg.method):  # each method's own options (method.<name>.*)
+        options = getattr(cfg.method, f.name)
+        if dataclasses.is_dataclass(options) and hasattr(options, "check"):
+            options.check(f"method.{_key(f)}")
     need(cfg.data.num_clients >= 1, "data.num_clients", f"must be >= 1, got {cfg.data.num_clients}")
     need(cfg.data.alpha > 0, "data.alpha", f"must be > 0 (the paper uses 0.5), got {cfg.data.alpha}")
     need(cfg.data.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
@@ -361,6 +426,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = RunConfig()
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{p}' is a folder; pass a TOML file, e.g. configs/demo.toml")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist; pass an existing TOML file or omit --config")
         try:

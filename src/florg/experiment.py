@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from florg.config import ConfigError, RunConfig
+from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod, get_method
 
 __all__ = ["Experiment", "get_experiment", "build_experiment", "set_offline_env"]
@@ -66,7 +67,7 @@ class Experiment:
                 f"partition-id {partition_id} is out of range: the run has {len(self.partitions)} "
                 "partitions (data.num_clients)"
             )
-        seed = (self.cfg.seed * 1_000_003 + server_round) * 10_007 + partition_id
+        seed = derive_seed(self.cfg.seed, server_round, partition_id)
         return make_loader(self.partitions[partition_id], self.cfg.train.batch_size, shuffle=True, seed=seed,
                            tokenizer=self.tokenizer)
 
@@ -81,20 +82,21 @@ class Experiment:
     def personal_eval_set(self):
         """The subset of the global test split on which clients evaluate their own models.
 
-        ``method.personal_eval_examples`` examples drawn once with the run seed (the same subset
-        on every client; all of the test split when 0 or larger than it).
+        The method's ``client_eval_examples`` examples drawn once with the run seed (the same
+        subset on every client; all of the test split when 0 or larger than it).
         """
         n = len(self.test)
-        m = int(self.cfg.method.personal_eval_examples)
+        m = int(self.method.client_eval_examples)
         if m <= 0 or m >= n:
             return self.test
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + 17)
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "personal-eval"))
         idx = torch.randperm(n, generator=gen)[:m].sort().values.tolist()
         return self.test.select(idx)
 
 
-def _data_key(cfg: RunConfig) -> str:
-    """The part of the config that determines the process-level cache entry."""
+def _cache_key(cfg: RunConfig) -> str:
+    """Everything the cached objects depend on: the seed (bases, initial factors, partition, head
+    init), the model, the data and the method with all its options (the adapter it builds)."""
     d = cfg.to_dict()
     return json.dumps({k: d[k] for k in ("seed", "model", "data", "method")}, sort_keys=True)
 
@@ -156,14 +158,20 @@ _LOCK = threading.Lock()
 
 
 def get_experiment(cfg: RunConfig) -> Experiment:
-    """The process-wide cached :class:`Experiment` for ``cfg`` (built on first use)."""
-    key = _data_key(cfg)
+    """The process-wide cached :class:`Experiment` for ``cfg`` (built on first use).
+
+    A cache hit shares the model and data (same seed, model, data and method options) but gets a
+    method object of its own, built from ``cfg`` with all of the method's checks (they also read
+    the training, privacy and model settings, which may differ between hits).
+    """
+    key = _cache_key(cfg)
     with _LOCK:
         exp = _CACHE.get(key)
         if exp is None:
             _CACHE.clear()  # one experiment per process at a time keeps memory bounded
             exp = build_experiment(cfg)
             _CACHE[key] = exp
+        else:
+            exp.method = get_method(cfg)  # validates cfg (ConfigError) before anything else happens
         exp.cfg = cfg
-        exp.method.cfg = cfg
         return exp

@@ -52,7 +52,7 @@ class FLoRG(AdapterStrategy):
         cfg = RunConfig.from_dict(config.to_dict()) if config is not None else RunConfig()
         cfg.method.name = "florg"
         cfg.method.rank, cfg.method.alpha = rank, alpha
-        cfg.method.procrustes, cfg.method.weighting = procrustes, weighting
+        cfg.method.florg.procrustes, cfg.method.weighting = procrustes, weighting
         cfg.federation.fraction_train = fraction_train
         cfg.federation.min_train_nodes, cfg.federation.min_available_nodes = min_train_nodes, min_available_nodes
         if lr is not None:

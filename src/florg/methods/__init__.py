@@ -1,4 +1,4 @@
-"""Federated methods: one file per method (client adapter shape + server rule)."""
+"""Federated methods: one file per method (client adapter shape + server rule), listed in :mod:`.registry`."""
 
 from __future__ import annotations
 
@@ -12,23 +12,14 @@ from .fedsa_lora import FedSALoRAMethod
 from .ffa_lora import FFALoRAMethod
 from .flora import FLoRAMethod
 from .florg import FLoRGMethod
+from .registry import METHODS, REGISTRY, compare_rows
 
 if TYPE_CHECKING:
     from florg.config import RunConfig
 
-METHODS: dict[str, type[FederatedMethod]] = {
-    FLoRGMethod.name: FLoRGMethod,
-    FedITMethod.name: FedITMethod,
-    FeDeRAMethod.name: FeDeRAMethod,
-    FFALoRAMethod.name: FFALoRAMethod,
-    FedSALoRAMethod.name: FedSALoRAMethod,
-    FedExLoRAMethod.name: FedExLoRAMethod,
-    FLoRAMethod.name: FLoRAMethod,
-}
-
 
 def get_method(cfg: RunConfig) -> FederatedMethod:
-    """Instantiate the method named by ``cfg.method.name``."""
+    """Instantiate the method named by ``cfg.method.name`` (its ``check_config`` runs first)."""
     from florg.config import ConfigError
 
     try:
@@ -50,5 +41,7 @@ __all__ = [
     "FLoRAMethod",
     "FLoRGMethod",
     "METHODS",
+    "REGISTRY",
+    "compare_rows",
     "get_method",
 ]

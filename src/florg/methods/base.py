@@ -16,6 +16,12 @@ Two more key prefixes have a fixed meaning for the Flower glue:
 Methods know nothing about Flower: ``florg.fl`` converts these dicts to and from Flower records.
 A client's persistent per-client state (``Context.state`` in Flower) reaches the client hooks
 (:meth:`FederatedMethod.client_load`, :meth:`FederatedMethod.client_upload`) as a plain dict.
+
+A method declares, next to its code: its own options (``options_class``, a dataclass that becomes
+the config section ``method.<name>``), its byte formula (:meth:`FederatedMethod.wire_numel`), its
+named variants (rows of ``florg compare``) and, if it supports differential privacy, the two DP
+hooks. Adding a method is one file, one line in :mod:`florg.methods.registry`, one row of the
+shared test matrix and one row of docs/methods.md (see docs/methods.md).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientInfo",
+    "Variant",
     "EVAL_PREFIX",
     "check_tensors",
     "FederatedMethod",
@@ -45,6 +52,7 @@ __all__ = [
     "normalised_weights",
     "split_eval",
     "split_head",
+    "summarise_layers",
     "weighted_mean",
     "wire_state",
 ]
@@ -53,6 +61,19 @@ HEAD_PREFIX = "head/"
 SERVER_PREFIX = "server/"
 EVAL_PREFIX = "eval/"
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named variant of a method: a row of ``florg compare`` that changes some of its options.
+
+    ``options`` are values for the method's own options (``method.<name>.*``); an ``ablation``
+    row is listed after the main rows and in the ablation table.
+    """
+
+    display_name: str
+    options: dict[str, Any]
+    ablation: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,19 @@ def check_tensors(upload: Tensors, expected: dict[str, tuple[int, ...]], max_nor
     return problems
 
 
+def summarise_layers(per_layer: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One round's summary of per-layer diagnostics: ``<name>_max`` and ``<name>_mean`` over layers for
+    every ``*_rel_error``, ``<name>_mean`` for the rest (e.g. ``rank_q``)."""
+    out: dict[str, float] = {}
+    names = sorted({k for d in per_layer for k in d})
+    for name in names:
+        vals = [d[name] for d in per_layer if name in d]
+        if name.endswith("rel_error"):
+            out[name + "_max"] = max(vals)
+        out[name + "_mean"] = sum(vals) / len(vals)
+    return out
+
+
 class FederatedMethod(ABC):
     """Base class of a federated fine-tuning method (client shape + server rule)."""
 
@@ -161,12 +195,34 @@ class FederatedMethod(ABC):
     supports_client_ranks: ClassVar[bool] = False
     #: whether the server asks every client to evaluate its own (personalised) model each round
     client_evaluation: ClassVar[bool] = False
-    #: whether the method implements differential privacy (``privacy.mode`` local/central; docs/privacy.md)
+    #: whether the method implements differential privacy (``privacy.mode`` local/central; docs/privacy.md):
+    #: then it overrides :meth:`privatize_upload` and :meth:`aggregate_private`
     supports_privacy: ClassVar[bool] = False
+    #: the dataclass of this method's own options (config section ``method.<name>``), or None
+    options_class: ClassVar[type | None] = None
+    #: named variants, rows of ``florg compare`` next to the method's own (label -> Variant)
+    variants: ClassVar[dict[str, Variant]] = {}
+    #: arrays per adapted layer on the wire (uplink, downlink), besides the head's
+    arrays_per_layer: ClassVar[tuple[int, int]] = (2, 2)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.check_config(cfg)
+
+    @property
+    def options(self) -> Any:
+        """This method's own options (``cfg.method.<name>``; None if it declares none)."""
+        return self.cfg.method.options(self.name)
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        """Numbers sent per adapted ``d_out x d_in`` layer, per client and round: ``(uplink, downlink)``.
+
+        The protocol's own formula (baselines.md section 3, method.md section 5.2), without the head
+        (which every method sends both ways) and without Flower's fixed per-array overhead.
+        ``client_rank`` is the uploading client's rank where ranks differ (``method.client_ranks``).
+        """
+        raise TypeError(f"method {cls.__name__} declares no byte formula (wire_numel)")
 
     def check_config(self, cfg: RunConfig) -> None:
         """Raise :class:`florg.config.ConfigError` for settings this method cannot honour.
@@ -175,17 +231,27 @@ class FederatedMethod(ABC):
         """
         from florg.config import ConfigError
 
+        from .registry import METHODS
+
         if cfg.method.client_ranks and not self.supports_client_ranks:
+            able = " or ".join(repr(n) for n, c in METHODS.items() if c.supports_client_ranks)
             raise ConfigError(
                 f"config key 'method.client_ranks': method '{self.name}' trains one rank for every client "
-                f"(method.rank); heterogeneous ranks {list(cfg.method.client_ranks)} need method.name='flora'. "
-                "Set method.client_ranks=[] or choose flora"
+                f"(method.rank); heterogeneous ranks {list(cfg.method.client_ranks)} need method.name={able}. "
+                "Set method.client_ranks=[] or choose one of those"
             )
         if cfg.privacy.mode != "off" and not self.supports_privacy:
+            able = " or ".join(repr(n) for n, c in METHODS.items() if c.supports_privacy)
             raise ConfigError(
                 f"config key 'privacy.mode': method '{self.name}' has no differential-privacy support "
-                f"(privacy.mode={cfg.privacy.mode!r}); set privacy.mode=off or method.name=florg"
+                f"(privacy.mode={cfg.privacy.mode!r}); set privacy.mode=off or method.name={able}"
             )
+
+    @property
+    def client_eval_examples(self) -> int:
+        """Examples of the global test split each client evaluates its own model on (``client_evaluation``;
+        0 = all)."""
+        return 0
 
     @property
     def uses_example_weights(self) -> bool:
@@ -239,6 +305,17 @@ class FederatedMethod(ABC):
     def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
         """Save the final global model's adapter into the run directory (``adapter/``)."""
         model.save_pretrained(str(Path(run_path) / "adapter"))
+
+    # ---- differential privacy (supports_privacy; docs/privacy.md) ------------------------------
+    def privatize_upload(self, upload: Tensors, received: Tensors, generator: torch.Generator) -> Tensors:
+        """Local DP at the client: clip and noise ``upload`` before it leaves (``received`` = what came down)."""
+        raise TypeError(f"method '{self.name}' has no local differential privacy (supports_privacy is False)")
+
+    def aggregate_private(
+        self, uploads: list[Tensors], current: Tensors, *, denominator: int, generator: torch.Generator
+    ) -> tuple[Tensors, dict[str, Any]]:
+        """Central DP at the server: clip each upload, aggregate with calibrated noise (``denominator`` = sampled clients)."""
+        raise TypeError(f"method '{self.name}' has no central differential privacy (supports_privacy is False)")
 
     # ---- server side -------------------------------------------------------------------
     def expected_upload(self, current: Tensors) -> dict[str, tuple[int, ...]]:

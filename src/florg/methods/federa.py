@@ -9,7 +9,7 @@ only the sign-invariant product ``U_r S_r V_r^T`` enters it, so nothing extra cr
 (the init factors themselves arrive in round 1's download, counted like every download).
 Upload and download: ``A`` (``r x d_in``) and ``B`` (``d_out x r``) per adapted layer.
 
-Server rule (``method.federa_mode``):
+Server rule (``method.federa.mode``):
 
 * ``"product_svd"`` (default; FLoRG's "aggregate the product, then decompose" reading): form
   ``P = sum_n p_n s B_n A_n`` exactly as ``X Y`` with ``X = [B_1, ..., B_N]`` and
@@ -27,27 +27,27 @@ update relative to the pretrained weight, ``s B A - s B0 A0``.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import SERVER_PREFIX, Tensors, normalised_weights, weighted_mean
-from .lora_common import (
-    A_SUFFIX,
-    Factored,
-    LoRAMethod,
-    a_key,
-    b_key,
-    layer_errors,
-    layer_names,
-    product_svd,
-    summarise_errors,
-    weighted_products,
-)
+from florg.config import option
+
+from .base import SERVER_PREFIX, Tensors
+from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors, product_svd
 
 INIT_A = ".init_A"
 INIT_B = ".init_B"
+
+
+@dataclass
+class FeDeRAOptions:
+    """``method.federa.*``."""
+
+    mode: str = option("product_svd", "FeDeRA server rule: 'product_svd' (aggregate sum p_n s B_n A_n exactly, re-split "
+                                      "by a rank-r SVD) or 'init_only_fedavg' (FedAvg of A and B).",
+                       choices=("product_svd", "init_only_fedavg"))
 
 
 class FeDeRAMethod(LoRAMethod):
@@ -55,6 +55,11 @@ class FeDeRAMethod(LoRAMethod):
     display_name = "FeDeRA"
     init_lora_weights = "pissa"
     modifies_base = True  # W0 -> W_res once, at build
+    options_class = FeDeRAOptions
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        return rank * (d_out + d_in), rank * (d_out + d_in)  # A and B both ways
 
     def adapter_state(self, model: nn.Module) -> Tensors:
         return self.lora_state(model)
@@ -66,42 +71,28 @@ class FeDeRAMethod(LoRAMethod):
             state[SERVER_PREFIX + name + INIT_B] = self.get_B(layer)
         return state
 
-    def aggregate_adapter(
-        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
-    ) -> tuple[Tensors, dict[str, Any]]:
-        p = normalised_weights(weights, len(uploads))
-        s = self.scale
-        r = int(self.cfg.method.rank)
-        mode = self.cfg.method.federa_mode
-        new: Tensors = {k: v for k, v in current.items() if k.startswith(SERVER_PREFIX)}
-        diags = []
-        for name in layer_names(current, A_SUFFIX):
-            a_n = [u[a_key(name)] for u in uploads]
-            b_n = [u[b_key(name)] for u in uploads]
-            dtype = a_n[0].dtype
-            a0, b0 = current.get(SERVER_PREFIX + name + INIT_A), current.get(SERVER_PREFIX + name + INIT_B)
-            shape = (int(b_n[0].shape[0]), int(a_n[0].shape[1]))
-            principal = Factored.product(b0, a0, s) if a0 is not None else Factored(shape)
-            clients = weighted_products(b_n, a_n, [s * w for w in p])
-            exact = None
-            if mode == "product_svd":
-                x = torch.cat([b.to(torch.float64) for b in b_n], dim=1)
-                y = torch.cat([a.to(torch.float64) * (s * w) for a, w in zip(a_n, p)], dim=0)
-                m = int(x.shape[1])
-                u, sig, v = product_svd(x, y, max(m, r))
-                exact = Factored.product(u * sig, v.T) - principal  # all singular triplets: P itself
-                root = (sig[:r] / s).clamp_min(0.0).sqrt()
-                b_new = (u[:, :r] * root).to(dtype)
-                a_new = (root[:, None] * v[:, :r].T).to(dtype)
-            elif mode == "init_only_fedavg":
-                a_new, b_new = weighted_mean(a_n, p), weighted_mean(b_n, p)
-            else:  # pragma: no cover - validated by the config
-                raise ValueError(f"unknown method.federa_mode {mode!r}")
-            new[a_key(name)], new[b_key(name)] = a_new, b_new
-            diags.append(layer_errors(
-                target=clients - principal,
-                sent=Factored.product(b_new, a_new, s) - principal,
-                previous=Factored.product(current[b_key(name)], current[a_key(name)], s) - principal,
-                exact=exact,
-            ))
-        return new, summarise_errors(diags)
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        name, s, p, r = layer.name, layer.s, layer.p, int(self.cfg.method.rank)
+        a_n, b_n = layer.a, layer.b
+        dtype = a_n[0].dtype
+        a0, b0 = current.get(SERVER_PREFIX + name + INIT_A), current.get(SERVER_PREFIX + name + INIT_B)
+        shape = (int(b_n[0].shape[0]), int(a_n[0].shape[1]))
+        principal = Factored.product(b0, a0, s) if a0 is not None else Factored(shape)
+        exact = None
+        if self.options.mode == "product_svd":
+            x = torch.cat([b.to(torch.float64) for b in b_n], dim=1)
+            y = torch.cat([a.to(torch.float64) * (s * w) for a, w in zip(a_n, p)], dim=0)
+            u, sig, v = product_svd(x, y, max(int(x.shape[1]), r))
+            exact = Factored.product(u * sig, v.T) - principal  # all singular triplets: P itself
+            root = (sig[:r] / s).clamp_min(0.0).sqrt()
+            b_new = (u[:, :r] * root).to(dtype)
+            a_new = (root[:, None] * v[:, :r].T).to(dtype)
+        else:  # "init_only_fedavg"
+            a_new, b_new = layer.a_mean, layer.b_mean
+        new[a_key(name)], new[b_key(name)] = a_new, b_new
+        return layer_errors(
+            target=layer.clients() - principal,
+            sent=Factored.product(b_new, a_new, s) - principal,
+            previous=Factored.product(current[b_key(name)], current[a_key(name)], s) - principal,
+            exact=exact,
+        )

@@ -20,30 +20,22 @@ orientation and added to the weight without a transpose for ``nn.Linear`` (trans
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from .base import Tensors, head_state, normalised_weights, weighted_mean
-from .lora_common import (
-    A_SUFFIX,
-    Factored,
-    LoRAMethod,
-    a_key,
-    b_key,
-    layer_errors,
-    layer_names,
-    summarise_errors,
-    w0_key,
-    weighted_products,
-)
+from .base import Tensors, head_state
+from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors, w0_key
 
 
 class FedExLoRAMethod(LoRAMethod):
     name = "fedex-lora"
     display_name = "FedEx-LoRA"
     modifies_base = True
+    arrays_per_layer = (2, 3)
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        return rank * (d_out + d_in), rank * (d_out + d_in) + d_out * d_in  # A, B up; A, B and the dense residual down
 
     def adapter_state(self, model: nn.Module) -> Tensors:
         state = self.lora_state(model)
@@ -57,25 +49,16 @@ class FedExLoRAMethod(LoRAMethod):
             up.update(head_state(model, self.adapter_param_marker))
         return up
 
-    def aggregate_adapter(
-        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
-    ) -> tuple[Tensors, dict[str, Any]]:
-        p = normalised_weights(weights, len(uploads))
-        s = self.scale
-        new: Tensors = {}
-        diags = []
-        for name in layer_names(current, A_SUFFIX):
-            a_n = [u[a_key(name)] for u in uploads]
-            b_n = [u[b_key(name)] for u in uploads]
-            a_bar, b_bar = weighted_mean(a_n, p), weighted_mean(b_n, p)
-            c = current[w0_key(name)]
-            clients = weighted_products(b_n, a_n, [s * w for w in p])  # sum_n p_n s B_n A_n
-            residual = (clients - Factored.product(b_bar, a_bar, s)).dense()
-            c_new = (c.to(torch.float64) + residual).to(c.dtype)
-            new[a_key(name)], new[b_key(name)], new[w0_key(name)] = a_bar, b_bar, c_new
-            diags.append(layer_errors(
-                target=Factored.of_dense(c) + clients,
-                sent=Factored.of_dense(c_new) + Factored.product(b_bar, a_bar, s),
-                previous=Factored.of_dense(c) + Factored.product(current[b_key(name)], current[a_key(name)], s),
-            ))
-        return new, summarise_errors(diags)
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        name, s = layer.name, layer.s
+        a_bar, b_bar = layer.a_mean, layer.b_mean
+        c = current[w0_key(name)]
+        clients = layer.clients()  # sum_n p_n s B_n A_n
+        residual = (clients - Factored.product(b_bar, a_bar, s)).dense()
+        c_new = (c.to(torch.float64) + residual).to(c.dtype)
+        new[a_key(name)], new[b_key(name)], new[w0_key(name)] = a_bar, b_bar, c_new
+        return layer_errors(
+            target=Factored.of_dense(c) + clients,
+            sent=Factored.of_dense(c_new) + Factored.product(b_bar, a_bar, s),
+            previous=Factored.of_dense(c) + Factored.product(current[b_key(name)], current[a_key(name)], s),
+        )

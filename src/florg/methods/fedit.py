@@ -10,46 +10,28 @@ first client's, a variable mix-up; a test guards against it).
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from .base import Tensors, normalised_weights, weighted_mean
-from .lora_common import (
-    A_SUFFIX,
-    Factored,
-    LoRAMethod,
-    a_key,
-    b_key,
-    layer_errors,
-    layer_names,
-    summarise_errors,
-    weighted_products,
-)
+from .base import Tensors
+from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors
 
 
 class FedITMethod(LoRAMethod):
     name = "fedit"
     display_name = "FedIT"
 
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        return rank * (d_out + d_in), rank * (d_out + d_in)  # A and B both ways
+
     def adapter_state(self, model: nn.Module) -> Tensors:
         return self.lora_state(model)
 
-    def aggregate_adapter(
-        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
-    ) -> tuple[Tensors, dict[str, Any]]:
-        p = normalised_weights(weights, len(uploads))
-        s = self.scale
-        new: Tensors = {}
-        diags = []
-        for name in layer_names(current, A_SUFFIX):
-            a_n = [u[a_key(name)] for u in uploads]
-            b_n = [u[b_key(name)] for u in uploads]
-            a_bar, b_bar = weighted_mean(a_n, p), weighted_mean(b_n, p)
-            new[a_key(name)], new[b_key(name)] = a_bar, b_bar
-            diags.append(layer_errors(
-                target=weighted_products(b_n, a_n, [s * w for w in p]),
-                sent=Factored.product(b_bar, a_bar, s),
-                previous=Factored.product(current[b_key(name)], current[a_key(name)], s),
-            ))
-        return new, summarise_errors(diags)
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        name, s = layer.name, layer.s
+        new[a_key(name)], new[b_key(name)] = layer.a_mean, layer.b_mean
+        return layer_errors(
+            target=layer.clients(),
+            sent=Factored.product(layer.b_mean, layer.a_mean, s),
+            previous=Factored.product(current[b_key(name)], current[a_key(name)], s),
+        )

@@ -24,30 +24,42 @@ Two accuracies are reported:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import EVAL_PREFIX, SERVER_PREFIX, ClientInfo, Tensors, normalised_weights, weighted_mean
-from .lora_common import (
-    A_SUFFIX,
-    B_SUFFIX,
-    Factored,
-    LoRAMethod,
-    a_key,
-    b_key,
-    layer_errors,
-    layer_names,
-    summarise_errors,
-    weighted_products,
-)
+from florg.config import need, option
+
+from .base import EVAL_PREFIX, SERVER_PREFIX, ClientInfo, Tensors, weighted_mean
+from .lora_common import B_SUFFIX, Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors
+
+
+@dataclass
+class FedSALoRAOptions:
+    """``method.fedsa-lora.*``."""
+
+    personal_eval_examples: int = option(200, "Global-test examples each client evaluates its personalised model on per "
+                                              "round (label-reweighted to its own data; 0 = all).")
+
+    def check(self, prefix: str) -> None:
+        need(self.personal_eval_examples >= 0, f"{prefix}.personal_eval_examples", "must be >= 0 (0 = all)")
 
 
 class FedSALoRAMethod(LoRAMethod):
     name = "fedsa-lora"
     display_name = "FedSA-LoRA"
     client_evaluation = True
+    options_class = FedSALoRAOptions
+    arrays_per_layer = (1, 1)
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        return rank * d_in, rank * d_in  # A both ways; B stays on the client
+
+    @property
+    def client_eval_examples(self) -> int:
+        return int(self.options.personal_eval_examples)
 
     def adapter_state(self, model: nn.Module) -> Tensors:
         return self.lora_state(model, b=False)
@@ -81,27 +93,17 @@ class FedSALoRAMethod(LoRAMethod):
                          if k.startswith(SERVER_PREFIX) and k.endswith(B_SUFFIX)})
         return expected
 
-    def aggregate_adapter(
-        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
-    ) -> tuple[Tensors, dict[str, Any]]:
-        p = normalised_weights(weights, len(uploads))
-        s = self.scale
-        new: Tensors = {}
-        diags = []
-        for name in layer_names(current, A_SUFFIX):
-            a_n = [u[a_key(name)] for u in uploads]
-            a_bar = weighted_mean(a_n, p)
-            new[a_key(name)] = a_bar
-            b_n = [u.get(EVAL_PREFIX + b_key(name)) for u in uploads]
-            if all(b is not None for b in b_n):
-                b_bar = weighted_mean(b_n, p)
-                new[SERVER_PREFIX + b_key(name)] = b_bar
-                prev_b = current.get(SERVER_PREFIX + b_key(name))
-                diags.append(layer_errors(
-                    target=weighted_products(b_n, a_n, [s * w for w in p]),
-                    sent=Factored.product(b_bar, a_bar, s),
-                    previous=None if prev_b is None else Factored.product(prev_b, current[a_key(name)], s),
-                ))
-            elif SERVER_PREFIX + b_key(name) in current:
-                new[SERVER_PREFIX + b_key(name)] = current[SERVER_PREFIX + b_key(name)]
-        return new, summarise_errors(diags)
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        name, s, p = layer.name, layer.s, layer.p
+        new[a_key(name)] = layer.a_mean
+        b_n = layer.collect(EVAL_PREFIX + b_key(name))
+        if b_n is None:
+            return {}  # no evaluation copies of B: the named global model keeps the previous B_bar
+        b_bar = weighted_mean(b_n, p)
+        new[SERVER_PREFIX + b_key(name)] = b_bar
+        prev_b = current.get(SERVER_PREFIX + b_key(name))
+        return layer_errors(
+            target=layer.clients(b=b_n),
+            sent=Factored.product(b_bar, layer.a_mean, s),
+            previous=None if prev_b is None else Factored.product(prev_b, current[a_key(name)], s),
+        )

@@ -11,28 +11,21 @@ evaluation model and the diagnostics); they are never sent.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from .base import SERVER_PREFIX, Tensors, normalised_weights, weighted_mean
-from .lora_common import (
-    B_SUFFIX,
-    Factored,
-    LoRAMethod,
-    a_key,
-    b_key,
-    layer_errors,
-    layer_names,
-    summarise_errors,
-    weighted_products,
-)
+from .base import SERVER_PREFIX, Tensors
+from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors
 
 
 class FFALoRAMethod(LoRAMethod):
     name = "ffa-lora"
     display_name = "FFA-LoRA"
     train_A = False
+    arrays_per_layer = (1, 1)
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        return rank * d_out, rank * d_out  # B both ways; A never crosses the wire
 
     def adapter_state(self, model: nn.Module) -> Tensors:
         return self.lora_state(model, a=False)
@@ -42,22 +35,14 @@ class FFALoRAMethod(LoRAMethod):
         state.update({SERVER_PREFIX + k: v for k, v in self.lora_state(model, b=False).items()})
         return state
 
-    def aggregate_adapter(
-        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
-    ) -> tuple[Tensors, dict[str, Any]]:
-        p = normalised_weights(weights, len(uploads))
-        s = self.scale
-        new: Tensors = {k: v for k, v in current.items() if k.startswith(SERVER_PREFIX)}
-        diags = []
-        for name in layer_names(current, B_SUFFIX):
-            b_n = [u[b_key(name)] for u in uploads]
-            b_bar = weighted_mean(b_n, p)
-            new[b_key(name)] = b_bar
-            a = current.get(SERVER_PREFIX + a_key(name))
-            if a is not None:
-                diags.append(layer_errors(
-                    target=weighted_products(b_n, [a] * len(b_n), [s * w for w in p]),
-                    sent=Factored.product(b_bar, a, s),
-                    previous=Factored.product(current[b_key(name)], a, s),
-                ))
-        return new, summarise_errors(diags)
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        name, s = layer.name, layer.s
+        new[b_key(name)] = layer.b_mean
+        a = current.get(SERVER_PREFIX + a_key(name))
+        if a is None:
+            return {}
+        return layer_errors(
+            target=layer.clients(a=[a] * len(layer.b)),
+            sent=Factored.product(layer.b_mean, a, s),
+            previous=Factored.product(current[b_key(name)], a, s),
+        )

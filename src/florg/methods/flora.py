@@ -31,17 +31,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import HEAD_PREFIX, ClientInfo, Tensors, check_tensors, head_state, normalised_weights
+from .base import HEAD_PREFIX, ClientInfo, Tensors, check_tensors, head_state
 from .lora_common import (
+    A_SUFFIX,
     W0_SUFFIX,
     Factored,
+    LayerRound,
     LoRAMethod,
     a_key,
     b_key,
     layer_errors,
     layer_names,
     seeded_lora_A,
-    summarise_errors,
     w0_key,
     weighted_products,
 )
@@ -65,6 +66,12 @@ class FLoRAMethod(LoRAMethod):
     display_name = "FLoRA"
     modifies_base = True
     supports_client_ranks = True
+    arrays_per_layer = (2, 1)
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        # A_k, B_k of the client's own rank up; the cumulative dense correction C_t down (see the module doc)
+        return (client_rank or rank) * (d_out + d_in), d_out * d_in
 
     def check_config(self, cfg) -> None:  # noqa: ANN001
         super().check_config(cfg)
@@ -136,27 +143,18 @@ class FLoRAMethod(LoRAMethod):
             expected[b_key(name)] = (int(d_out), r_k)
         return problems + check_tensors(upload, expected, max_norm)
 
-    def aggregate_adapter(
-        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
-    ) -> tuple[Tensors, dict[str, Any]]:
-        p = normalised_weights(weights, len(uploads))
-        alpha = float(self.cfg.method.alpha)
-        new: Tensors = {}
-        diags = []
-        for name in layer_names(current, W0_SUFFIX):
-            a_n = [u[a_key(name)] for u in uploads]
-            b_n = [u[b_key(name)] for u in uploads]
-            c = current[w0_key(name)]
-            a_stack, b_stack = stack_uploads(a_n, b_n, p, alpha)
-            c_new = (c.to(torch.float64) + b_stack @ a_stack).to(c.dtype)
-            new[w0_key(name)] = c_new
-            clients = weighted_products(b_n, a_n, [w * alpha / a.shape[0] for a, w in zip(a_n, p)])
-            diags.append(layer_errors(
-                target=Factored.of_dense(c) + clients,
-                sent=Factored.of_dense(c_new),
-                previous=Factored.of_dense(c),
-            ))
-        out = summarise_errors(diags)
-        if diags:  # sum_k r_k of this round (the rank added to W0)
-            out["stacked_rank"] = float(sum(int(u[a_key(name)].shape[0]) for u in uploads))
-        return new, out
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        name, alpha = layer.name, float(self.cfg.method.alpha)
+        a_n, b_n = layer.a, layer.b
+        c = current[w0_key(name)]
+        a_stack, b_stack = stack_uploads(a_n, b_n, layer.p, alpha)
+        c_new = (c.to(torch.float64) + b_stack @ a_stack).to(c.dtype)
+        new[w0_key(name)] = c_new
+        clients = weighted_products(b_n, a_n, [w * alpha / a.shape[0] for a, w in zip(a_n, layer.p)])
+        return layer_errors(target=Factored.of_dense(c) + clients, sent=Factored.of_dense(c_new),
+                            previous=Factored.of_dense(c))
+
+    def round_metrics(self, uploads: list[Tensors]) -> dict[str, float]:
+        """``stacked_rank``: sum_k r_k of this round (the rank added to W0)."""
+        first = next(k for k in uploads[0] if k.endswith(A_SUFFIX))
+        return {"stacked_rank": float(sum(int(u[first].shape[0]) for u in uploads))}

@@ -8,18 +8,35 @@ Server rule: :func:`florg.core.aggregate_model` -- ``Q = sum p_n A_n^T A_n`` (th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from florg.config import need, option
 from florg.core import aggregate_model
 from florg.core import privacy as dp
 
-from .base import FederatedMethod, Tensors, normalised_weights, split_head
+from .base import FederatedMethod, Tensors, Variant, normalised_weights, split_head, summarise_layers
 
 A_PREFIX = "A/"
+
+
+@dataclass
+class FLoRGOptions:
+    """``method.florg.*``: FLoRG's own choices where the paper is silent (docs/methods.md)."""
+
+    procrustes: str = option("paper", "Procrustes alignment: 'paper' (keep all r' eigenpairs), 'top-r', or 'none' (ablation).",
+                             choices=("paper", "top-r", "none"))
+    init_scale: float = option(0.01, "A0 = init_scale * N(0, 1) from the seed (A must start non-zero).")
+    compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the pretrained model.")
+    eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
+
+    def check(self, prefix: str) -> None:
+        need(self.init_scale > 0, f"{prefix}.init_scale", "must be > 0 (A = 0 never trains)")
+        need(0 < self.eig_rtol < 1, f"{prefix}.eig_rtol", "must be in (0, 1)")
 
 
 class FLoRGMethod(FederatedMethod):
@@ -27,6 +44,14 @@ class FLoRGMethod(FederatedMethod):
     display_name = "FLoRG"
     adapter_param_marker = "florg_A"
     supports_privacy = True
+    options_class = FLoRGOptions
+    variants = {"florg-noalign": Variant("FLoRG w/o alignment", {"procrustes": "none"}, ablation=True)}
+    arrays_per_layer = (1, 1)
+
+    @classmethod
+    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+        k = min(d_out, d_in)
+        return rank * k, rank * k  # A (r x k) both ways
 
     def check_config(self, cfg) -> None:  # noqa: ANN001
         super().check_config(cfg)
@@ -38,7 +63,7 @@ class FLoRGMethod(FederatedMethod):
 
         from florg.adapters import FLoRGConfig
 
-        m = self.cfg.method
+        m, o = self.cfg.method, self.options
         config = FLoRGConfig(
             r=m.rank,
             lora_alpha=m.alpha,
@@ -46,8 +71,8 @@ class FLoRGMethod(FederatedMethod):
             target_modules=list(target_modules),
             modules_to_save=list(head_modules) if m.train_head else None,
             seed=self.cfg.seed,
-            init_scale=m.init_scale,
-            compensate_init=m.compensate_init,
+            init_scale=o.init_scale,
+            compensate_init=o.compensate_init,
         )
         return get_peft_model(model, config)
 
@@ -80,7 +105,6 @@ class FLoRGMethod(FederatedMethod):
     def aggregate_adapter(
         self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
     ) -> tuple[Tensors, dict[str, Any]]:
-        m = self.cfg.method
         keys = list(current)
         per_layer = {key: [u[key] for u in uploads] for key in keys}
         pv = self.cfg.privacy
@@ -89,26 +113,20 @@ class FLoRGMethod(FederatedMethod):
             p = normalised_weights(weights, len(uploads))
             ranks = [int(u[keys[0]].shape[0]) for u in uploads]
             shift = dp.noise_bias(ranks, p, pv.noise_multiplier * pv.clip_norm)
-            results = dp.dp_aggregate_layers(per_layer, p, previous=current, rank=m.rank, shift=shift, **self._align_kw())
-            return {key: res.factor for key, res in results.items()}, {**summarise_diagnostics(results.values()),
+            results = dp.dp_aggregate_layers(per_layer, p, previous=current, rank=self.cfg.method.rank, shift=shift,
+                                             **self._align_kw())
+            return {key: res.factor for key, res in results.items()}, {**_summary(results.values()),
                                                                        "dp_debias_shift": shift}
-        results = aggregate_model(
-            per_layer,
-            weights,
-            previous=current,
-            rank=m.rank,
-            variant="top-r" if m.procrustes == "top-r" else "paper",
-            align=m.procrustes != "none",
-            eig_rtol=m.eig_rtol,
-        )
+        results = aggregate_model(per_layer, weights, previous=current, rank=self.cfg.method.rank, **self._align_kw())
         new_state = {key: res.factor for key, res in results.items()}
-        return new_state, summarise_diagnostics(results.values())
+        return new_state, _summary(results.values())
+
+    def _align_kw(self) -> dict[str, Any]:
+        o = self.options
+        return {"variant": "top-r" if o.procrustes == "top-r" else "paper", "align": o.procrustes != "none",
+                "eig_rtol": o.eig_rtol}
 
     # ---- differential privacy (docs/privacy.md; the math is in florg.core.privacy) ----------
-    def _align_kw(self) -> dict[str, Any]:
-        m = self.cfg.method
-        return {"variant": "top-r" if m.procrustes == "top-r" else "paper", "align": m.procrustes != "none",
-                "eig_rtol": m.eig_rtol}
 
     def _head_clip_norm(self) -> float:
         pv = self.cfg.privacy
@@ -161,22 +179,12 @@ class FLoRGMethod(FederatedMethod):
         if head_updates:
             mean = dp.noisy_mean(head_updates, denominator, pv.noise_multiplier * c_head / denominator, generator)
             new_state.update({k: (cur_head[k].double() + mean[k]).to(cur_head[k].dtype) for k in mean})
-        metrics = summarise_diagnostics(results.values())
+        metrics = _summary(results.values())
         metrics.update(dp_gram_noise_std=std, dp_upload_norm_mean=sum(norms) / len(norms),
                        dp_clipped_fraction=sum(n > pv.clip_norm for n in norms) / len(norms))
         return new_state, metrics
 
 
-def summarise_diagnostics(results) -> dict[str, float]:
-    """Per-round summary of the per-layer diagnostics (max of the errors, mean of the rest)."""
-    results = list(results)
-    out: dict[str, float] = {"rank_q_mean": sum(r.rank_q for r in results) / len(results)}
-    names = sorted({k for r in results for k in r.diagnostics})
-    for name in names:
-        vals = [r.diagnostics[name] for r in results if name in r.diagnostics]
-        if name.endswith("rel_error"):
-            out[name + "_max"] = max(vals)
-            out[name + "_mean"] = sum(vals) / len(vals)
-        else:
-            out[name + "_mean"] = sum(vals) / len(vals)
-    return out
+def _summary(results) -> dict[str, float]:  # noqa: ANN001
+    """Per-round summary of the per-layer results (:func:`summarise_layers` of diagnostics + ``rank_q``)."""
+    return summarise_layers([{**r.diagnostics, "rank_q": r.rank_q} for r in results])

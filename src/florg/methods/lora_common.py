@@ -25,20 +25,23 @@ to the base layer's storage layout by :func:`to_weight_layout`, which transposes
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .base import SERVER_PREFIX, FederatedMethod, Tensors
+from .base import SERVER_PREFIX, FederatedMethod, Tensors, normalised_weights, summarise_layers, weighted_mean
 
 __all__ = [
     "A_SUFFIX",
     "B_SUFFIX",
     "W0_SUFFIX",
     "Factored",
+    "LayerRound",
     "LoRAMethod",
     "a_key",
     "b_key",
@@ -47,7 +50,6 @@ __all__ = [
     "lora_layers",
     "product_svd",
     "seeded_lora_A",
-    "summarise_errors",
     "to_weight_layout",
     "w0_key",
     "weighted_products",
@@ -223,16 +225,51 @@ def layer_errors(target: Factored, sent: Factored, previous: Factored | None = N
     return out
 
 
-def summarise_errors(per_layer: Sequence[dict[str, float]]) -> dict[str, float]:
-    """``<name>_max`` and ``<name>_mean`` over layers for every ``*_rel_error``; ``_mean`` for the rest."""
-    out: dict[str, float] = {}
-    names = sorted({k for d in per_layer for k in d})
-    for name in names:
-        vals = [d[name] for d in per_layer if name in d]
-        if name.endswith("rel_error"):
-            out[name + "_max"] = max(vals)
-        out[name + "_mean"] = sum(vals) / len(vals)
-    return out
+# --------------------------------------------------------------------------------- the per-layer skeleton
+
+
+@dataclass
+class LayerRound:
+    """One adapted layer in one round: the clients' uploads and their weights.
+
+    ``p`` are the normalised aggregation weights and ``s`` the scale ``alpha / r``; ``a``/``b`` the
+    clients' ``A`` (``r x d_in``) and ``B`` (``d_out x r``) in upload order, or ``None`` when the
+    protocol does not upload that factor.
+    """
+
+    name: str
+    p: list[float]
+    s: float
+    uploads: list[Tensors]
+
+    def collect(self, key: str) -> list[torch.Tensor] | None:
+        """Every client's tensor under ``key`` (None unless every upload has it)."""
+        values = [u.get(key) for u in self.uploads]
+        return None if any(v is None for v in values) else values
+
+    @cached_property
+    def a(self) -> list[torch.Tensor] | None:
+        return self.collect(a_key(self.name))
+
+    @cached_property
+    def b(self) -> list[torch.Tensor] | None:
+        return self.collect(b_key(self.name))
+
+    @cached_property
+    def a_mean(self) -> torch.Tensor:
+        """``sum_n p_n A_n``."""
+        return weighted_mean(self.a, self.p)
+
+    @cached_property
+    def b_mean(self) -> torch.Tensor:
+        """``sum_n p_n B_n``."""
+        return weighted_mean(self.b, self.p)
+
+    def clients(self, a: Sequence[torch.Tensor] | None = None, b: Sequence[torch.Tensor] | None = None) -> Factored:
+        """``sum_n p_n s B_n A_n`` (the weighted mean of the client updates), never formed densely.
+
+        ``a``/``b`` replace the uploaded factors (e.g. FFA-LoRA's frozen, shared ``A``)."""
+        return weighted_products(self.b if b is None else b, self.a if a is None else a, [self.s * w for w in self.p])
 
 
 # --------------------------------------------------------------------------------- the base class
@@ -379,6 +416,39 @@ class LoRAMethod(FederatedMethod):
         """The global state's keys and shapes, less ``server/`` keys and the W0 corrections (never uploaded)."""
         return {k: tuple(v.shape) for k, v in current.items()
                 if not k.startswith(SERVER_PREFIX) and not k.endswith(W0_SUFFIX)}
+
+    # ------------------------------------------------------------------ server rule
+    def layer_rounds(self, uploads: list[Tensors], current: Tensors, p: list[float]) -> Iterator[LayerRound]:
+        """Each adapted layer of ``current`` (in state order) with this round's uploads."""
+        names: dict[str, None] = {}
+        for key in current:
+            if key.startswith(SERVER_PREFIX):
+                continue
+            for suffix in (A_SUFFIX, B_SUFFIX, W0_SUFFIX):
+                if key.endswith(suffix):
+                    names.setdefault(key[: -len(suffix)], None)
+        for name in names:
+            yield LayerRound(name, p, self.scale, uploads)
+
+    def aggregate_layer(self, layer: LayerRound, current: Tensors, new: Tensors) -> dict[str, float]:
+        """One layer's server rule: write the layer's new global tensors into ``new``; return its
+        diagnostics (:func:`layer_errors`; ``{}`` when the method has none for this layer)."""
+        raise TypeError(f"method '{self.name}' does not implement aggregate_layer")
+
+    def round_metrics(self, uploads: list[Tensors]) -> dict[str, float]:
+        """Extra per-round metrics besides the per-layer diagnostics (default: none)."""
+        return {}
+
+    def aggregate_adapter(
+        self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
+    ) -> tuple[Tensors, dict[str, Any]]:
+        """The shared skeleton: ``server/`` keys carried over, then :meth:`aggregate_layer` per layer."""
+        p = normalised_weights(weights, len(uploads))
+        new: Tensors = {k: v for k, v in current.items() if k.startswith(SERVER_PREFIX)}
+        diags = [d for layer in self.layer_rounds(uploads, current, p) if (d := self.aggregate_layer(layer, current, new))]
+        out = summarise_layers(diags)
+        out.update(self.round_metrics(uploads) if diags else {})
+        return new, out
 
     def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
         """``adapter/`` (PEFT LoRA) and, when W0 changed, ``base_delta.safetensors``.

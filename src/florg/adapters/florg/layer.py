@@ -9,6 +9,7 @@ reaches ``A`` through both factors.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -297,14 +298,15 @@ class FLoRGLayer(BaseTunerLayer):
             self._apply_compensation(adapter_name, sign=+1.0)
         super().delete_adapter(adapter_name)
 
-    def undo_compensation(self) -> None:
-        """Add the init compensation of every compensated adapter back to the base weight.
+    def undo_compensation(self, keep: Iterable[str] = ()) -> None:
+        """Add the init compensation of every compensated adapter not in ``keep`` back to the base weight.
 
         Used before unloading, so that the unloaded model has the pretrained weights again (up to
-        float rounding).
+        float rounding) except for the adapters that are merged (``keep``).
         """
+        kept = set(keep)
         for name, done in list(self.florg_compensated.items()):
-            if done and name in self.florg_A:
+            if done and name not in kept and name in self.florg_A:
                 self._apply_compensation(name, sign=+1.0)
                 self.florg_compensated[name] = False
 

@@ -182,10 +182,7 @@ class FLoRGModel(BaseTuner):
             kept = set(module.merged_adapters)
             if merge:
                 kept |= set(adapter_names if adapter_names is not None else module.active_adapters)
-            for name, done in list(module.florg_compensated.items()):
-                if done and name not in kept and name in module.florg_A:
-                    module._apply_compensation(name, sign=+1.0)
-                    module.florg_compensated[name] = False
+            module.undo_compensation(keep=kept)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
