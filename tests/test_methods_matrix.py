@@ -26,7 +26,7 @@ from florg.methods import METHODS, get_method
 from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval, wire_state
 from florg.methods.flora import stack_uploads
 from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
-from florg.train import label_weighted_accuracy
+from florg.tasks.classification import label_weighted_accuracy
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 

@@ -8,13 +8,13 @@ import torch
 from florg.adapters import florg_layers
 from florg.config import load_config
 from florg.experiment import build_experiment
-from florg.train import cycle, evaluate, make_optimizer, train_steps
+from florg.train import cycle, make_optimizer, train_steps
 
 
 def _one_round(exp, lr=5e-3):
     cfg, model, method = exp.cfg, exp.model, exp.method
     start = exp.initial_state
-    before = evaluate(model, exp.test_loader())
+    before = exp.evaluate()
     uploads, counts = [], []
     for pid in range(len(exp.partitions)):
         method.load_global(model, start)
@@ -24,7 +24,7 @@ def _one_round(exp, lr=5e-3):
         counts.append(len(exp.partitions[pid]))
     new, diag = method.aggregate(uploads, counts, start)
     method.load_global(model, new)
-    return before, evaluate(model, exp.test_loader()), new, diag
+    return before, exp.evaluate(), new, diag
 
 
 def _write_rte(folder, n_train=48, n_test=16):

@@ -1,4 +1,4 @@
-"""Everything one process needs for a run: the adapted model, the tokenised data, the method.
+"""Everything one process needs for a run: the adapted model, the encoded data, the method, the task family.
 
 Both the server (central evaluation) and the clients build an :class:`Experiment` from the
 same resolved config, so they hold identical bases, initial factors and partitions. Building
@@ -21,6 +21,7 @@ from torch import nn
 from florg.config import ConfigError, RunConfig
 from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod, get_method
+from florg.tasks import TaskFamily
 
 __all__ = ["Experiment", "get_experiment", "build_experiment", "set_offline_env"]
 
@@ -48,18 +49,19 @@ def set_offline_env(force: bool = False) -> None:
 class Experiment:
     cfg: RunConfig
     method: FederatedMethod
+    family: TaskFamily
     model: nn.Module
     tokenizer: Any
-    label_names: list[str]
-    partitions: list[Any]  # tokenised datasets, one per client
-    test: Any  # tokenised global test split
+    label_names: list[str]  # names of the partitioning label (the classes, for classification)
+    partitions: list[Any]  # each client's training features
+    test: Any  # the global test split as the family evaluates it
     partition_summary: list[dict[str, Any]] = field(default_factory=list)
     target_modules: list[str] = field(default_factory=list)
     #: the global state before any training (captured when the model is built, so a cached
     #: experiment that has since loaded other states still starts new runs from here)
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def client_loader(self, partition_id: int, server_round: int):
+    def client_loader(self, partition_id: int, server_round: int):  # noqa: ANN201
         from florg.models import make_loader
 
         if not 0 <= partition_id < len(self.partitions):
@@ -69,29 +71,26 @@ class Experiment:
             )
         seed = derive_seed(self.cfg.seed, server_round, partition_id)
         return make_loader(self.partitions[partition_id], self.cfg.train.batch_size, shuffle=True, seed=seed,
-                           tokenizer=self.tokenizer)
+                           collate_fn=self.family.collate(self.tokenizer))
 
-    def eval_loader(self, dataset):
-        from florg.models import make_loader
+    def evaluate(self, data: Any = None, device: torch.device | None = None) -> dict[str, Any]:
+        """The family's metrics of the current model on ``data`` (default: the global test split)."""
+        return self.family.evaluate(self.model, self.test if data is None else data,
+                                    batch_size=self.cfg.eval.batch_size, tokenizer=self.tokenizer, device=device)
 
-        return make_loader(dataset, self.cfg.eval.batch_size, shuffle=False, seed=0, tokenizer=self.tokenizer)
-
-    def test_loader(self):
-        return self.eval_loader(self.test)
-
-    def personal_eval_set(self):
+    def personal_eval_set(self):  # noqa: ANN201
         """The subset of the global test split on which clients evaluate their own models.
 
         The method's ``client_eval_examples`` examples drawn once with the run seed (the same
         subset on every client; all of the test split when 0 or larger than it).
         """
-        n = len(self.test)
+        n = self.family.size(self.test)
         m = int(self.method.client_eval_examples)
         if m <= 0 or m >= n:
             return self.test
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "personal-eval"))
         idx = torch.randperm(n, generator=gen)[:m].sort().values.tolist()
-        return self.test.select(idx)
+        return self.family.select(self.test, idx)
 
 
 def _cache_key(cfg: RunConfig) -> str:
@@ -102,21 +101,14 @@ def _cache_key(cfg: RunConfig) -> str:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Load data and model, partition, tokenise and wrap the model with the method's adapter."""
-    from florg.data import load_task, partition_dataset, partition_stats
-    from florg.models import default_target_modules, encode, head_module_names, load_model
+    """Load data and model, partition, encode and wrap the model with the method's adapter."""
+    from florg.data import partition_dataset, partition_stats
+    from florg.tasks import get_family
 
     set_offline_env()
     method = get_method(cfg)
-    task = load_task(
-        cfg.data.task,
-        data_dir=cfg.data.data_dir or None,
-        seed=cfg.seed,
-        max_train_examples=cfg.data.max_train_examples or None,
-        max_test_examples=cfg.data.max_test_examples or None,
-        test_fraction=cfg.data.test_fraction,
-        classes=list(cfg.data.classes) or None,
-    )
+    family = get_family(cfg)
+    task = family.load_data()
     n_train = len(task.train)
     if cfg.data.num_clients > n_train:
         raise ConfigError(
@@ -133,20 +125,18 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     )
     torch.manual_seed(cfg.seed)  # the head's random init is identical everywhere
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(cfg.model.name, task.num_labels, dtype=dtype)
-    targets = list(cfg.model.target_modules) or default_target_modules(model)
-    heads = head_module_names(model)
-    model = method.build(model, targets, heads)
-    tok_parts = [encode(p, tokenizer, cfg.model.max_length, text_fields=task.text_fields) for p in parts]
-    tok_test = encode(task.test, tokenizer, cfg.model.max_length, text_fields=task.text_fields)
+    model, tokenizer = family.load_model(task, dtype)
+    targets = list(cfg.model.target_modules) or family.target_modules(model)
+    model = method.build(model, targets, family.head_modules(model))
     return Experiment(
         cfg=cfg,
         method=method,
+        family=family,
         model=model,
         tokenizer=tokenizer,
         label_names=list(task.label_names),
-        partitions=tok_parts,
-        test=tok_test,
+        partitions=[family.encode(p, tokenizer, train=True) for p in parts],
+        test=family.encode(task.test, tokenizer, train=False),
         partition_summary=partition_stats(parts, task.num_labels),
         target_modules=targets,
         initial_state=method.initial_global(model),

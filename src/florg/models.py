@@ -402,12 +402,12 @@ class _Columns(torch.utils.data.Dataset):
     """Encoded columns held as Python lists (fast per-example access for the DataLoader)."""
 
     def __init__(self, ds: Any) -> None:
-        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in ds.column_names]
-        if "input_ids" not in self.keys or "labels" not in self.keys:
+        self.keys = list(ds.column_names)
+        if "input_ids" not in self.keys:
             raise ValueError(
                 f"make_loader needs an encoded dataset (see encode); columns: {', '.join(ds.column_names)}"
             )
-        self.cols = ds.select_columns(self.keys)[:] if len(ds) else {k: [] for k in self.keys}
+        self.cols = ds[:] if len(ds) else {k: [] for k in self.keys}
         self.n = len(ds)
 
     def __len__(self) -> int:
@@ -448,13 +448,16 @@ def make_loader(
     pad_token_id: int | None = None,
     tokenizer: Any = None,
     drop_last: bool = False,
+    collate_fn: Any = None,
 ) -> torch.utils.data.DataLoader:
-    """A ``DataLoader`` over an :func:`encode`-d dataset with per-batch padding.
+    """A ``DataLoader`` over an encoded dataset with per-batch padding.
 
     Shuffling draws from a ``torch.Generator`` seeded with ``seed``, so two loaders built with
-    the same seed yield the same batches (epoch after epoch). Pass the tokenizer (or its
-    ``pad_token_id``): causal-LM classifiers locate the last real token through the pad id.
-    Without either, input ids are padded with 0 (BERT's ``[PAD]``).
+    the same seed yield the same batches (epoch after epoch). ``collate_fn`` pads a batch (a task
+    family's :meth:`~florg.tasks.base.TaskFamily.collate`); without it, the classification
+    collate of :func:`make_collate` is used: pass the tokenizer (or its ``pad_token_id``), as
+    causal-LM classifiers locate the last real token through the pad id. Without either, input
+    ids are padded with 0 (BERT's ``[PAD]``).
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -466,7 +469,7 @@ def make_loader(
         batch_size=int(batch_size),
         shuffle=bool(shuffle),
         generator=generator,
-        collate_fn=make_collate(0 if pad_token_id is None else int(pad_token_id)),
+        collate_fn=collate_fn or make_collate(0 if pad_token_id is None else int(pad_token_id)),
         drop_last=drop_last,
         num_workers=0,
     )

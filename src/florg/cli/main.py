@@ -46,14 +46,20 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+_SHORT = {"accuracy": "acc", "perplexity": "ppl", "exact_match": "em"}
+
+
 def _reporter(total_rounds: int):
     def report(row: dict[str, Any]) -> None:
         r = row["round"]
         bar = "#" * r + "." * (total_rounds - r)
         agg = row.get("timing", {}).get("agg_seconds")
         agg_txt = f"  agg {agg * 1000:6.1f} ms" if agg is not None else ""
+        tests = [(k[5:], v) for k, v in row.items() if k.startswith("test_")]
+        metrics = "  ".join((f"{_SHORT.get(n, n)} [bold]{v:.4f}[/]" if i == 0 else f"{_SHORT.get(n, n)} {v:.4f}")
+                            for i, (n, v) in enumerate(tests))
         console.print(
-            f"round {r:>3}/{total_rounds} \\[{bar}]  acc [bold]{row['test_accuracy']:.4f}[/]  loss {row['test_loss']:.4f}  "
+            f"round {r:>3}/{total_rounds} \\[{bar}]  {metrics}  "
             f"up {_fmt_bytes(row.get('bytes_up', 0))} (cum {_fmt_bytes(row.get('bytes_up_cum', 0))})  "
             f"down {_fmt_bytes(row.get('bytes_down', 0))} (cum {_fmt_bytes(row.get('bytes_down_cum', 0))})  "
             f"clients {row.get('participants', 0)}{agg_txt}"
@@ -114,8 +120,9 @@ def run(
     table = Table(title=f"florg run summary ({run_dir.path})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("accuracy before", f"{summary['accuracy_before']:.4f}")
-    table.add_row("accuracy after", f"{summary['accuracy_after']:.4f}")
+    metric = summary["metric"]
+    table.add_row(f"{metric} before", f"{summary[metric + '_before']:.4f}")
+    table.add_row(f"{metric} after", f"{summary[metric + '_after']:.4f}")
     table.add_row("bytes up (total)", _fmt_bytes(summary["bytes_up_total"]))
     table.add_row("bytes down (total)", _fmt_bytes(summary["bytes_down_total"]))
     table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")

@@ -15,7 +15,7 @@ from florg.config import RunConfig
 from florg.core.privacy import noise_generator
 from florg.experiment import get_experiment
 from florg.methods.base import ClientInfo
-from florg.train import cycle, evaluate, label_weighted_accuracy, make_optimizer, train_steps
+from florg.train import cycle, make_optimizer, train_steps
 
 from .faults import fault_mod
 from .records import CONFIG_KEY, from_record, to_record
@@ -96,9 +96,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     exp = get_experiment(cfg)
     info = ClientInfo(partition_id=pid, server_round=int(config.get("server-round", 0)))
     exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context))
-    res = evaluate(exp.model, exp.eval_loader(exp.personal_eval_set()))
-    acc = label_weighted_accuracy(res, exp.partition_summary[pid]["label_counts"])
-    metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), "accuracy": acc, "partition-id": pid})
+    res = exp.evaluate(exp.personal_eval_set())
+    score = exp.family.client_score(res, exp.partition_summary[pid]["label_counts"])
+    metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), "accuracy": score, "partition-id": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

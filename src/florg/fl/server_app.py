@@ -21,7 +21,7 @@ from florg.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.config import RunConfig, load_config
 from florg.experiment import Experiment, get_experiment
 from florg.rundir import RunDir
-from florg.train import evaluate, round_lr
+from florg.train import round_lr
 
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
@@ -32,8 +32,9 @@ Reporter = Callable[[dict[str, Any]], None]
 
 
 def _print_reporter(row: dict[str, Any]) -> None:
+    metrics = "  ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("test_"))
     print(
-        f"[florg] round {row['round']:>3}  acc {row['test_accuracy']:.4f}  loss {row['test_loss']:.4f}  "
+        f"[florg] round {row['round']:>3}  {metrics}  "
         f"up {row.get('bytes_up', 0):>10,d} B  down {row.get('bytes_down', 0):>10,d} B  "
         f"clients {row.get('participants', 0)}",
         flush=True,
@@ -105,7 +106,7 @@ def run_server(
         t0 = time.perf_counter()
         state = from_record(arrays)
         method.load_global(exp.model, state)
-        res = evaluate(exp.model, exp.test_loader())
+        res = exp.evaluate()
         info = round_log.get(server_round)
         timing = {"eval_seconds": time.perf_counter() - t0, "wall_seconds": time.perf_counter() - t_start}
         if "agg_seconds" in info:
@@ -115,8 +116,7 @@ def run_server(
         cumulative["bytes_down"] += down
         row = {
             "round": server_round,
-            "test_accuracy": res["accuracy"],
-            "test_loss": res["loss"],
+            **{f"test_{name}": res[name] for name in exp.family.metrics},
             **info,
             "bytes_up": up,
             "bytes_down": down,
@@ -136,7 +136,7 @@ def run_server(
             "privacy": strategy.privacy.state_dict() if strategy.privacy is not None else None,
         })
         reporter(row)
-        return MetricRecord({"accuracy": res["accuracy"], "loss": res["loss"]})
+        return MetricRecord({name: float(res[name]) for name in exp.family.metrics})
 
     try:
         remaining = cfg.train.rounds - done
@@ -156,9 +156,11 @@ def run_server(
         from florg.plots import plot_runs
 
         plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}")
+        primary = exp.family.primary_metric
         summary = {
-            "accuracy_before": rows[0]["test_accuracy"] if rows else None,
-            "accuracy_after": rows[-1]["test_accuracy"] if rows else None,
+            "metric": primary,
+            f"{primary}_before": rows[0][f"test_{primary}"] if rows else None,
+            f"{primary}_after": rows[-1][f"test_{primary}"] if rows else None,
             "rounds": cfg.train.rounds,
             "bytes_up_total": cumulative["bytes_up"],
             "bytes_down_total": cumulative["bytes_down"],

@@ -1,0 +1,124 @@
+"""Sequence classification: text (or a text pair) -> one of ``num_labels`` classes.
+
+Tasks (``data.task``): ``wordnet`` (embedded, WordNet gloss -> category), ``glue/<task>``
+(local files or the Hub), ``local:<path>`` (your own CSV/TSV/JSONL/save_to_disk data); see
+:mod:`florg.data.tasks`. Model: ``AutoModelForSequenceClassification`` with a fresh head, trained
+fully and FedAvg'd. Loss: cross-entropy. Metrics: accuracy (primary) and mean cross-entropy.
+Partitioning label: the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from florg.models import make_loader
+
+from .base import TaskFamily
+
+__all__ = ["ClassificationFamily", "evaluate_classifier", "label_weighted_accuracy"]
+
+
+class ClassificationFamily(TaskFamily):
+    name = "classification"
+    peft_task_type = "SEQ_CLS"
+    metrics = ("accuracy", "loss")
+
+    @classmethod
+    def accepts(cls, task: str) -> bool:
+        return True  # the fallback family: load_task names every form it does not know
+
+    @classmethod
+    def task_forms(cls) -> list[str]:
+        from florg.data import available_tasks
+
+        return [*available_tasks(), "local:<path>"]
+
+    def load_data(self):  # noqa: ANN201
+        from florg.data import load_task
+
+        d = self.cfg.data
+        data = load_task(
+            d.task,
+            data_dir=d.data_dir or None,
+            seed=self.cfg.seed,
+            max_train_examples=d.max_train_examples or None,
+            max_test_examples=d.max_test_examples or None,
+            test_fraction=d.test_fraction,
+            classes=list(d.classes) or None,
+        )
+        self._text_fields = tuple(data.text_fields)
+        return data
+
+    def load_model(self, data, dtype: torch.dtype) -> tuple[Any, Any]:  # noqa: ANN001
+        from florg.models import load_model
+
+        return load_model(self.cfg.model.name, data.num_labels, dtype=dtype)
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        from florg.models import head_module_names
+
+        return head_module_names(model)
+
+    def encode(self, ds: Any, tokenizer: Any, *, train: bool) -> Any:
+        from florg.models import encode
+
+        return encode(ds, tokenizer, self.cfg.model.max_length, text_fields=self._text_fields)
+
+    def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        from florg.models import make_collate
+
+        return make_collate(int(tokenizer.pad_token_id or 0))
+
+    def evaluate(self, model: torch.nn.Module, data: Any, *, batch_size: int, tokenizer: Any,
+                 device: torch.device | None = None) -> dict[str, Any]:
+        loader = make_loader(data, batch_size, shuffle=False, seed=0, tokenizer=tokenizer)
+        return evaluate_classifier(model, loader, device=device)
+
+    def client_score(self, result: dict[str, Any], label_counts: list[int]) -> float:
+        """Accuracy with each class weighted by the client's own label share (:func:`label_weighted_accuracy`)."""
+        return label_weighted_accuracy(result, label_counts)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]],
+                        device: torch.device | None = None) -> dict[str, Any]:
+    """Mean cross-entropy and accuracy over ``loader`` (plus per-class ``class_correct``/``class_total``)."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    class_correct: dict[int, int] = {}
+    class_total: dict[int, int] = {}
+    for batch in loader:
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        labels = batch["labels"]
+        n = int(labels.shape[0])
+        total_loss += float(out.loss) * n
+        hits = out.logits.argmax(-1) == labels
+        correct += int(hits.sum())
+        count += n
+        for y, h in zip(labels.tolist(), hits.tolist(), strict=True):
+            class_total[y] = class_total.get(y, 0) + 1
+            class_correct[y] = class_correct.get(y, 0) + int(h)
+    if count == 0:
+        raise ValueError("the evaluation set is empty")
+    return {"loss": total_loss / count, "accuracy": correct / count, "examples": float(count),
+            "class_correct": class_correct, "class_total": class_total}
+
+
+def label_weighted_accuracy(result: dict[str, Any], label_counts: list[int]) -> float:
+    """``sum_c pi(c) acc(c)``: per-class accuracies of ``result`` (from :func:`evaluate_classifier`) weighted by ``pi``.
+
+    ``pi`` is ``label_counts`` normalised over the classes that occur in the evaluated set (a
+    client's own label distribution, so the result is its expected accuracy on its own data when
+    clients differ only in label proportions). Falls back to plain accuracy if none overlap.
+    """
+    total, correct = result["class_total"], result["class_correct"]
+    weights = {c: float(n) for c, n in enumerate(label_counts) if n > 0 and total.get(c, 0) > 0}
+    mass = sum(weights.values())
+    if mass <= 0:
+        return float(result["accuracy"])
+    return sum(w * correct[c] / total[c] for c, w in weights.items()) / mass
