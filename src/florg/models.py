@@ -41,6 +41,7 @@ __all__ = [
     "florg_cache_dir",
     "head_module_names",
     "load_model",
+    "load_pretrained",
     "make_collate",
     "make_loader",
     "resolve_model",
@@ -239,17 +240,36 @@ def load_model(
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     if label_names is not None and len(label_names) != num_labels:
         raise ValueError(f"label_names has {len(label_names)} entries but num_labels is {num_labels}")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    source = resolve_model(name_or_path, cache_dir)
-    kwargs: dict[str, Any] = {"num_labels": int(num_labels), "dtype": dtype}
+    kwargs: dict[str, Any] = {"num_labels": int(num_labels)}
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    return load_pretrained(name_or_path, AutoModelForSequenceClassification, dtype=dtype, cache_dir=cache_dir, **kwargs)
+
+
+def load_pretrained(
+    name_or_path: str,
+    auto_class: Any,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Load ``auto_class.from_pretrained`` (e.g. ``AutoModelForQuestionAnswering``) and its tokenizer.
+
+    Model names as in :func:`resolve_model`; ``kwargs`` go to ``from_pretrained``. The tokenizer
+    always has a pad token (causal LMs: the EOS token) and ``model.config.pad_token_id`` matches
+    it. Raises :class:`ModelNotFoundError` (one line) when the model cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path, cache_dir)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            model = auto_class.from_pretrained(source, dtype=dtype, **kwargs)
     except ModelNotFoundError:
         raise
     except (OSError, ValueError, KeyError) as exc:
