@@ -61,6 +61,9 @@ class DataConfig:
     max_train_examples: int = _f(6000, "Cap on training examples (0 = all), drawn by seed.")
     max_test_examples: int = _f(600, "Cap on the held-out global test split (0 = the whole hold-out), drawn by seed.")
     test_fraction: float = _f(0.1, "Share of the data held out as the global test split (tasks without a test split, e.g. wordnet).")
+    validation_fraction: float = _f(0.0, "Share of the training data held out (stratified, seeded) as a validation split the server "
+                                         "evaluates every round (val_<metric>; for selecting settings, never the test split). 0 = none.")
+    max_validation_examples: int = _f(0, "Cap on the validation split (0 = all of it), drawn by seed.")
     classes: list[str] = _f([], "WordNet classes (lexicographer files); empty = noun.animal, noun.plant, noun.food, noun.artifact.")
 
 
@@ -352,6 +355,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.data.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
     need(cfg.data.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
     need(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+    need(0.0 <= cfg.data.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1) (0 = no validation split)")
+    need(cfg.data.max_validation_examples >= 0, "data.max_validation_examples", "must be >= 0 (0 = all)")
     need(cfg.train.rounds >= 1, "train.rounds", f"must be >= 1, got {cfg.train.rounds}")
     need(cfg.train.local_steps >= 1, "train.local_steps", f"must be >= 1, got {cfg.train.local_steps}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")

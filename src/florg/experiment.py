@@ -55,6 +55,8 @@ class Experiment:
     label_names: list[str]  # names of the partitioning label (the classes, for classification)
     partitions: list[Any]  # each client's training features
     test: Any  # the global test split as the family evaluates it
+    #: the validation split held out from the training data (None without data.validation_fraction)
+    validation: Any = None
     partition_summary: list[dict[str, Any]] = field(default_factory=list)
     target_modules: list[str] = field(default_factory=list)
     #: the global state before any training (captured when the model is built, so a cached
@@ -103,12 +105,18 @@ def _cache_key(cfg: RunConfig) -> str:
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Load data and model, partition, encode and wrap the model with the method's adapter."""
     from florg.data import partition_dataset, partition_stats
+    from florg.data.tasks import random_subset, stratified_holdout
     from florg.tasks import get_family
 
     set_offline_env()
     method = get_method(cfg)
     family = get_family(cfg)
     task = family.load_data()
+    if cfg.data.validation_fraction > 0 and task.validation is None:
+        task.train, task.validation = stratified_holdout(task.train, derive_seed(cfg.seed, "validation"),
+                                                         cfg.data.validation_fraction)
+    if task.validation is not None and cfg.data.max_validation_examples:
+        task.validation = random_subset(task.validation, cfg.data.max_validation_examples, derive_seed(cfg.seed, "validation"))
     n_train = len(task.train)
     if cfg.data.num_clients > n_train:
         raise ConfigError(
@@ -137,6 +145,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         label_names=list(task.label_names),
         partitions=[family.encode(p, tokenizer, train=True) for p in parts],
         test=family.encode(task.test, tokenizer, train=False),
+        validation=None if task.validation is None else family.encode(task.validation, tokenizer, train=False),
         partition_summary=partition_stats(parts, task.num_labels),
         target_modules=targets,
         initial_state=method.initial_global(model),

@@ -49,6 +49,8 @@ __all__ = [
     "available_tasks",
     "load_local",
     "load_task",
+    "random_subset",
+    "stratified_holdout",
 ]
 
 #: Hub repository the GLUE tasks are fetched from when no local copy is given.
@@ -121,6 +123,8 @@ class TaskData:
     text_fields: tuple[str, ...]
     label_names: list[str]
     source: str = ""
+    #: an optional validation split held out from the training data (``data.validation_fraction``)
+    validation: Any = None
 
     @property
     def num_labels(self) -> int:
@@ -211,8 +215,8 @@ def load_task(
             "or local:<path> for your own CSV/JSONL/save_to_disk data"
         )
 
-    task.train = _cap(task.train, max_train_examples, seed)
-    task.test = _cap(task.test, max_test_examples, seed + 1)
+    task.train = random_subset(task.train, max_train_examples, seed)
+    task.test = random_subset(task.test, max_test_examples, seed + 1)
     return task
 
 
@@ -508,6 +512,11 @@ def _normalise(ds, fields: tuple[str, ...], names: Sequence[str], tname: str, sp
     return datasets.Dataset.from_dict(data, features=datasets.Features(feats))
 
 
+def stratified_holdout(ds, seed: int, fraction: float, size: int | None = None):
+    """``(rest, held_out)``: a seed-fixed hold-out of ``fraction`` (or ``size`` examples), stratified by ``label``."""
+    return _holdout(ds, seed, fraction, size)
+
+
 def _holdout(ds, seed: int, test_fraction: float, test_size: int | None):
     """Seed-fixed hold-out, stratified by label (largest-remainder allocation per class).
 
@@ -555,7 +564,8 @@ def _select(ds, idx):
     return ds.select(arr, new_fingerprint=fp)
 
 
-def _cap(ds, n: int | None, seed: int):
+def random_subset(ds, n: int | None, seed: int):
+    """A seed-fixed random subset of ``n`` examples (all of ``ds`` when ``n`` is None or not smaller)."""
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n))
