@@ -116,6 +116,8 @@ def _apply_row(cfg: RunConfig, label: str) -> None:
     """Set ``method.name`` and the row's own option values (a variant's) on ``cfg``."""
     row = _rows()[label]
     cfg.method.name = row.method
+    for key, value in row.shared.items():
+        setattr(cfg.method, key, value)
     for key, value in row.options.items():
         setattr(cfg.method.options(row.method), key, value)
 
@@ -148,6 +150,8 @@ def _shared(cfg: RunConfig) -> dict[str, Any]:
     for row in _rows().values():  # the options that rows set differ between runs
         for key in row.options:
             d["method"].get(row.method, {}).pop(key, None)
+        for key in row.shared:
+            d["method"].pop(key, None)
     return d
 
 

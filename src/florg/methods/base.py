@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -67,12 +67,14 @@ Tensors = dict[str, torch.Tensor]
 class Variant:
     """A named variant of a method: a row of ``florg compare`` that changes some of its options.
 
-    ``options`` are values for the method's own options (``method.<name>.*``); an ``ablation``
-    row is listed after the main rows and in the ablation table.
+    ``options`` are values for the method's own options (``method.<name>.*``), ``shared`` for the
+    options every method shares (``method.*``, e.g. ``client_ranks``); an ``ablation`` row is
+    listed after the main rows and in the ablation table.
     """
 
     display_name: str
-    options: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
     ablation: bool = False
 
 

@@ -43,12 +43,14 @@ def option_classes() -> dict[str, type]:
 
 @dataclass(frozen=True)
 class CompareRow:
-    """One row of ``florg compare``: a method, or a named variant of one (``options`` = method.<name>.* values)."""
+    """One row of ``florg compare``: a method, or a named variant of one (``options`` = ``method.<name>.*``
+    values, ``shared`` = ``method.*`` values)."""
 
     label: str
     method: str
     display_name: str
     options: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
     ablation: bool = False
 
 
@@ -59,6 +61,6 @@ def compare_rows() -> list[CompareRow]:
     for cls in REGISTRY:
         main.append(CompareRow(cls.name, cls.name, cls.display_name or cls.name))
         for label, var in cls.variants.items():
-            row = CompareRow(label, cls.name, var.display_name, dict(var.options), var.ablation)
+            row = CompareRow(label, cls.name, var.display_name, dict(var.options), dict(var.shared), var.ablation)
             (ablations if var.ablation else main).append(row)
     return main + ablations
