@@ -342,7 +342,7 @@ class LoRAMethod(FederatedMethod):
                     pre = w.detach().clone()
                     if self.init_lora_weights == "pissa":  # W_res + s B0 A0 (get_delta_weight is in weight layout)
                         pre = (w.detach().float() + layer.get_delta_weight("default").float()).to(w.dtype)
-                    layer.florg_w0_pretrained = pre
+                    layer.register_buffer("florg_w0_pretrained", pre, persistent=False)
         return model
 
     # ------------------------------------------------------------------ state access
