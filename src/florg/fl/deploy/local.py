@@ -1,43 +1,11 @@
-"""Start a local multi-process Flower deployment: one SuperLink, N SuperNodes, then ``flwr run``.
-
-This is the deployment runtime (the same ServerApp and ClientApp as the simulation, but every
-piece is its own process talking over the network), on one machine and on loopback ports. It is
-meant for integration tests and for trying a deployment before spreading it over machines::
-
-    from florg.fl.deploy import LocalDeployment
-
-    with LocalDeployment("work", num_supernodes=2, supernode_auth=True) as dep:
-        result = dep.run(overrides=["data.num_clients=2", "train.rounds=2"], run_dir="work/run")
-        print(result.status)              # "finished:completed"
-
-or from a shell: ``python -m florg.fl.deploy --supernodes 2 --workdir work --supernode-auth -- train.rounds=2``.
-
-Every process gets free loopback ports, its own ``FLWR_HOME`` under the work folder and a log
-file in ``<workdir>/logs``. Runtime dependency installation and Flower's update check are turned
-off, and the Hugging Face offline flags are set. Leaving the ``with`` block (also on errors or
-Ctrl-C) stops exactly the processes this object started, and the helper processes they spawned
-(SuperExec, ServerApp, ClientApp), by process id.
-
-Security: TLS is the default. Pass certificate files with ``tls`` (see ``scripts/make_certs.sh``)
-or let the deployment create a throwaway CA and server certificate in
-``<workdir>/throwaway-certs``. With ``supernode_auth=True`` the SuperLink only accepts SuperNodes
-whose public keys were registered with ``flwr supernode register`` before they connect (keys from
-``scripts/make_node_keys.sh`` or throwaway ones in ``<workdir>/throwaway-keys``). Plain-text
-``--insecure`` mode needs an explicit ``insecure=True`` (``--insecure`` on the command line) and is
-for testing only.
-"""
+"""``LocalDeployment``: a SuperLink and N SuperNodes as processes on loopback ports, then ``flwr run``."""
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import ipaddress
 import json
-import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,37 +13,27 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-__all__ = [
-    "APP_DIR",
-    "DeploymentError",
-    "LocalDeployment",
-    "NodeKey",
-    "RunResult",
-    "TLSFiles",
-    "deployment_env",
-    "find_free_port",
-    "find_free_ports",
-    "load_node_keys",
-    "make_node_keys",
-    "make_throwaway_certs",
-    "pid_alive",
-]
+from .credentials import NodeKey, TLSFiles, make_node_keys, make_throwaway_certs
+from .processes import (
+    _descendants,
+    _kill,
+    _killpg,
+    _port_open,
+    _Proc,
+    _session_members,
+    _start_time,
+    deployment_env,
+    find_free_port,
+    find_free_ports,
+    pid_alive,
+)
+
+__all__ = ["APP_DIR", "DeploymentError", "LocalDeployment", "RunResult"]
 
 #: The Flower App folder shipped with florg (its components are florg's ServerApp/ClientApp).
-APP_DIR = Path(__file__).resolve().parent / "app"
-
-#: Environment every process of a florg deployment gets.
-BASE_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONUNBUFFERED": "1",
-}
+APP_DIR = Path(__file__).resolve().parents[1] / "app"
 
 _SUPERNODE_READY = "SuperNode ID"  # logged once a SuperNode is registered with the SuperLink
 _SUPERNODE_REFUSED = "Failed to initialize the connection to the SuperLink"  # logged when a SuperNode gives up
@@ -84,165 +42,6 @@ _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 class DeploymentError(RuntimeError):
     """A process did not start, did not become ready in time, or a CLI call failed."""
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """Certificate files for a TLS deployment (``scripts/make_certs.sh`` writes all three)."""
-
-    ca_cert: Path  #: CA certificate that signed the server certificate (clients trust it)
-    server_cert: Path  #: the SuperLink's certificate (SANs must cover the address used)
-    server_key: Path  #: the SuperLink's private key
-
-    @classmethod
-    def from_dir(cls, folder: str | Path) -> TLSFiles:
-        """``ca.crt``, ``server.pem`` and ``server.key`` in ``folder``."""
-        folder = Path(folder).resolve()
-        files = cls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-        missing = [str(p) for p in (files.ca_cert, files.server_cert, files.server_key) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"missing certificate files: {', '.join(missing)} (run scripts/make_certs.sh)")
-        return files
-
-
-@dataclass(frozen=True)
-class NodeKey:
-    """A SuperNode's key pair for SuperNode authentication (an EC key on a NIST curve, P-384).
-
-    Flower 1.42 reads both files in OpenSSH format, as written by ``ssh-keygen -t ecdsa -b 384``
-    (``scripts/make_node_keys.sh``) or :func:`make_node_keys`.
-    """
-
-    private_key: Path  #: ``-----BEGIN OPENSSH PRIVATE KEY-----`` file (``--auth-supernode-private-key``)
-    public_key: Path  #: ``ecdsa-sha2-nistp384 AAAA...`` line (``flwr supernode register``)
-
-    @classmethod
-    def from_file(cls, private_key: str | Path) -> NodeKey:
-        """The key pair ``private_key`` + ``private_key.pub`` (the ``ssh-keygen`` naming)."""
-        private = Path(private_key).resolve()
-        key = cls(private, private.with_name(private.name + ".pub"))
-        missing = [str(p) for p in (key.private_key, key.public_key) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"missing SuperNode key files: {', '.join(missing)} (run scripts/make_node_keys.sh)")
-        return key
-
-
-def load_node_keys(folder: str | Path, count: int, prefix: str = "supernode-") -> list[NodeKey]:
-    """``<folder>/<prefix>0`` ... ``<prefix><count-1>`` (and their ``.pub``), one per SuperNode."""
-    return [NodeKey.from_file(Path(folder) / f"{prefix}{i}") for i in range(count)]
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (mode 0600 from the start)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
-def make_node_keys(
-    folder: str | Path, names: Sequence[str] = ("supernode-0", "supernode-1"), *, overwrite: bool = False
-) -> list[NodeKey]:
-    """Create one SuperNode key pair per name: ``<folder>/<name>`` (private) and ``<name>.pub``.
-
-    EC P-384 keys in OpenSSH format, the same as ``ssh-keygen -t ecdsa -b 384 -N ""``. Raises
-    :class:`FileExistsError` instead of replacing an existing key unless ``overwrite``.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    out = Path(folder).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    keys = []
-    for name in names:
-        key = NodeKey(out / name, out / f"{name}.pub")
-        if not overwrite and (key.private_key.exists() or key.public_key.exists()):
-            raise FileExistsError(f"SuperNode key {key.private_key} exists (remove it or pass overwrite=True)")
-        private = ec.generate_private_key(ec.SECP384R1())
-        _write_secret(key.private_key, private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        key.public_key.write_bytes(public + f" {name}\n".encode())
-        keys.append(key)
-    return keys
-
-
-def _san_entry(value: str) -> Any:
-    from cryptography import x509
-
-    kind, _, name = value.partition(":")
-    if kind == "IP":
-        return x509.IPAddress(ipaddress.ip_address(name))
-    if kind == "DNS":
-        return x509.DNSName(name)
-    try:  # a bare name: an IP address or a host name
-        return x509.IPAddress(ipaddress.ip_address(value))
-    except ValueError:
-        return x509.DNSName(value)
-
-
-def make_throwaway_certs(folder: str | Path, extra_sans: Sequence[str] = (), days: int = 30) -> TLSFiles:
-    """A throwaway CA and a SuperLink certificate in ``folder`` (like ``scripts/make_certs.sh``).
-
-    Writes ``ca.crt``, ``ca.key``, ``server.pem`` and ``server.key``; the server certificate is
-    valid for ``localhost``, ``127.0.0.1``, ``::1`` and ``extra_sans`` (``DNS:name``, ``IP:addr``
-    or a bare name/address). For tests only: the CA key is stored unencrypted next to the
-    certificates. Existing files are replaced.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    out = Path(folder).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-
-    def pem_key(key: rsa.RSAPrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                 serialization.NoEncryption())
-
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "florg test CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    sans: list[Any] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                       x509.IPAddress(ipaddress.ip_address("::1"))]
-    for extra in extra_sans:
-        entry = _san_entry(extra)
-        if entry not in sans:
-            sans.append(entry)
-    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = TLSFiles(out / "ca.crt", out / "server.pem", out / "server.key")
-    _write_secret(out / "ca.key", pem_key(ca_key))
-    _write_secret(files.server_key, pem_key(server_key))
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    return files
 
 
 @dataclass
@@ -259,142 +58,6 @@ class RunResult:
     def ok(self) -> bool:
         return self.returncode == 0 and bool(self.status) and self.status.endswith("completed")
 
-
-# ----------------------------------------------------------------------------------- ports
-def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports that are free on ``host`` right now (the OS picks them)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    return find_free_ports(1, host)[0]
-
-
-def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-# ------------------------------------------------------------------------------- processes
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), or None if there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against signalling a reused pid)."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields and len(fields) > 19 else None
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, i.e. exited but not yet reaped, counts as gone)."""
-    fields = _proc_stat(pid)
-    if fields is not None:
-        return fields[0] != "Z"
-    if Path("/proc/self").exists():
-        return False
-    try:  # no /proc (macOS): signal 0 only checks existence
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _children_map() -> dict[int, list[int]]:
-    """Parent pid -> child pids of all processes visible now."""
-    children: dict[int, list[int]] = {}
-    if Path("/proc/self").exists():
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))) is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-        return children
-    try:  # no /proc: ask ps
-        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return children
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            children.setdefault(int(parts[1]), []).append(int(parts[0]))
-    return children
-
-
-def _descendants(roots: Sequence[int]) -> list[int]:
-    """All live descendants of ``roots`` (children, grandchildren, ...), roots excluded."""
-    children = _children_map()
-    found: list[int] = []
-    todo = list(roots)
-    while todo and len(found) < 10_000:
-        for child in children.get(todo.pop(), []):
-            if child not in found and child not in roots:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
-def _session_members(sessions: Mapping[int, str]) -> list[int]:
-    """Live processes in the sessions ``sid -> start time of the session leader`` (Linux only).
-
-    Only processes that started no earlier than the leader count; together with the caller's
-    check that the leader's pid was not reused, this keeps unrelated sessions out.
-    """
-    found: list[int] = []
-    if not sessions or not Path("/proc/self").exists():
-        return found
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat(int(entry.name))
-        if fields is None or len(fields) <= 19 or fields[0] == "Z" or not fields[3].isdigit():
-            continue
-        leader_start = sessions.get(int(fields[3]))
-        if leader_start is not None and int(fields[19]) >= int(leader_start):
-            found.append(int(entry.name))
-    return found
-
-
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-    log_fh: IO[bytes]
-    start_time: str | None = None
-
-
-def deployment_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for one deployment process: ``os.environ`` + :data:`BASE_ENV` + ``FLWR_HOME``.
-
-    The folder of the running Python is put first on ``PATH``: Flower starts its helper
-    commands (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) through ``PATH``.
-    """
-    env = dict(os.environ)
-    env.update(BASE_ENV)
-    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env.update(extra or {})
-    return env
 
 
 def _toml_value(value: Any) -> str:
@@ -910,19 +573,6 @@ class LocalDeployment:
         return pid_alive(pid) and _start_time(pid) == start_time
 
 
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
 
 def _last_json(output: str) -> dict[str, Any] | None:
     """The last JSON object in ``output`` that starts at the beginning of a line.
@@ -948,58 +598,3 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-# ------------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m florg.fl.deploy [options] [-- key=value ...]``: one local deployment run."""
-    parser = argparse.ArgumentParser(
-        prog="python -m florg.fl.deploy",
-        description="Run florg on a local Flower deployment (SuperLink + SuperNodes as processes).",
-    )
-    parser.add_argument("overrides", nargs="*", help="florg config overrides key=value")
-    parser.add_argument("--supernodes", type=int, default=2,
-                        help="number of SuperNodes (default 2); data.num_clients is set to match "
-                        "unless an override sets it")
-    parser.add_argument("--workdir", default="deployment", help="logs, FLWR_HOMEs (default ./deployment)")
-    parser.add_argument("--config", default=None, help="florg TOML config file")
-    parser.add_argument("--run-dir", default=None, help="run directory (default <workdir>/run-<time>)")
-    security = parser.add_argument_group(
-        "security", "TLS is on by default (throwaway certificates in <workdir>/throwaway-certs unless --tls-dir)")
-    security.add_argument("--tls-dir", default=None,
-                          help="folder with ca.crt, server.pem, server.key (scripts/make_certs.sh)")
-    security.add_argument("--supernode-auth", action="store_true",
-                          help="only registered SuperNodes may join (--enable-supernode-auth + flwr supernode "
-                          "register); throwaway keys in <workdir>/throwaway-keys unless --node-keys-dir")
-    security.add_argument("--node-keys-dir", default=None,
-                          help="folder with supernode-<i> / supernode-<i>.pub key pairs "
-                          "(scripts/make_node_keys.sh); implies --supernode-auth")
-    security.add_argument("--insecure", action="store_true",
-                          help="no TLS, no authentication: for local testing only")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
-    args = parser.parse_args(argv)
-    supernode_auth = args.supernode_auth or args.node_keys_dir is not None
-    if args.insecure and (args.tls_dir or supernode_auth):
-        parser.error("--insecure turns TLS off; it cannot be combined with --tls-dir, --supernode-auth "
-                     "or --node-keys-dir")
-
-    workdir = Path(args.workdir).resolve()
-    run_dir = args.run_dir or str(workdir / time.strftime("run-%Y%m%d-%H%M%S"))
-    overrides = list(args.overrides)
-    if not any(o.startswith("data.num_clients=") for o in overrides):
-        overrides.append(f"data.num_clients={args.supernodes}")
-    tls = TLSFiles.from_dir(args.tls_dir) if args.tls_dir else None
-    keys = load_node_keys(args.node_keys_dir, args.supernodes) if args.node_keys_dir else None
-    if args.insecure:
-        print("WARNING: --insecure: no TLS and no SuperNode authentication (for local testing only)", flush=True)
-    with LocalDeployment(workdir, args.supernodes, tls=tls, insecure=args.insecure,
-                         supernode_auth=supernode_auth, node_keys=keys) as dep:
-        mode = "insecure" if args.insecure else "TLS" + (" + SuperNode authentication" if supernode_auth else "")
-        print(f"SuperLink at {dep.address} ({mode}), {args.supernodes} SuperNodes; logs in {dep.log_dir}", flush=True)
-        result = dep.run(overrides=overrides, run_dir=run_dir, config_file=args.config, timeout=args.timeout, echo=True)
-    print(f"run {result.run_id}: {result.status}; run directory {run_dir}", flush=True)
-    return 0 if result.ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
