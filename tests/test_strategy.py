@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from florg.config import load_config
 from florg.core import aggregate_model
@@ -114,3 +115,83 @@ def test_florg_strategy_is_a_fedavg_drop_in_with_its_options():
     assert s.method.name == "florg"
     with pytest.raises(ValueError, match="method.florg.procrustes"):
         FLoRG(procrustes="sideways")
+
+
+class _TrainGrid(_FakeGrid):
+    """Enough of a Flower Grid for ``configure_train``: node ids only."""
+
+
+def _state(k=32):
+    g = torch.Generator().manual_seed(5)
+    return {"A/l0": torch.randn(4, k, generator=g), "head/classifier.weight": torch.randn(3, k, generator=g)}
+
+
+def test_florg_with_a_config_honours_wire_dtype_and_round_timeout(flower_task):
+    from florg.fl import FLoRG
+    from florg.fl.records import BF16_SUFFIX
+
+    cfg = load_config(None, ["federation.wire_dtype=bfloat16", "federation.round_timeout=7"])
+    s = FLoRG(config=cfg)
+    assert s.wire_dtype == "bfloat16" and s.node_wait_timeout == 7
+    state = _state()
+    msgs = list(s.configure_train(1, to_record(state), ConfigRecord({}), _TrainGrid([11, 12])))
+    assert [m.metadata.dst_node_id for m in msgs] == [11, 12]
+    sent = msgs[0].content["arrays"]
+    assert set(sent) == {"A/l0" + BF16_SUFFIX, "head/classifier.weight"}  # the adapter in bfloat16, the head not
+    assert sent["A/l0" + BF16_SUFFIX].dtype == "int16"  # bfloat16 bits (NumPy has no bfloat16)
+    got = from_record(sent)
+    assert torch.equal(got["A/l0"], state["A/l0"].to(torch.bfloat16).float())
+    assert torch.equal(got["head/classifier.weight"], state["head/classifier.weight"])
+    assert torch.equal(s._current["A/l0"], got["A/l0"])  # the server keeps what the clients decode
+    assert s.round_log.get(1)["bytes_down"] == sent.count_bytes() * 2
+    assert sent.count_bytes() < to_record(state).count_bytes()
+
+
+def test_server_app_and_florg_build_the_same_strategy_from_a_config():
+    from florg.fl import FLoRG
+
+    cfg = load_config(None, ["method.rank=2", "method.florg.procrustes=top-r", "federation.fraction_train=0.5",
+                             "federation.min_train_nodes=3", "federation.min_available_nodes=4", "seed=9",
+                             "federation.max_norm=50", "federation.wire_dtype=float16", "federation.round_timeout=30",
+                             "train.lr=0.02", "train.rounds=4", "train.lr_schedule=cosine"])
+    ours, theirs = AdapterStrategy.from_config(FLoRGMethod(cfg), cfg), FLoRG(config=cfg)
+    for s in (ours, theirs):
+        assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (0.5, 3, 4)
+        assert (s.seed, s.max_norm, s.wire_dtype, s.node_wait_timeout) == (9, 50, "float16", 30)
+        assert [s.lr_fn(r) for r in (1, 4)] == [ours.lr_fn(1), ours.lr_fn(4)]
+        assert s.run_config_json == cfg.to_json()
+    assert theirs.config.to_dict() == cfg.to_dict()
+    m = theirs.method.cfg.method
+    assert (m.rank, m.florg.procrustes) == (2, "top-r")
+
+
+def test_florg_keywords_never_silently_override_a_config():
+    from florg.fl import FLoRG
+
+    cfg = load_config(None, ["method.rank=8", "method.florg.procrustes=none", "federation.fraction_train=0.5",
+                             "federation.min_train_nodes=3", "federation.min_available_nodes=5"])
+    s = FLoRG(config=cfg)
+    assert (s.config.method.rank, s.config.method.florg.procrustes) == (8, "none")
+    assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (0.5, 3, 5)
+    assert FLoRG(config=cfg, rank=8, fraction_train=0.5).config.method.rank == 8  # agreeing keywords are fine
+    with pytest.raises(ValueError, match=r"rank=4.*config\.method\.rank = 8"):
+        FLoRG(config=cfg, rank=4)
+    with pytest.raises(ValueError, match=r"min_train_nodes=2.*config\.federation\.min_train_nodes = 3"):
+        FLoRG(config=cfg, min_train_nodes=2)
+    with pytest.raises(ValueError, match=r"num_rounds=9.*config\.train\.rounds = 6"):
+        FLoRG(config=cfg, num_rounds=9)
+    with pytest.raises(ValueError, match=r"method\.name = 'florg'.*'fedit'"):
+        FLoRG(config=load_config(None, ["method.name=fedit"]))
+    cfg.method.rank = 2  # the strategy keeps its own copy
+    assert s.config.method.rank == 8
+
+
+def test_florg_keywords_without_a_config_change_the_defaults():
+    from florg.config import RunConfig
+    from florg.fl import FLoRG
+
+    s = FLoRG(rank=6, min_available_nodes=3)
+    expected = RunConfig()
+    expected.method.rank, expected.federation.min_available_nodes = 6, 3
+    assert s.config.to_dict() == expected.to_dict()
+    assert (s.wire_dtype, s.node_wait_timeout) == ("float32", RunConfig().federation.round_timeout)

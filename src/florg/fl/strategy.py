@@ -20,12 +20,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from florg.config import RunConfig
 from florg.core.privacy import noise_generator
 from florg.methods import FederatedMethod
 from florg.methods.base import EVAL_PREFIX, SERVER_PREFIX
+from florg.train import round_lr
 
 from .privacy import PrivacyLedger
-from .records import CONFIG_KEY, from_record, to_record
+from .records import CONFIG_KEY, from_record, quantize, to_record
 
 __all__ = ["AdapterStrategy", "RoundLog"]
 
@@ -61,8 +63,9 @@ class AdapterStrategy(FedAvg):
     round_log : RoundLog, optional
         Receives per-round measurements (bytes up/down, participants, aggregation time).
     wire_dtype : str
-        Dtype of adapter tensors on the wire (``float32``, ``float16``, ``bfloat16``); the global
-        state is kept exactly as the clients decode it.
+        Dtype of adapter tensors on the wire both ways (``float32``, ``float16``, ``bfloat16``):
+        whatever arrays ``start`` is given, the clients receive them in this dtype, and the
+        global state is kept exactly as the clients decode it.
     node_wait_timeout : float
         Seconds to wait for ``min_available_nodes`` nodes before a round gives up with an error.
     round_offset : int
@@ -75,6 +78,9 @@ class AdapterStrategy(FedAvg):
     bound, a positive integer example count); an invalid reply is dropped with a logged reason
     and counted in the round's ``rejected``; with no valid reply the global adapter stays
     unchanged and the round is recorded as ``failed``.
+
+    :meth:`from_config` builds one from a run config (florg's ServerApp and :class:`florg.fl.FLoRG`
+    both do).
     """
 
     def __init__(
@@ -116,6 +122,13 @@ class AdapterStrategy(FedAvg):
         self._sample_size = 0
         if self.privacy is not None and round_offset == 0:
             self.round_log.update(0, **self.privacy.row())
+
+    @classmethod
+    def from_config(
+        cls, method: FederatedMethod, cfg: RunConfig, *, round_log: RoundLog | None = None, round_offset: int = 0
+    ) -> AdapterStrategy:
+        """The strategy for the run ``cfg`` (learning rate schedule, seed, sampling, timeouts, wire dtype)."""
+        return cls(method, **config_settings(cfg), round_log=round_log, round_offset=round_offset)
 
     def summary(self) -> None:
         log(INFO, "\t├── Method: %s", self.method.name)
@@ -164,7 +177,7 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        self._current = from_record(arrays)
+        self._current = quantize(from_record(arrays), self.wire_dtype)  # as the clients will decode it
         node_ids = self._sample(grid, server_round)
         self._sample_size = len(node_ids)
         lr = float(self.lr_fn(server_round))
@@ -172,7 +185,7 @@ class AdapterStrategy(FedAvg):
         config["server-round"] = server_round
         config["lr"] = lr
         config[CONFIG_KEY] = self.run_config_json
-        wire = _wire(arrays)  # server-only arrays never go down
+        wire = self._downlink(arrays)
         content = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         self.round_log.update(
             server_round,
@@ -183,6 +196,10 @@ class AdapterStrategy(FedAvg):
         )
         log(INFO, "configure_train: round %d, %d clients, lr %.3g", server_round, len(node_ids), lr)
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+
+    def _downlink(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What is sent down: the global state in the wire dtype, without its server-only (``server/``) arrays."""
+        return to_record(from_record(_wire(arrays)), self.wire_dtype)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(
@@ -287,7 +304,7 @@ class AdapterStrategy(FedAvg):
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config[CONFIG_KEY] = self.run_config_json
-        wire = _wire(arrays)
+        wire = self._downlink(arrays)
         self.round_log.update(server_round, bytes_down_eval=wire.count_bytes() * len(node_ids))
         content = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
@@ -313,8 +330,24 @@ class AdapterStrategy(FedAvg):
         return MetricRecord({"personal_accuracy": acc})
 
 
+def config_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The :class:`AdapterStrategy` keyword arguments that a run config decides (one place for all of them)."""
+    fed = cfg.federation
+    return {
+        "lr_fn": lambda rnd: round_lr(cfg.train, rnd),
+        "run_config_json": cfg.to_json(),
+        "seed": cfg.seed,
+        "fraction_train": fed.fraction_train,
+        "min_train_nodes": fed.min_train_nodes,
+        "min_available_nodes": fed.min_available_nodes,
+        "max_norm": fed.max_norm,
+        "node_wait_timeout": fed.round_timeout,
+        "wire_dtype": fed.wire_dtype,
+    }
+
+
 def _wire(record: ArrayRecord) -> ArrayRecord:
-    """What is sent down: the global state without its server-only (``server/``) arrays."""
+    """The global state without its server-only (``server/``) arrays."""
     if not any(k.startswith(SERVER_PREFIX) for k in record):
         return record
     return ArrayRecord(OrderedDict((k, v) for k, v in record.items() if not k.startswith(SERVER_PREFIX)))
