@@ -77,7 +77,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         pids = _kill_tree(proc)
     assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
-    assert (run_dir / "checkpoint.pt").is_file()
+    assert (run_dir / "checkpoint.json").is_file() and not (run_dir / "checkpoint.pt").exists()
+    assert len(list(run_dir.glob("checkpoint-*.safetensors"))) == 1  # the pair: JSON + one tensor file
 
     resumed = subprocess.run(_cmd("--resume", str(run_dir)), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -88,6 +88,12 @@ def run(
             _fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
         if RunDir(resume).status().get("status") == "complete":
             _fail(f"--resume: the run in '{resume}' is already complete")
+        from florg.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            load_checkpoint(resume)  # JSON + safetensors only; refuses pickles and damaged pairs
+        except CheckpointError as exc:
+            _fail(f"--resume: {_one_line(exc)}")
         config = resume / "config.toml"
     if data_dir is not None:
         set_ = [*(set_ or []), f"data.data_dir={str(data_dir)!r}"]
