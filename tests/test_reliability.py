@@ -1,4 +1,8 @@
-"""Broken, hostile and dropping clients in a real simulation (fault injection via a ClientApp mod)."""
+"""Broken, hostile and dropping clients in a real simulation.
+
+Faults are injected by the test-only ClientApp ``florg.fl.faults.app``; florg's production
+ClientApp ignores ``federation.faults`` (last tests).
+"""
 
 import json
 import logging
@@ -6,6 +10,7 @@ import logging
 import pytest
 
 from florg.config import load_config
+from florg.fl import faults
 from florg.fl.simulation import run_simulation_engine
 from florg.rundir import RunDir
 
@@ -30,13 +35,13 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _run(tmp_path, name, extra):
+def _run(tmp_path, name, extra, client_app=faults.app):
     cfg = load_config(None, BASE + [f"out_dir={tmp_path}", f"name={name}", *extra])
     cap = _Capture()
     logging.getLogger("flwr").addHandler(cap)
     try:
         run_dir = RunDir.create(cfg)
-        run_simulation_engine(cfg, run_dir, reporter=lambda row: None)
+        run_simulation_engine(cfg, run_dir, reporter=lambda row: None, client_app=client_app)
     finally:
         logging.getLogger("flwr").removeHandler(cap)
     return run_dir, cap.lines
@@ -83,3 +88,51 @@ def test_dropouts_with_partial_participation(tmp_path):
         assert r["participants"] + r["failures"] == r["sampled"]
         assert r["participants"] >= 1 and r["failed"] is False
     assert sum(r["failures"] for r in rows) > 0
+
+
+# ----------------------------------------------------------------- the production ClientApp ignores faults
+def test_production_client_app_ignores_faults_set_by_the_server(tmp_path):
+    run_dir, logs = _run(tmp_path, "prod", ["data.num_clients=3", "train.rounds=1",
+                                             "federation.faults=nan@0,error@1,shape@2"], client_app=None)
+    r0, r1 = run_dir.read_metrics()
+    assert (r1["sampled"], r1["participants"], r1["rejected"], r1["failures"], r1["failed"]) == (3, 3, 0, 0, False)
+    assert r1["test_loss"] != r0["test_loss"]  # the round trained on every client's reply
+    text = "\n".join(logs)
+    assert "fault injection is off on the client" in text
+    assert "injected failure" not in text and "dropped the reply" not in text
+
+
+def _train_message(faults_spec):
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from florg.experiment import get_experiment
+    from florg.fl.records import CONFIG_KEY, to_record
+
+    cfg = load_config(None, BASE + ["data.num_clients=2", "train.local_steps=1", f"federation.faults={faults_spec}"])
+    exp = get_experiment(cfg)
+    content = RecordDict({"arrays": to_record(exp.initial_state),
+                          "config": ConfigRecord({"server-round": 1, "lr": 1e-3, CONFIG_KEY: cfg.to_json()})})
+    msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    return msg, context
+
+
+def test_fault_injection_is_a_client_side_choice(flower_task):
+    """The same server message: the test-only ClientApp fails as told, the production one trains and warns."""
+    from florg.fl.client_app import app as production
+
+    msg, context = _train_message("error@0")
+    with pytest.raises(faults.InjectedFault, match="partition 0"):
+        faults.app(msg, context)
+    cap = _Capture()
+    logging.getLogger("flwr").addHandler(cap)
+    try:
+        reply = production(msg, context)
+    finally:
+        logging.getLogger("flwr").removeHandler(cap)
+    assert not reply.has_error()
+    assert reply.content["metrics"]["partition-id"] == 0 and reply.content["metrics"]["num-examples"] > 0
+    assert len(reply.content["arrays"]) > 0
+    warnings = [line for line in cap.lines if "fault injection is off on this client" in line]
+    assert len(warnings) == 1 and "federation.faults=error@0" in warnings[0]

@@ -3,13 +3,24 @@
 The run config arrives in every training message (``florg-config``); the model and data are
 built once per process and cached (:func:`florg.experiment.get_experiment`). Each client reads
 its shard from ``context.node_config["partition-id"]``.
+
+``app`` is the production ClientApp: it never injects faults. A run config with
+``federation.faults`` set (the server decides the run config) changes nothing here; the client
+replies normally and logs a warning that fault injection is off. Fault injection for
+reliability tests lives in a separate, test-only ClientApp, :data:`florg.fl.faults.app` (the
+same ``query`` / ``train`` / ``evaluate`` functions plus the fault mod).
 """
 
 from __future__ import annotations
 
+import json
+from logging import WARNING
+from typing import Any
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from florg.config import RunConfig
 from florg.core.privacy import noise_generator
@@ -17,10 +28,11 @@ from florg.experiment import get_experiment
 from florg.methods.base import ClientInfo
 from florg.train import cycle, make_optimizer, train_steps
 
-from .faults import fault_mod
 from .records import CONFIG_KEY, from_record, to_record
 
-app = ClientApp(mods=[fault_mod])
+__all__ = ["app", "evaluate_local", "faults_off_mod", "query", "train"]
+
+app = ClientApp()  # no mods: the production ClientApp injects no faults (see florg.fl.faults for the test-only one)
 
 _OPTIM_KEY = "florg.optimizer"
 _LOCAL_KEY = "florg.local"  # the method's own per-client state (e.g. FedSA-LoRA's local B)
@@ -36,13 +48,31 @@ def _partition_id(context: Context) -> int:
         ) from None
 
 
+def faults_off_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+    """Warn when the server asks for fault injection, which this ClientApp never does; change nothing."""
+    if msg.metadata.message_type == "train" and (faults := _requested_faults(msg)):
+        log(WARNING, "fault injection is off on this client: the run config sets federation.faults=%s, which "
+                     "the production ClientApp (florg.fl.client_app:app) ignores; only the test-only ClientApp "
+                     "florg.fl.faults:app injects faults. This client replies normally.", ",".join(faults))
+    return call_next(msg, context)
+
+
+def _requested_faults(msg: Message) -> list[str]:
+    """``federation.faults`` of the run config in ``msg`` (empty if absent or unreadable)."""
+    try:
+        faults: Any = json.loads(str(msg.content["config"][CONFIG_KEY]))["federation"]["faults"]
+    except Exception:  # noqa: BLE001 - an unreadable config is train()'s error to report, not this warning's
+        return []
+    return [str(f) for f in faults] if isinstance(faults, list) else []
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id (used for reproducible client sampling)."""
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[faults_off_mod])
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = RunConfig.from_json(str(config[CONFIG_KEY]))

@@ -1,7 +1,21 @@
-"""Fault injection for reliability testing, as a Flower ClientApp mod.
+"""Fault injection for reliability testing: a Flower ClientApp mod and the test-only ClientApp ``app``.
 
-Enabled only by the run config key ``federation.faults`` (empty by default, so the mod is a
-no-op). Entries:
+Opt-in on the client side. Florg's production ClientApp (:data:`florg.fl.client_app.app`, the
+one its Flower App and the simulation use by default) carries no fault mod: a server that sets
+``federation.faults`` in the run config cannot make it crash, stall or corrupt its replies (it
+logs a warning that fault injection is off and replies normally). Faults are injected only by
+the ClientApp in this module, ``florg.fl.faults:app`` -- the production ``query`` / ``train`` /
+``evaluate`` functions plus :func:`fault_mod` -- and only where it is chosen explicitly:
+
+* the embedded simulation: ``run_simulation_engine(cfg, run_dir, client_app=florg.fl.faults.app)``
+  (``florg run`` never does this);
+* a deployment: a Flower App whose ``clientapp`` component is ``florg.fl.faults:app`` (florg's
+  own App in ``florg/fl/app`` names the production one). In a Flower deployment the App is
+  what ``flwr run`` submits, so whoever may submit Apps to your SuperNodes can run code on them
+  anyway: accept only Apps you trust.
+
+In that ClientApp, the run config key ``federation.faults`` (empty by default, so the mod is a
+no-op) decides what goes wrong. Entries:
 
 * ``KIND@PARTITION`` -- the client with that partition id misbehaves every round. Kinds:
   ``nan`` / ``inf`` (a non-finite value in its first tensor), ``shape`` (an extra row in its
@@ -20,12 +34,14 @@ import time
 
 import torch
 from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from florg.config import FAULT_KINDS, RunConfig, parse_faults
 
+from . import client_app as _production
 from .records import CONFIG_KEY, from_record, to_record
 
-__all__ = ["FAULT_KINDS", "InjectedFault", "dropped_out", "fault_mod", "parse_faults"]
+__all__ = ["FAULT_KINDS", "InjectedFault", "app", "dropped_out", "fault_mod", "parse_faults"]
 
 
 class InjectedFault(RuntimeError):
@@ -85,3 +101,10 @@ def fault_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: AN
         reply.content["metrics"]["num-examples"] = 0
         return reply
     return _corrupt(reply, kind)
+
+
+#: The test-only ClientApp: florg's client functions with :func:`fault_mod` in front of them.
+app = ClientApp(mods=[fault_mod])
+app.query()(_production.query)
+app.train()(_production.train)
+app.evaluate()(_production.evaluate_local)

@@ -3,19 +3,27 @@
 Every use of Flower's simulation entry point is in this file, so that moving to another entry
 point is a one-file change. Client resources are explicit (``federation.client_cpus``, default 1
 CPU per client: on a 2-core machine two clients train at a time).
+
+The simulated clients run florg's production ClientApp (:data:`florg.fl.client_app.app`), which
+never injects faults. Reliability tests pass the test-only ClientApp instead:
+``run_simulation_engine(cfg, run_dir, client_app=florg.fl.faults.app)``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from logging import WARNING
+from typing import TYPE_CHECKING, Any
 
 from florg.config import RunConfig
 from florg.experiment import set_offline_env
 from florg.rundir import RunDir
 
 from .server_app import Reporter, run_server
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 __all__ = ["run_simulation_engine", "backend_config"]
 
@@ -56,17 +64,37 @@ class _QuietFlower(logging.Filter):
 
 
 def run_simulation_engine(
-    cfg: RunConfig, run_dir: RunDir, reporter: Reporter | None = None, verbose: bool = False, resume: bool = False
+    cfg: RunConfig,
+    run_dir: RunDir,
+    reporter: Reporter | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    client_app: ClientApp | None = None,
 ) -> dict[str, Any]:
-    """Run the federated job with ``cfg.data.num_clients`` simulated SuperNodes; returns the summary."""
+    """Run the federated job with ``cfg.data.num_clients`` simulated SuperNodes; returns the summary.
+
+    ``client_app`` defaults to florg's production ClientApp; pass ``florg.fl.faults.app`` (test
+    only) for ``federation.faults`` to take effect. With ``resume`` the checkpoint is checked
+    first (:class:`florg.checkpoint.CheckpointError` before anything starts).
+    """
     set_offline_env()
+    from flwr.common.logger import log
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from .client_app import app as client_app
+    from florg.checkpoint import load_checkpoint
+
+    from .client_app import app as production_app
 
     if cfg.data.num_clients < cfg.federation.min_available_nodes:
         raise ValueError("federation.min_available_nodes exceeds data.num_clients")
+    if resume:
+        load_checkpoint(run_dir.path)  # refuse a bad checkpoint before any process starts
+    client_app = client_app or production_app
+    if cfg.federation.faults and client_app is production_app:
+        log(WARNING, "federation.faults is set but the simulated clients run the production ClientApp, which "
+                     "never injects faults (fault injection is off on the client); pass "
+                     "client_app=florg.fl.faults.app to inject them (tests only)")
     holder: dict[str, Any] = {}
     server_app = ServerApp()
 
