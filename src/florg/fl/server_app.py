@@ -12,8 +12,10 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -21,7 +23,6 @@ from florg.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.config import RunConfig, load_config
 from florg.experiment import Experiment, get_experiment
 from florg.rundir import RunDir
-from florg.train import round_lr
 
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
@@ -53,51 +54,85 @@ def run_server(
 
     With ``resume=True`` the run continues after the last round checkpointed in ``run_dir``.
     """
-    reporter = reporter or _print_reporter
     t_start = time.perf_counter()
-    try:  # a failure while building the model/data must not leave status.json at "running"
-        exp = experiment or get_experiment(cfg)
-        method = exp.method
-        run_dir.write_json("partitions.json", exp.partition_summary)
-        initial = {k: v.clone() for k, v in exp.initial_state.items()}
+    exp = _prepare(cfg, run_dir, experiment)
+    progress = _resume(run_dir, exp, resume)
+    strategy = AdapterStrategy.from_config(exp.method, cfg, round_log=RoundLog(), round_offset=progress.done)
+    _restore_strategy(strategy, progress.checkpoint)
+    evaluate_fn = _evaluation(cfg, exp, run_dir, strategy, progress, reporter or _print_reporter, t_start)
+    try:
+        final = _train(grid, cfg, strategy, progress, evaluate_fn)
+        return _finish(cfg, exp, run_dir, final, progress, t_start)
     except BaseException as exc:
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    # Resume: continue after the last checkpointed round; rows of a round cut short are dropped.
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: rounds done, the global state to continue from, rows and byte counters so far."""
+
+    done: int
+    initial: dict[str, torch.Tensor]
+    rows: list[dict[str, Any]]
+    cumulative: dict[str, int]
+    checkpoint: dict[str, Any] | None = None
+
+
+def _prepare(cfg: RunConfig, run_dir: RunDir, experiment: Experiment | None) -> Experiment:
+    """Build (or take) the experiment and write ``partitions.json``."""
+    try:  # a failure while building the model/data must not leave status.json at "running"
+        exp = experiment or get_experiment(cfg)
+        run_dir.write_json("partitions.json", exp.partition_summary)
+        return exp
+    except BaseException as exc:
+        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+# ------------------------------------------------------------------------------------ resume
+def _resume(run_dir: RunDir, exp: Experiment, resume: bool) -> _Progress:
+    """A fresh start, or (``resume``) the state after the last checkpointed round.
+
+    Restores the RNG states and drops the metrics rows of a round that was cut short; a run
+    interrupted before its first checkpoint starts over.
+    """
+    initial = {k: v.clone() for k, v in exp.initial_state.items()}
     ckpt = load_checkpoint(run_dir.path) if resume else None
-    done = int(ckpt["round"]) if ckpt else 0
-    if ckpt:
-        restore_rng(ckpt)
-        initial = ckpt["state"]
-        rows = [r for r in run_dir.read_metrics() if r["round"] <= done]
-        run_dir.rewrite_metrics(rows)
-        cumulative = dict(ckpt["cumulative"])
-        run_dir.set_status("running", resumed_from_round=done)
-    else:
-        rows = []
-        cumulative = {"bytes_up": 0, "bytes_down": 0}
+    if not ckpt:
         if resume:  # interrupted before the first checkpoint: start over
             run_dir.rewrite_metrics([])
             run_dir.set_status("running")
-    round_log = RoundLog()
-    strategy = AdapterStrategy(
-        method,
-        lr_fn=lambda rnd: round_lr(cfg.train, rnd),
-        run_config_json=cfg.to_json(),
-        seed=cfg.seed,
-        fraction_train=cfg.federation.fraction_train,
-        min_train_nodes=cfg.federation.min_train_nodes,
-        min_available_nodes=cfg.federation.min_available_nodes,
-        round_log=round_log,
-        max_norm=cfg.federation.max_norm,
-        round_offset=done,
-        node_wait_timeout=cfg.federation.round_timeout,
-        wire_dtype=cfg.federation.wire_dtype,
-    )
-    if ckpt:
-        strategy._node_partition = dict(ckpt.get("node_partition", {}))
-        if strategy.privacy is not None and ckpt.get("privacy"):
-            strategy.privacy.load_state_dict(ckpt["privacy"])  # epsilon keeps counting across the resume
+        return _Progress(0, initial, [], {"bytes_up": 0, "bytes_down": 0})
+    done = int(ckpt["round"])
+    restore_rng(ckpt)
+    rows = [r for r in run_dir.read_metrics() if r["round"] <= done]
+    run_dir.rewrite_metrics(rows)
+    run_dir.set_status("running", resumed_from_round=done)
+    return _Progress(done, ckpt["state"], rows, dict(ckpt["cumulative"]), ckpt)
+
+
+def _restore_strategy(strategy: AdapterStrategy, ckpt: dict[str, Any] | None) -> None:
+    """The strategy's own state from the checkpoint: node -> partition map, privacy accountant."""
+    if not ckpt:
+        return
+    strategy._node_partition = dict(ckpt.get("node_partition", {}))
+    if strategy.privacy is not None and ckpt.get("privacy"):
+        strategy.privacy.load_state_dict(ckpt["privacy"])  # epsilon keeps counting across the resume
+
+
+# -------------------------------------------------------------------------------- evaluation
+def _evaluation(
+    cfg: RunConfig,
+    exp: Experiment,
+    run_dir: RunDir,
+    strategy: AdapterStrategy,
+    progress: _Progress,
+    reporter: Reporter,
+    t_start: float,
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """The per-round ``evaluate_fn``: central evaluation, the metrics row, then the checkpoint."""
+    done, cumulative = progress.done, progress.cumulative
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + done
@@ -105,9 +140,9 @@ def run_server(
             return None  # the resumed starting point was evaluated before the interruption
         t0 = time.perf_counter()
         state = from_record(arrays)
-        method.load_global(exp.model, state)
+        exp.method.load_global(exp.model, state)
         res = exp.evaluate()
-        info = round_log.get(server_round)
+        info = strategy.round_log.get(server_round)
         timing = {"eval_seconds": time.perf_counter() - t0, "wall_seconds": time.perf_counter() - t_start}
         if "agg_seconds" in info:
             timing["agg_seconds"] = info.pop("agg_seconds")
@@ -125,58 +160,73 @@ def run_server(
             "bytes_total_cum": cumulative["bytes_up"] + cumulative["bytes_down"],
             "timing": timing,
         }
-        rows.append(row)
+        progress.rows.append(row)
         run_dir.append_metrics(row)  # the row first, then the checkpoint: see florg.checkpoint
-        save_checkpoint(run_dir.path, {
-            "round": server_round,
-            "state": state,
-            "cumulative": dict(cumulative),
-            "node_partition": dict(strategy._node_partition),
-            "config": cfg.to_dict(),
-            "privacy": strategy.privacy.state_dict() if strategy.privacy is not None else None,
-        })
+        _checkpoint(cfg, run_dir, strategy, server_round, state, cumulative)
         reporter(row)
         return MetricRecord({name: float(res[name]) for name in exp.family.metrics})
 
-    try:
-        remaining = cfg.train.rounds - done
-        if remaining > 0:
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=to_record(initial, cfg.federation.wire_dtype),
-                num_rounds=remaining,
-                timeout=cfg.federation.round_timeout,
-                evaluate_fn=evaluate_fn,
-            )
-            final = from_record(result.arrays) if len(result.arrays) else quantize(initial, cfg.federation.wire_dtype)
-        else:
-            final = quantize(initial, cfg.federation.wire_dtype)
-        method.load_global(exp.model, final)
-        _save_adapters(exp, run_dir)
-        from florg.plots import plot_runs
+    return evaluate_fn
 
-        plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}")
-        primary = exp.family.primary_metric
-        summary = {
-            "metric": primary,
-            f"{primary}_before": rows[0][f"test_{primary}"] if rows else None,
-            f"{primary}_after": rows[-1][f"test_{primary}"] if rows else None,
-            "rounds": cfg.train.rounds,
-            "bytes_up_total": cumulative["bytes_up"],
-            "bytes_down_total": cumulative["bytes_down"],
-            "bytes_total": cumulative["bytes_up"] + cumulative["bytes_down"],
-            "wall_seconds": time.perf_counter() - t_start,
-        }
-        if rows and "personal_accuracy" in rows[-1]:
-            summary["personal_accuracy_after"] = rows[-1]["personal_accuracy"]
-        if done:
-            summary["resumed_from_round"] = done
-        run_dir.write_json("summary.json", summary)
-        run_dir.set_status("complete", rounds=len(rows) - 1)
-        return summary
-    except BaseException as exc:
-        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+
+def _checkpoint(cfg: RunConfig, run_dir: RunDir, strategy: AdapterStrategy, server_round: int,
+                state: dict[str, torch.Tensor], cumulative: dict[str, int]) -> None:
+    save_checkpoint(run_dir.path, {
+        "round": server_round,
+        "state": state,
+        "cumulative": dict(cumulative),
+        "node_partition": dict(strategy._node_partition),
+        "config": cfg.to_dict(),
+        "privacy": strategy.privacy.state_dict() if strategy.privacy is not None else None,
+    })
+
+
+# ------------------------------------------------------------------------------------ rounds
+def _train(grid: Grid, cfg: RunConfig, strategy: AdapterStrategy, progress: _Progress,
+           evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None]) -> dict[str, torch.Tensor]:
+    """Run the remaining rounds; the final global state (as the clients decode it)."""
+    wire_dtype = cfg.federation.wire_dtype
+    remaining = cfg.train.rounds - progress.done
+    if remaining <= 0:
+        return quantize(progress.initial, wire_dtype)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(progress.initial, wire_dtype),
+        num_rounds=remaining,
+        timeout=cfg.federation.round_timeout,
+        evaluate_fn=evaluate_fn,
+    )
+    return from_record(result.arrays) if len(result.arrays) else quantize(progress.initial, wire_dtype)
+
+
+# ------------------------------------------------------------------------------------ finish
+def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, torch.Tensor],
+            progress: _Progress, t_start: float) -> dict[str, Any]:
+    """The final adapter files, the plots, ``summary.json`` and the ``complete`` status."""
+    exp.method.load_global(exp.model, final)
+    _save_adapters(exp, run_dir)
+    from florg.plots import plot_runs
+
+    rows, cumulative = progress.rows, progress.cumulative
+    plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}")
+    primary = exp.family.primary_metric
+    summary = {
+        "metric": primary,
+        f"{primary}_before": rows[0][f"test_{primary}"] if rows else None,
+        f"{primary}_after": rows[-1][f"test_{primary}"] if rows else None,
+        "rounds": cfg.train.rounds,
+        "bytes_up_total": cumulative["bytes_up"],
+        "bytes_down_total": cumulative["bytes_down"],
+        "bytes_total": cumulative["bytes_up"] + cumulative["bytes_down"],
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    if rows and "personal_accuracy" in rows[-1]:
+        summary["personal_accuracy_after"] = rows[-1]["personal_accuracy"]
+    if progress.done:
+        summary["resumed_from_round"] = progress.done
+    run_dir.write_json("summary.json", summary)
+    run_dir.set_status("complete", rounds=len(rows) - 1)
+    return summary
 
 
 def _save_adapters(exp: Experiment, run_dir: RunDir) -> None:
