@@ -64,6 +64,14 @@ def test_round_trip_is_exact_and_restores_every_rng(tmp_path):
     assert fresh.releases == 3 and fresh.epsilon() == ledger.epsilon()
 
 
+def test_the_state_keeps_its_key_order(tmp_path):
+    """safetensors sorts names; the layer order decides later floating-point sums, so it is kept."""
+    payload, _ = _payload()
+    payload["state"] = {f"A/layer{i}": torch.full((2, 3), float(i)) for i in (3, 10, 1, 2)}
+    save_checkpoint(tmp_path, payload)
+    assert list(load_checkpoint(tmp_path)["state"]) == ["A/layer3", "A/layer10", "A/layer1", "A/layer2"]
+
+
 def test_a_newer_checkpoint_replaces_the_pair_and_leaves_no_stale_tensor_file(tmp_path):
     save_checkpoint(tmp_path, _payload(1)[0])
     save_checkpoint(tmp_path, _payload(2)[0])

@@ -13,7 +13,8 @@ Format: two files in the run directory, neither of which is ever unpickled.
   key array), with the round in its safetensors metadata.
 * ``checkpoint.json``: everything else (round, cumulative bytes, node -> partition map, the run
   config, the privacy accountant's ``state_dict()``, Python's ``random`` state, the scalar parts
-  of NumPy's RNG state), plus the tensor file's name, size and SHA-256, and the SHA-256 of the
+  of NumPy's RNG state, the order of the global state's keys -- safetensors sorts them, and the
+  order of the layers decides the order of floating-point sums in later rounds), plus the tensor file's name, size and SHA-256, and the SHA-256 of the
   JSON document itself.
 
 Writing is atomic and the pair is always consistent: the tensor file is written under a
@@ -95,6 +96,7 @@ def save_checkpoint(run_dir: str | Path, payload: dict[str, Any]) -> Path:
         "version": VERSION,
         "round": rnd,
         "tensors": {"file": tensor_name, "bytes": len(blob), "sha256": digest},
+        "state_keys": list(payload.get("state", {})),  # safetensors sorts its keys; the order matters (sums)
         "cumulative": {str(k): int(v) for k, v in dict(payload.get("cumulative", {})).items()},
         "node_partition": {str(int(k)): int(v) for k, v in dict(payload.get("node_partition", {})).items()},
         "config": payload.get("config"),
@@ -201,7 +203,7 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     rng = body["rng"]
     return {
         "round": body["round"],
-        "state": {k[len(_STATE):]: v for k, v in tensors.items() if k.startswith(_STATE)},
+        "state": {key: tensors[_STATE + key] for key in body["state_keys"]},  # in the saved order
         "cumulative": dict(body["cumulative"]),
         "node_partition": {int(k): int(v) for k, v in body["node_partition"].items()},
         "config": body.get("config"),
@@ -255,6 +257,9 @@ def _check_schema(body: dict[str, Any]) -> None:
     need(isinstance(t, dict) and isinstance(t["file"], str) and _TENSOR_FILE.fullmatch(t["file"]) is not None,
          "tensors.file must name a checkpoint-<round>-<digest>.safetensors file in the run directory")
     need(is_int(t["bytes"]) and isinstance(t["sha256"], str), "tensors.bytes / tensors.sha256")
+    keys = body["state_keys"]
+    need(isinstance(keys, list) and all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys),
+         "state_keys must list distinct names")
     need(isinstance(body["cumulative"], dict) and all(is_int(v) for v in body["cumulative"].values()),
          "cumulative must map names to integers")
     need(isinstance(body["node_partition"], dict) and all(k.isdigit() and is_int(v) for k, v in
@@ -288,6 +293,8 @@ def _read_tensors(folder: Path, path: Path, body: dict[str, Any]) -> dict[str, t
     for key in (_RNG_TORCH, _RNG_NUMPY):
         if key not in tensors:
             raise _bad(tensor_path, f"the tensor {key!r} is missing")
+    if {k for k in tensors if k.startswith(_STATE)} != {_STATE + k for k in body["state_keys"]}:
+        raise _bad(tensor_path, f"its state tensors differ from those listed in {path.name}")
     return tensors
 
 
