@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from florg.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from florg.run.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from florg.config import load_config
 from florg.fl.privacy import PrivacyLedger
 
@@ -178,7 +178,7 @@ def test_an_edited_checkpoint_json_is_refused(tmp_path, edit):
 
 def test_a_re_signed_json_with_another_round_is_refused_by_the_tensor_file(tmp_path):
     """Even a consistent-looking JSON must agree with the round recorded inside the tensor file."""
-    from florg.checkpoint import _body_digest
+    from florg.run.checkpoint import _body_digest
 
     save_checkpoint(tmp_path, _payload()[0])
     path = tmp_path / "checkpoint.json"
@@ -191,7 +191,7 @@ def test_a_re_signed_json_with_another_round_is_refused_by_the_tensor_file(tmp_p
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import florg.checkpoint as ck
+    import florg.run.checkpoint as ck
 
     save_checkpoint(tmp_path, _payload(1)[0])
     real = ck._write_atomic

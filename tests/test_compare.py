@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import florg.fl.simulation as simulation
-from florg.compare import (
+from florg.run.compare import (
     COMPARE_DEFAULTS,
     METHOD_ORDER,
     bytes_to_target,

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from florg.config import load_config
-from florg.experiment import get_experiment
+from florg.run.experiment import get_experiment
 from florg.fl.records import to_record
 from florg.fl.simulation import run_simulation_engine
 from florg.methods.base import ClientInfo, split_eval, wire_state
-from florg.rundir import RunDir
+from florg.run.rundir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 

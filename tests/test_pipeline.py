@@ -7,7 +7,7 @@ import torch
 
 from florg.adapters import florg_layers
 from florg.config import load_config
-from florg.experiment import build_experiment
+from florg.run.experiment import build_experiment
 from florg.train import cycle, make_optimizer, train_steps
 
 

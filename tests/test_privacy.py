@@ -333,7 +333,7 @@ TINY = [
 @pytest.mark.parametrize("mode, extra", [("local", []), ("central", ["method.weighting=uniform"])])
 def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, mode, extra):
     from florg.fl.simulation import run_simulation_engine
-    from florg.rundir import RunDir
+    from florg.run.rundir import RunDir
 
     cfg = load_config(None, TINY + [f"privacy.mode={mode}", *extra, f"out_dir={tmp_path}", f"name={mode}"])
     run_dir = RunDir.create(cfg)
@@ -359,7 +359,7 @@ def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, mode, extra):
 
 def _resume_keeps_counting(cfg, run_dir, rows):
     """Cut the run back to its round-1 checkpoint; the resumed round 2 continues the accountant's count."""
-    from florg.checkpoint import load_checkpoint, save_checkpoint
+    from florg.run.checkpoint import load_checkpoint, save_checkpoint
     from florg.fl.simulation import run_simulation_engine
 
     ckpt = load_checkpoint(run_dir.path)

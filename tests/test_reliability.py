@@ -12,7 +12,7 @@ import pytest
 from florg.config import load_config
 from florg.fl import faults
 from florg.fl.simulation import run_simulation_engine
-from florg.rundir import RunDir
+from florg.run.rundir import RunDir
 
 BASE = [
     "train.local_steps=2",
@@ -105,7 +105,7 @@ def test_production_client_app_ignores_faults_set_by_the_server(tmp_path):
 def _train_message(faults_spec):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from florg.experiment import get_experiment
+    from florg.run.experiment import get_experiment
     from florg.fl.records import CONFIG_KEY, to_record
 
     cfg = load_config(None, BASE + ["data.num_clients=2", "train.local_steps=1", f"federation.faults={faults_spec}"])

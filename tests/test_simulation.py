@@ -7,7 +7,7 @@ import pytest
 
 from florg.config import load_config
 from florg.fl.simulation import run_simulation_engine
-from florg.rundir import RunDir
+from florg.run.rundir import RunDir
 
 TINY = [
     "data.num_clients=3",

@@ -77,8 +77,8 @@ def run(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local data folder (same as --set data.data_dir=...).")] = None,
 ) -> None:
     """Run a federated fine-tuning job on the embedded simulation engine and write a run directory."""
-    from florg.experiment import get_experiment, set_offline_env
-    from florg.rundir import RunDir
+    from florg.run.experiment import get_experiment, set_offline_env
+    from florg.run.rundir import RunDir
 
     set_offline_env()
     if resume is not None:
@@ -88,7 +88,7 @@ def run(
             _fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
         if RunDir(resume).status().get("status") == "complete":
             _fail(f"--resume: the run in '{resume}' is already complete")
-        from florg.checkpoint import CheckpointError, load_checkpoint
+        from florg.run.checkpoint import CheckpointError, load_checkpoint
 
         try:
             load_checkpoint(resume)  # JSON + safetensors only; refuses pickles and damaged pairs
@@ -158,7 +158,7 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
         return
     import tomli_w
 
-    from florg.rundir import _toml_safe
+    from florg.run.rundir import _toml_safe
 
     sys.stdout.write(tomli_w.dumps(_toml_safe(cfg.to_dict())))
 
@@ -178,8 +178,8 @@ def compare(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
 ) -> None:
     """Run every method (and the FLoRG alignment ablation) on one configuration and tabulate them."""
-    from florg.compare import DISPLAY, compare_config, parse_methods, run_compare
-    from florg.experiment import set_offline_env
+    from florg.run.compare import DISPLAY, compare_config, parse_methods, run_compare
+    from florg.run.experiment import set_offline_env
 
     set_offline_env()
     try:

@@ -1,7 +1,7 @@
 """The florg ClientApp: receive the global adapter, train locally, reply with the upload.
 
 The run config arrives in every training message (``florg-config``); the model and data are
-built once per process and cached (:func:`florg.experiment.get_experiment`). Each client reads
+built once per process and cached (:func:`florg.run.experiment.get_experiment`). Each client reads
 its shard from ``context.node_config["partition-id"]``.
 
 ``app`` is the production ClientApp: it never injects faults. A run config with
@@ -24,7 +24,8 @@ from flwr.common.logger import log
 
 from florg.config import RunConfig
 from florg.core.privacy import noise_generator
-from florg.experiment import get_experiment
+from florg.core.seeds import derive_seed
+from florg.run.experiment import get_experiment
 from florg.methods.base import ClientInfo
 from florg.train import cycle, make_optimizer, train_steps
 
@@ -88,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     received = from_record(msg.content["arrays"])
     method.client_load(model, received, info, local)
 
-    torch.manual_seed((cfg.seed * 1_000_003 + server_round) * 10_007 + pid)  # dropout etc.
+    torch.manual_seed(derive_seed(cfg.seed, server_round, pid))  # adapter dropout etc.
     optimizer = make_optimizer(model.parameters(), cfg.train, lr)
     if not cfg.train.reset_optimizer and _OPTIM_KEY in context.state:
         _load_optimizer(optimizer, context.state[_OPTIM_KEY], lr)
@@ -116,7 +117,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate this client's own model (e.g. FedSA-LoRA's personalised one: its own state + the global state).
 
     The model is evaluated on the personal-evaluation subset of the global test split
-    (:meth:`florg.experiment.Experiment.personal_eval_set`), each class weighted by this client's
+    (:meth:`florg.run.experiment.Experiment.personal_eval_set`), each class weighted by this client's
     share of it in its training data; ``num-examples`` is the client's training-set size (the
     server's averaging weight).
     """

@@ -37,6 +37,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from florg.config import FAULT_KINDS, RunConfig, parse_faults
+from florg.core.seeds import derive_seed
 
 from . import client_app as _production
 from .records import CONFIG_KEY, from_record, to_record
@@ -51,7 +52,7 @@ class InjectedFault(RuntimeError):
 def dropped_out(cfg: RunConfig, server_round: int, partition_id: int, fraction: float) -> bool:
     """Whether ``partition_id`` drops out in ``server_round`` (a seeded draw shared by all clients)."""
     n = cfg.data.num_clients
-    rng = random.Random(cfg.seed * 7919 + server_round)
+    rng = random.Random(derive_seed(cfg.seed, "dropout", server_round))
     return partition_id in set(rng.sample(range(n), int(round(fraction * n))))
 
 

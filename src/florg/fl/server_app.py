@@ -19,10 +19,10 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.config import RunConfig, load_config
-from florg.experiment import Experiment, get_experiment
-from florg.rundir import RunDir
+from florg.run.experiment import Experiment, get_experiment
+from florg.run.rundir import RunDir
 
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
@@ -142,6 +142,7 @@ def _evaluation(
         state = from_record(arrays)
         exp.method.load_global(exp.model, state)
         res = exp.evaluate()
+        val = exp.evaluate(exp.validation) if exp.validation is not None else None
         info = strategy.round_log.get(server_round)
         timing = {"eval_seconds": time.perf_counter() - t0, "wall_seconds": time.perf_counter() - t_start}
         if "agg_seconds" in info:
@@ -152,6 +153,7 @@ def _evaluation(
         row = {
             "round": server_round,
             **{f"test_{name}": res[name] for name in exp.family.metrics},
+            **({f"val_{name}": val[name] for name in exp.family.metrics} if val is not None else {}),
             **info,
             "bytes_up": up,
             "bytes_down": down,
@@ -161,7 +163,7 @@ def _evaluation(
             "timing": timing,
         }
         progress.rows.append(row)
-        run_dir.append_metrics(row)  # the row first, then the checkpoint: see florg.checkpoint
+        run_dir.append_metrics(row)  # the row first, then the checkpoint: see florg.run.checkpoint
         _checkpoint(cfg, run_dir, strategy, server_round, state, cumulative)
         reporter(row)
         return MetricRecord({name: float(res[name]) for name in exp.family.metrics})
@@ -205,7 +207,8 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
     """The final adapter files, the plots, ``summary.json`` and the ``complete`` status."""
     exp.method.load_global(exp.model, final)
     _save_adapters(exp, run_dir)
-    from florg.plots import plot_runs
+    exp.family.finish(exp.model, exp, run_dir.path)  # the family's extras (e.g. generations)
+    from florg.run.plots import plot_runs
 
     rows, cumulative = progress.rows, progress.cumulative
     plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}")

@@ -17,8 +17,8 @@ from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 from florg.config import RunConfig
-from florg.experiment import set_offline_env
-from florg.rundir import RunDir
+from florg.run.experiment import set_offline_env
+from florg.run.rundir import RunDir
 
 from .server_app import Reporter, run_server
 
@@ -75,14 +75,14 @@ def run_simulation_engine(
 
     ``client_app`` defaults to florg's production ClientApp; pass ``florg.fl.faults.app`` (test
     only) for ``federation.faults`` to take effect. With ``resume`` the checkpoint is checked
-    first (:class:`florg.checkpoint.CheckpointError` before anything starts).
+    first (:class:`florg.run.checkpoint.CheckpointError` before anything starts).
     """
     set_offline_env()
     from flwr.common.logger import log
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from florg.checkpoint import load_checkpoint
+    from florg.run.checkpoint import load_checkpoint
 
     from .client_app import app as production_app
 

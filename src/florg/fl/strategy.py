@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from florg.config import RunConfig
 from florg.core.privacy import noise_generator
+from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod
 from florg.methods.base import EVAL_PREFIX, SERVER_PREFIX
 from florg.train import round_lr
@@ -170,7 +171,7 @@ class AdapterStrategy(FedAvg):
             return nodes
         pids = self._partition_ids(grid, nodes)
         ordered = sorted(nodes, key=lambda n: (pids[n], n))
-        rng = random.Random(self.seed * 1_000_003 + server_round)
+        rng = random.Random(derive_seed(self.seed, server_round))
         return rng.sample(ordered, size)
 
     def configure_train(

@@ -183,7 +183,7 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run (or resume) a comparison and write its tables and plots; returns :func:`summarise`'s dict."""
     from florg.fl.simulation import run_simulation_engine
-    from florg.rundir import RunDir
+    from florg.run.rundir import RunDir
 
     if not 0.0 < target_fraction <= 1.0:
         raise ConfigError(f"--target-fraction must be in (0, 1], got {target_fraction}")
@@ -339,7 +339,7 @@ def summarise(
     (compare_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     (compare_dir / "results.md").write_text(_markdown(summary, base, ref))
     if runs:
-        from florg.plots import plot_runs
+        from florg.run.plots import plot_runs
 
         title = f"{base.model.name} on {base.data.task}" if base is not None else ""
         plot_runs({DISPLAY[m]: _mean_rows(runs[m]) for m in methods if m in runs}, compare_dir / "plots", title=title)
