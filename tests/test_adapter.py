@@ -1,16 +1,10 @@
 """FLoRG tuner layer: forward/gradient against dense references, merge, compensation, bases, errors."""
 
-import os
-
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
-
 import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForSequenceClassification, BertConfig
 from transformers.pytorch_utils import Conv1D
 
 import florg.adapters as fa
@@ -36,15 +30,6 @@ class TwoLayer(nn.Module):
 
     def forward(self, x):
         return self.head(self.proj(x))
-
-
-def tiny_bert(seed: int = 0, num_labels: int = 3, dtype=torch.float32):
-    config = BertConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        max_position_embeddings=32, num_labels=num_labels,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config).to(dtype).eval()
 
 
 def adapted(d_in, d_out, conv1d=False, r=2, lora_alpha=6, seed=0, **kwargs):
@@ -143,7 +128,7 @@ def test_grad_matches_closed_form(d_in, d_out, conv1d):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
 
 
-def test_only_a_is_trainable():
+def test_only_a_is_trainable(tiny_bert):
     model = get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["query", "value"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("florg_A.default") for n in trainable)
@@ -175,7 +160,7 @@ def test_merge_unmerge_round_trip(conv1d):
     torch.testing.assert_close(delta, expected.T if conv1d else expected)
 
 
-def test_merge_and_unload_gives_same_function():
+def test_merge_and_unload_gives_same_function(tiny_bert):
     model = get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["query", "value"], init_scale=0.3))
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
@@ -186,7 +171,7 @@ def test_merge_and_unload_gives_same_function():
     torch.testing.assert_close(merged_out, adapted_out, rtol=1e-5, atol=1e-6)
 
 
-def test_compensate_init_starts_at_pretrained_function():
+def test_compensate_init_starts_at_pretrained_function(tiny_bert):
     base = tiny_bert()
     ids = torch.randint(0, 97, (3, 11))
     w0 = base.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
@@ -215,7 +200,7 @@ def test_compensate_init_starts_at_pretrained_function():
         torch.testing.assert_close(restored(input_ids=ids).logits, ref, atol=1e-6, rtol=0)
 
 
-def test_compensated_merge_and_unload_keeps_adapted_function():
+def test_compensated_merge_and_unload_keeps_adapted_function(tiny_bert):
     model = get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["query", "value"], compensate_init=True,
                                                        init_scale=0.3))  # fmt: skip
     ids = torch.randint(0, 97, (2, 9))
@@ -227,7 +212,7 @@ def test_compensated_merge_and_unload_keeps_adapted_function():
     torch.testing.assert_close(merged_out, out, rtol=1e-5, atol=1e-6)
 
 
-def test_second_adapter_and_delete():
+def test_second_adapter_and_delete(tiny_bert):
     base = tiny_bert()
     w0 = base.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     model = get_peft_model(base, fa.FLoRGConfig(target_modules=["query"], compensate_init=True, init_scale=0.3))
@@ -252,7 +237,7 @@ def test_second_adapter_and_delete():
 # ----------------------------------------------------------------------------- bases / determinism
 
 
-def test_bases_and_init_deterministic_and_orthonormal():
+def test_bases_and_init_deterministic_and_orthonormal(tiny_bert):
     names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
     m1 = get_peft_model(tiny_bert(seed=1), fa.FLoRGConfig(target_modules=["query", "value"], seed=7))
     m2 = get_peft_model(tiny_bert(seed=2), fa.FLoRGConfig(target_modules=["query", "value"], seed=7))
@@ -277,7 +262,7 @@ def test_bases_and_init_deterministic_and_orthonormal():
     assert not torch.equal(fa.florg_layers(m3)[names[0]].florg_L["default"], l1[names[0]].florg_L["default"])
 
 
-def test_bfloat16_base_keeps_bases_in_base_dtype():
+def test_bfloat16_base_keeps_bases_in_base_dtype(tiny_bert):
     m1 = get_peft_model(tiny_bert(dtype=torch.bfloat16), fa.FLoRGConfig(target_modules=["query"]))
     m2 = get_peft_model(tiny_bert(dtype=torch.bfloat16), fa.FLoRGConfig(target_modules=["query"]))
     for (name, a), b in zip(fa.florg_layers(m1).items(), fa.florg_layers(m2).values()):
@@ -313,7 +298,7 @@ def test_dropout_only_in_training():
 # ----------------------------------------------------------------------------- florg_layers / factors
 
 
-def test_florg_layers_names_and_factor_access():
+def test_florg_layers_names_and_factor_access(tiny_bert):
     base = tiny_bert()
     expected = [n for n, _ in base.named_modules() if n.endswith((".query", ".value"))]
     model = get_peft_model(base, fa.FLoRGConfig(target_modules=["query", "value"], task_type="SEQ_CLS"))
@@ -343,7 +328,7 @@ def test_clean_module_name():
 # ----------------------------------------------------------------------------- errors / config
 
 
-def test_unknown_target_module_lists_model_modules():
+def test_unknown_target_module_lists_model_modules(tiny_bert):
     with pytest.raises(ValueError) as info:
         get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["query", "foo"]))
     msg = str(info.value)
@@ -352,7 +337,7 @@ def test_unknown_target_module_lists_model_modules():
         assert leaf in msg
 
 
-def test_non_linear_target_rejected():
+def test_non_linear_target_rejected(tiny_bert):
     with pytest.raises(ValueError, match="LayerNorm"):
         get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["LayerNorm"]))
 

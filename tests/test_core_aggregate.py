@@ -18,41 +18,12 @@ from florg.core import (
     make_bases,
     procrustes_align,
 )
+from helpers import F64, dense_q, gram_of, orthonormal_rows, probs, randn, random_orthogonal, rel, top_r_truncation
 
-F64 = torch.float64
 COUNTS = [37.0, 250.0, 4.0, 1000.0, 88.0, 12.0]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def orthonormal_rows(n: int, k: int, seed: int) -> torch.Tensor:
-    """An ``n x k`` matrix with orthonormal rows."""
-    q, _ = torch.linalg.qr(randn(k, n, seed=seed))
-    return q.T.contiguous()
-
-
-def random_orthogonal(n: int, seed: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(randn(n, n, seed=seed))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def probs(n: int, weights) -> list[float]:
-    w = [1.0] * n if weights is None else [float(x) for x in weights]
-    return [x / sum(w) for x in w]
-
-
-def dense_q(factors, weights=None) -> torch.Tensor:
-    p = probs(len(factors), weights)
-    q = torch.zeros(factors[0].shape[1], factors[0].shape[1], dtype=F64)
-    for a, pn in zip(factors, p):
-        a = a.to(F64)
-        q += pn * (a.T @ a)
-    return q
 
 
 def dense_delta_w(factors, weights, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -63,21 +34,6 @@ def dense_delta_w(factors, weights, left: torch.Tensor, right: torch.Tensor) -> 
         a = a.to(F64)
         out += pn * ((left @ a.T) @ (a @ right))
     return out
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(x.to(F64) - ref.to(F64)) / torch.linalg.matrix_norm(ref.to(F64)))
-
-
-def top_r_truncation(q: torch.Tensor, r: int) -> torch.Tensor:
-    lam, v = torch.linalg.eigh(q)
-    lam, v = lam.flip(0)[:r], v.flip(1)[:, :r]
-    return (v * lam) @ v.T
-
-
-def gram_of(a: torch.Tensor) -> torch.Tensor:
-    a = a.to(F64)
-    return a.T @ a
 
 
 # --------------------------------------------------------------------------- input families

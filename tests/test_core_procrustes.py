@@ -11,58 +11,21 @@ import pytest
 import torch
 
 from florg.core import GramFactor, aggregate, gram_eigen, procrustes_align
+from helpers import (
+    F64,
+    dense_q,
+    fro,
+    gram_of,
+    orthonormal_rows,
+    randn,
+    random_orthogonal,
+    random_orthogonals,
+    random_semi_orthogonals,
+    rel,
+    top_r_truncation,
+)
 
-F64 = torch.float64
 N_RANDOM = 300  # random (semi-)orthogonal competitors per optimality check
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def random_orthogonal(n: int, seed: int) -> torch.Tensor:
-    """Haar-distributed ``n x n`` orthogonal matrix (both determinant signs occur)."""
-    q, r = torch.linalg.qr(randn(n, n, seed=seed))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def random_orthogonals(n: int, count: int, seed: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(randn(count, n, n, seed=seed))
-    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
-
-
-def random_semi_orthogonals(rows: int, cols: int, count: int, seed: int) -> torch.Tensor:
-    """``count`` matrices ``rows x cols`` (``rows <= cols``) with orthonormal rows."""
-    q, _ = torch.linalg.qr(randn(count, cols, rows, seed=seed))
-    return q.transpose(1, 2)
-
-
-def orthonormal_rows(n: int, k: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(randn(k, n, seed=seed))
-    return q.T.contiguous()
-
-
-def fro(x: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(x))
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return fro(x.to(F64) - ref.to(F64)) / fro(ref.to(F64))
-
-
-def gram_of(a: torch.Tensor) -> torch.Tensor:
-    a = a.to(F64)
-    return a.T @ a
-
-
-def dense_q(factors) -> torch.Tensor:
-    return sum(gram_of(a) for a in factors) / len(factors)
-
-
-def top_r_truncation(q: torch.Tensor, r: int) -> torch.Tensor:
-    lam, v = torch.linalg.eigh(q)
-    lam, v = lam.flip(0)[:r], v.flip(1)[:, :r]
-    return (v * lam) @ v.T
 
 
 def assert_procrustes_certificate(a_new: torch.Tensor, prev: torch.Tensor) -> None:

@@ -21,14 +21,10 @@ from florg.core import (
     normalise_weights,
     procrustes_align,
 )
+from helpers import F64, randn
 
-F64 = torch.float64
 LAYER = "encoder.layer.3.attention.self.query"
 K = 16
-
-
-def randn(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
 
 
 def clients(n: int = 3, r: int = 4) -> list[torch.Tensor]:

@@ -1,10 +1,5 @@
 """Data layer: WordNet parsing, the task registry (WordNet, local GLUE files) and partitioning."""
 
-import os
-
-for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ[_k] = "1"
-
 import json
 import logging
 from collections import Counter

@@ -4,7 +4,7 @@ Each test starts its processes on free loopback ports with its own FLWR_HOME (un
 The insecure (explicit ``insecure=True``) and the TLS test run the tiny config for 2 rounds
 through florg's Flower App and check the run directory; two short tests check the clean-up when
 the body or the start fails (the first with the default: TLS with throwaway certificates). The
-fixture stops exactly the processes the test started (and the helpers they spawned), by PID,
+``deployments`` fixture (conftest.py) stops exactly the processes the test started (and the helpers they spawned), by PID,
 also when the test fails, and then checks that those PIDs are gone.
 """
 
@@ -16,44 +16,9 @@ from pathlib import Path
 import pytest
 
 from florg.fl.deploy import APP_DIR, DeploymentError, LocalDeployment, TLSFiles, pid_alive
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.num_clients=2",
-    "train.rounds=2",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=200",
-    "data.max_test_examples=100",
-    "model.max_length=24",
-    "federation.min_train_nodes=2",
-    "federation.min_available_nodes=2",
-    "federation.round_timeout=90",
-]
-RUN_TIMEOUT = 240.0  # upper bound for `flwr run` (about 45-60 s on an idle 2-core machine; slower under load)
-READY_TIMEOUT = 60.0  # seconds for the SuperLink / each SuperNode to come up
+from helpers import RUN_TIMEOUT
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def deployments(tmp_path):
-    """Factory of LocalDeployments; all are stopped at teardown and their PIDs must be gone."""
-    made: list[LocalDeployment] = []
-
-    def make(**kwargs) -> LocalDeployment:
-        dep = LocalDeployment(tmp_path / f"deployment-{len(made)}", ready_timeout=READY_TIMEOUT, **kwargs)
-        made.append(dep)
-        return dep
-
-    yield make
-    leftover = {}
-    for dep in made:
-        dep.stop()
-        alive = [pid for pid in dep.all_pids() if pid_alive(pid)]
-        if alive:
-            leftover[str(dep.workdir)] = alive
-    assert not leftover, f"processes still running after stop(): {leftover}"
 
 
 def _check_run_dir(run_dir: Path, rounds: int = 2) -> None:
@@ -71,11 +36,11 @@ def _check_run_dir(run_dir: Path, rounds: int = 2) -> None:
     assert summary["bytes_up_total"] == sum(row["bytes_up"] for row in rows)
 
 
-def _run_and_check(dep: LocalDeployment, run_dir: Path) -> None:
+def _run_and_check(dep: LocalDeployment, run_dir: Path, overrides: list[str]) -> None:
     with dep:
         assert len(dep.pids) == 3  # SuperLink + 2 SuperNodes
         assert all(pid_alive(pid) for pid in dep.pids)
-        result = dep.run(APP_DIR, overrides=TINY, run_dir=run_dir, timeout=RUN_TIMEOUT)
+        result = dep.run(APP_DIR, overrides=overrides, run_dir=run_dir, timeout=RUN_TIMEOUT)
         logs = "\n".join(f"--- {name}: {path}" for name, path in dep.logs().items())
         assert result.ok, f"flwr run: rc={result.returncode} status={result.status}\n{result.output[-4000:]}\n{logs}"
         assert result.run_id is not None
@@ -84,9 +49,11 @@ def _run_and_check(dep: LocalDeployment, run_dir: Path) -> None:
     assert not [pid for pid in pids if pid_alive(pid)]
 
 
-def test_deployment_insecure(deployments, tmp_path):
+def test_deployment_insecure(deployments, tmp_path, tiny_overrides):
     dep = deployments(num_supernodes=2, insecure=True)  # testing only, and only when asked for
-    _run_and_check(dep, tmp_path / "run")
+    overrides = [*tiny_overrides, "data.num_clients=2", "data.max_train_examples=200", "data.max_test_examples=100",
+                 "federation.round_timeout=90"]
+    _run_and_check(dep, tmp_path / "run", overrides)
     config = (dep.flwr_home / "config.toml").read_text()
     assert "insecure = true" in config and dep.address in config
 

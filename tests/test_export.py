@@ -1,11 +1,7 @@
 """Exact export of FLoRG adapters to plain PEFT LoRA (loadable without florg)."""
 
-import os
-
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
-
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,8 +17,6 @@ import florg.adapters as fa
 
 # PEFT triggers a transformers deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-from tiny_models import tiny_bert, tiny_gpt2
 
 
 def trained(model, std=0.05, head_std=0.3, seed=3):
@@ -42,7 +36,7 @@ def trained(model, std=0.05, head_std=0.3, seed=3):
     return model
 
 
-def make_case(tmp_path, kind, compensate):
+def make_case(tmp_path, kind, compensate, tiny_bert, tiny_gpt2):
     """Save the pristine base model, adapt + 'train' it, export, and store inputs/outputs for comparison."""
     case = tmp_path / f"{kind}-{'comp' if compensate else 'plain'}"
     base = tiny_bert() if kind == "bert" else tiny_gpt2()
@@ -96,12 +90,12 @@ _CHECK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_exported_lora_loads_with_plain_peft_and_matches(tmp_path):
+def test_exported_lora_loads_with_plain_peft_and_matches(tmp_path, tiny_bert, tiny_gpt2):
     cases = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for kind, compensate in [("bert", False), ("bert", True), ("gpt2", True)]:
-            cases.append(str(make_case(tmp_path, kind, compensate)[1]))
+            cases.append(str(make_case(tmp_path, kind, compensate, tiny_bert, tiny_gpt2)[1]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-c", _CHECK_SCRIPT, *cases], capture_output=True, text=True, env=env, timeout=300
@@ -115,7 +109,7 @@ def test_exported_lora_loads_with_plain_peft_and_matches(tmp_path):
         assert results[case]["diff"] <= 1e-5, (case, results[case])
 
 
-def test_export_structure_and_exact_delta(tmp_path):
+def test_export_structure_and_exact_delta(tmp_path, tiny_bert):
     model = trained(get_peft_model(tiny_bert(), fa.FLoRGConfig(r=4, lora_alpha=16, target_modules=["query", "value"],
                                                                task_type="SEQ_CLS")))  # fmt: skip
     config, state = fa.export_lora(model)
@@ -143,7 +137,7 @@ def test_export_structure_and_exact_delta(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 4
 
 
-def test_compensated_export_is_rank_2r_on_original_weights():
+def test_compensated_export_is_rank_2r_on_original_weights(tiny_bert):
     base = tiny_bert()
     w0 = base.bert.encoder.layer[1].attention.self.value.weight.detach().clone()
     model = trained(get_peft_model(base, fa.FLoRGConfig(r=3, target_modules=["value"], compensate_init=True,
@@ -160,7 +154,7 @@ def test_compensated_export_is_rank_2r_on_original_weights():
     torch.testing.assert_close(w0.double() + b @ a, adapted_weight, rtol=0, atol=1e-6)
 
 
-def test_conv1d_export_matches_in_process():
+def test_conv1d_export_matches_in_process(tiny_gpt2):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         base = tiny_gpt2()
@@ -183,7 +177,7 @@ def test_conv1d_export_matches_in_process():
     assert (out - ref).abs().max().item() <= 1e-5
 
 
-def test_export_refuses_merged_adapter():
+def test_export_refuses_merged_adapter(tiny_bert):
     model = get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["query"]))
     model.merge_adapter()
     with pytest.raises(ValueError, match="unmerge"):
@@ -195,9 +189,9 @@ def test_export_refuses_merged_adapter():
         fa.export_lora(model, adapter_name="missing")
 
 
-def test_exported_lora_loads_in_process(tmp_path):
+def test_exported_lora_loads_in_process(tmp_path, tiny_bert, tiny_gpt2):
     """The same directory also loads via PeftModel.from_pretrained in a process that has florg imported."""
-    _, case = make_case(tmp_path, "bert", False)
+    _, case = make_case(tmp_path, "bert", False, tiny_bert, tiny_gpt2)
     ref = torch.load(case / "ref.pt")
     base = AutoModelForSequenceClassification.from_pretrained(case / "base").eval()
     model = PeftModel.from_pretrained(base, case / "lora")

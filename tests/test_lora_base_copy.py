@@ -9,10 +9,8 @@ from florg.config import load_config
 from florg.methods import get_method
 from florg.methods.lora_common import lora_layers
 
-from tiny_models import tiny_bert
 
-
-def _build(name):
+def _build(tiny_bert, name):
     cfg = load_config(None, [f"method.name={name}", "method.rank=2", "method.alpha=4"])
     method = get_method(cfg)
     with warnings.catch_warnings():
@@ -22,8 +20,8 @@ def _build(name):
 
 
 @pytest.mark.parametrize("name", ["fedex-lora", "federa", "flora"])
-def test_w0_copy_is_a_buffer_that_follows_the_model_but_is_not_saved(name):
-    method, model = _build(name)
+def test_w0_copy_is_a_buffer_that_follows_the_model_but_is_not_saved(name, tiny_bert):
+    method, model = _build(tiny_bert, name)
     layers = lora_layers(model)
     assert layers
     buffers = [n for n, _ in model.named_buffers() if n.endswith(".florg_w0_pretrained")]
@@ -41,6 +39,6 @@ def test_w0_copy_is_a_buffer_that_follows_the_model_but_is_not_saved(name):
     assert all(layer.florg_w0_pretrained.is_meta for layer in layers.values())
 
 
-def test_methods_that_keep_w0_have_no_copy():
-    _, model = _build("fedit")
+def test_methods_that_keep_w0_have_no_copy(tiny_bert):
+    _, model = _build(tiny_bert, "fedit")
     assert not any("florg_w0_pretrained" in n for n, _ in model.named_buffers())

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2ForSequenceClassification
+from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from florg.config import ConfigError, load_config
 from florg.fl.records import to_record
@@ -27,11 +27,10 @@ from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval,
 from florg.methods.flora import stack_uploads
 from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
 from florg.tasks.classification import label_weighted_accuracy
+from helpers import tiny_bert  # module-level reference weights (PRETRAINED) need it at import time
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-BERT = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-            max_position_embeddings=32, num_labels=3)  # fmt: skip
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 HEADS = ["classifier"]
 EXAMPLES = [10, 20, 30]  # example counts of the three clients -> p = 1/6, 2/6, 3/6
@@ -58,11 +57,6 @@ def test_every_registered_method_is_in_the_matrix():
 # ----------------------------------------------------------------------------- harness
 
 
-def plain_bert():
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(BertConfig(**BERT)).eval()
-
-
 def setup(label, *overrides):
     name, extra = EXTRA.get(label, (label, []))
     cfg = load_config(None, [f"method.name={name}", f"method.rank={RANK}", f"method.alpha={ALPHA}", *extra,
@@ -70,7 +64,7 @@ def setup(label, *overrides):
     method = get_method(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = method.build(plain_bert(), TARGETS, HEADS).eval()
+        model = method.build(tiny_bert(), TARGETS, HEADS).eval()
     return cfg, method, model
 
 
@@ -85,7 +79,7 @@ def _target_modules(model):
 
 PRETRAINED = {
     n: m.weight.detach().double().clone()
-    for n, m in plain_bert().named_modules()
+    for n, m in tiny_bert().named_modules()
     if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in TARGETS)
 }
 
@@ -237,7 +231,7 @@ def test_federa_init_keeps_the_pretrained_function_and_is_the_svd_of_w0():
     cfg, method, model = setup("federa")
     ids = torch.randint(1, 97, (4, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = plain_bert()(input_ids=ids).logits
+        ref = tiny_bert()(input_ids=ids).logits
         out = model(input_ids=ids).logits
     assert torch.allclose(out, ref, atol=1e-5)
     s = ALPHA / RANK

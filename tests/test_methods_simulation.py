@@ -13,43 +13,31 @@ import pytest
 import torch
 
 from florg.config import load_config
-from florg.run.experiment import get_experiment
 from florg.fl.records import to_record
 from florg.fl.simulation import run_simulation_engine
 from florg.methods.base import ClientInfo, split_eval, wire_state
+from florg.run.experiment import get_experiment
 from florg.run.rundir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
-TINY = [
-    "data.num_clients=3",
-    "train.rounds=2",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=240",
-    "data.max_test_examples=80",
-    "model.max_length=24",
-    "federation.min_train_nodes=2",
-    "federation.min_available_nodes=2",
-    "method.fedsa-lora.personal_eval_examples=40",
-]
 
-
-def _run(tmp, name, extra):
-    cfg = load_config(None, TINY + [f"out_dir={tmp}", f"name={name}", *extra])
+def _run(tiny_overrides, tmp, name, extra):
+    overrides = [*tiny_overrides, "method.fedsa-lora.personal_eval_examples=40"]
+    cfg = load_config(None, [*overrides, f"out_dir={tmp}", f"name={name}", *extra])
     run_dir = RunDir.create(cfg)
     summary = run_simulation_engine(cfg, run_dir, reporter=lambda row: None)
     return cfg, run_dir, summary
 
 
 @pytest.fixture(scope="module")
-def fedsa(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("fedsa"), "fedsa", ["method.name=fedsa-lora"])
+def fedsa(tmp_path_factory, tiny_overrides):
+    return _run(tiny_overrides, tmp_path_factory.mktemp("fedsa"), "fedsa", ["method.name=fedsa-lora"])
 
 
 @pytest.fixture(scope="module")
-def flora(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("flora"), "flora", ["method.name=flora", "method.client_ranks=[2,4,8]"])
+def flora(tmp_path_factory, tiny_overrides):
+    return _run(tiny_overrides, tmp_path_factory.mktemp("flora"), "flora", ["method.name=flora", "method.client_ranks=[2,4,8]"])
 
 
 def test_fedsa_lora_personalised_and_global(fedsa):

@@ -2,9 +2,6 @@
 
 import os
 
-for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ[_k] = "1"
-
 import datasets
 import pytest
 import torch

@@ -1,10 +1,5 @@
 """FLoRG through PEFT's public API: get_peft_model, save/load, state dicts, registry, a real model."""
 
-import os
-
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
-
 import json
 import types
 import warnings
@@ -22,8 +17,6 @@ from florg.adapters import _peft_registry
 
 # PEFT triggers a transformers deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-from tiny_models import tiny_bert, tiny_gpt2
 
 
 def fresh_copy(make, state):
@@ -105,7 +98,7 @@ def test_config_round_trips_through_peft_config(tmp_path):
 
 
 @pytest.mark.parametrize("compensate", [False, True], ids=["plain", "compensated"])
-def test_bert_save_load_bit_identical(tmp_path, compensate):
+def test_bert_save_load_bit_identical(tmp_path, compensate, tiny_bert):
     base = tiny_bert()
     state = {k: v.clone() for k, v in base.state_dict().items()}
     config = fa.FLoRGConfig(r=4, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS",
@@ -142,7 +135,7 @@ def test_bert_save_load_bit_identical(tmp_path, compensate):
         assert torch.equal(lazy(input_ids=ids).logits, out)
 
 
-def test_gpt2_conv1d_save_load_and_merge(tmp_path):
+def test_gpt2_conv1d_save_load_and_merge(tmp_path, tiny_gpt2):
     base = tiny_gpt2()
     state = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.warns(UserWarning, match="fan_in_fan_out"):
@@ -167,7 +160,7 @@ def test_gpt2_conv1d_save_load_and_merge(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, out, rtol=1e-5, atol=1e-5)
 
 
-def test_state_dict_round_trip_and_trainable_reload(tmp_path):
+def test_state_dict_round_trip_and_trainable_reload(tmp_path, tiny_bert):
     model = get_peft_model(tiny_bert(), fa.FLoRGConfig(target_modules=["query", "value"], task_type="SEQ_CLS"))
     perturb(model)
     sd = get_peft_model_state_dict(model)
@@ -184,7 +177,7 @@ def test_state_dict_round_trip_and_trainable_reload(tmp_path):
     assert not any(".florg_L" in n or ".florg_R" in n for n in trainable)
 
 
-def test_disable_adapter_context_gives_base_output():
+def test_disable_adapter_context_gives_base_output(tiny_bert):
     base = tiny_bert()
     ids = torch.randint(0, 97, (2, 6))
     with torch.no_grad():

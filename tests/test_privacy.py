@@ -316,26 +316,15 @@ def test_cli_rejects_dp_for_other_methods_before_training(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------------------- tiny simulations
 
-TINY = [
-    "data.num_clients=3",
-    "train.rounds=2",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=240",
-    "data.max_test_examples=80",
-    "model.max_length=24",
-    "privacy.clip_norm=3.0",
-    "privacy.noise_multiplier=0.8",
-    "privacy.reproducible_noise=true",
-]
-
 
 @pytest.mark.parametrize("mode, extra", [("local", []), ("central", ["method.weighting=uniform"])])
-def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, mode, extra):
+def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, tiny_overrides, mode, extra):
     from florg.fl.simulation import run_simulation_engine
     from florg.run.rundir import RunDir
 
-    cfg = load_config(None, TINY + [f"privacy.mode={mode}", *extra, f"out_dir={tmp_path}", f"name={mode}"])
+    dp_overrides = ["privacy.clip_norm=3.0", "privacy.noise_multiplier=0.8", "privacy.reproducible_noise=true"]
+    cfg = load_config(None, [*tiny_overrides, *dp_overrides, f"privacy.mode={mode}", *extra, f"out_dir={tmp_path}",
+                             f"name={mode}"])
     run_dir = RunDir.create(cfg)
     summary = run_simulation_engine(cfg, run_dir, reporter=lambda row: None)
     rows = run_dir.read_metrics()
@@ -359,8 +348,8 @@ def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, mode, extra):
 
 def _resume_keeps_counting(cfg, run_dir, rows):
     """Cut the run back to its round-1 checkpoint; the resumed round 2 continues the accountant's count."""
-    from florg.run.checkpoint import load_checkpoint, save_checkpoint
     from florg.fl.simulation import run_simulation_engine
+    from florg.run.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(run_dir.path)
     assert ckpt["privacy"]["compositions"][0]["count"] == 1 and len(ckpt["privacy"]["compositions"]) == 2

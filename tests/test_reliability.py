@@ -14,16 +14,8 @@ from florg.fl import faults
 from florg.fl.simulation import run_simulation_engine
 from florg.run.rundir import RunDir
 
-BASE = [
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=400",
-    "data.max_test_examples=60",
-    "model.max_length=24",
-    "federation.min_train_nodes=2",
-    "federation.min_available_nodes=2",
-    "data.partition=iid",
-]
+# Deviations from the tiny configuration; every run sets its own client and round counts.
+RELIABILITY = ("data.max_train_examples=400", "data.max_test_examples=60", "data.partition=iid")
 
 
 class _Capture(logging.Handler):
@@ -35,8 +27,8 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _run(tmp_path, name, extra, client_app=faults.app):
-    cfg = load_config(None, BASE + [f"out_dir={tmp_path}", f"name={name}", *extra])
+def _run(tiny_overrides, tmp_path, name, extra, client_app=faults.app):
+    cfg = load_config(None, [*tiny_overrides, *RELIABILITY, f"out_dir={tmp_path}", f"name={name}", *extra])
     cap = _Capture()
     logging.getLogger("flwr").addHandler(cap)
     try:
@@ -47,9 +39,9 @@ def _run(tmp_path, name, extra, client_app=faults.app):
     return run_dir, cap.lines
 
 
-def test_invalid_replies_are_dropped_with_reasons(tmp_path):
+def test_invalid_replies_are_dropped_with_reasons(tmp_path, tiny_overrides):
     faults = "nan@0,inf@1,shape@2,missing@3,dtype@4,norm@5,examples@6,error@7"
-    run_dir, logs = _run(tmp_path, "bad", ["data.num_clients=10", "train.rounds=2", f"federation.faults={faults}"])
+    run_dir, logs = _run(tiny_overrides, tmp_path, "bad", ["data.num_clients=10", "train.rounds=2", f"federation.faults={faults}"])
     rows = run_dir.read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
@@ -67,9 +59,9 @@ def test_invalid_replies_are_dropped_with_reasons(tmp_path):
     assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
 
 
-def test_round_with_no_valid_reply_keeps_the_global_adapter(tmp_path):
-    run_dir, _ = _run(tmp_path, "allbad", ["data.num_clients=3", "train.rounds=1",
-                                            "federation.faults=nan@0,error@1,shape@2"])
+def test_round_with_no_valid_reply_keeps_the_global_adapter(tmp_path, tiny_overrides):
+    run_dir, _ = _run(tiny_overrides, tmp_path, "allbad", ["data.num_clients=3", "train.rounds=1",
+                                                           "federation.faults=nan@0,error@1,shape@2"])
     r0, r1 = run_dir.read_metrics()
     assert r1["failed"] is True and r1["participants"] == 0
     assert r1["test_accuracy"] == r0["test_accuracy"] and r1["test_loss"] == r0["test_loss"]
@@ -77,10 +69,10 @@ def test_round_with_no_valid_reply_keeps_the_global_adapter(tmp_path):
 
 
 @pytest.mark.slow
-def test_dropouts_with_partial_participation(tmp_path):
-    run_dir, _ = _run(tmp_path, "drop", ["data.num_clients=10", "train.rounds=3", "federation.fraction_train=0.6",
-                                          "federation.min_train_nodes=4", "federation.min_available_nodes=8",
-                                          "federation.faults=dropout:0.3"])
+def test_dropouts_with_partial_participation(tmp_path, tiny_overrides):
+    run_dir, _ = _run(tiny_overrides, tmp_path, "drop", ["data.num_clients=10", "train.rounds=3",
+                                                         "federation.fraction_train=0.6", "federation.min_train_nodes=4",
+                                                         "federation.min_available_nodes=8", "federation.faults=dropout:0.3"])
     rows = run_dir.read_metrics()[1:]
     assert len(rows) == 3
     for r in rows:
@@ -91,9 +83,9 @@ def test_dropouts_with_partial_participation(tmp_path):
 
 
 # ----------------------------------------------------------------- the production ClientApp ignores faults
-def test_production_client_app_ignores_faults_set_by_the_server(tmp_path):
-    run_dir, logs = _run(tmp_path, "prod", ["data.num_clients=3", "train.rounds=1",
-                                             "federation.faults=nan@0,error@1,shape@2"], client_app=None)
+def test_production_client_app_ignores_faults_set_by_the_server(tmp_path, tiny_overrides):
+    run_dir, logs = _run(tiny_overrides, tmp_path, "prod", ["data.num_clients=3", "train.rounds=1",
+                                                            "federation.faults=nan@0,error@1,shape@2"], client_app=None)
     r0, r1 = run_dir.read_metrics()
     assert (r1["sampled"], r1["participants"], r1["rejected"], r1["failures"], r1["failed"]) == (3, 3, 0, 0, False)
     assert r1["test_loss"] != r0["test_loss"]  # the round trained on every client's reply
@@ -102,13 +94,14 @@ def test_production_client_app_ignores_faults_set_by_the_server(tmp_path):
     assert "injected failure" not in text and "dropped the reply" not in text
 
 
-def _train_message(faults_spec):
+def _train_message(tiny_overrides, faults_spec):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from florg.run.experiment import get_experiment
     from florg.fl.records import CONFIG_KEY, to_record
+    from florg.run.experiment import get_experiment
 
-    cfg = load_config(None, BASE + ["data.num_clients=2", "train.local_steps=1", f"federation.faults={faults_spec}"])
+    cfg = load_config(None, [*tiny_overrides, *RELIABILITY, "data.num_clients=2", "train.rounds=6", "train.local_steps=1",
+                             f"federation.faults={faults_spec}"])  # one message: the round count is the default
     exp = get_experiment(cfg)
     content = RecordDict({"arrays": to_record(exp.initial_state),
                           "config": ConfigRecord({"server-round": 1, "lr": 1e-3, CONFIG_KEY: cfg.to_json()})})
@@ -118,11 +111,11 @@ def _train_message(faults_spec):
     return msg, context
 
 
-def test_fault_injection_is_a_client_side_choice(flower_task):
+def test_fault_injection_is_a_client_side_choice(flower_task, tiny_overrides):
     """The same server message: the test-only ClientApp fails as told, the production one trains and warns."""
     from florg.fl.client_app import app as production
 
-    msg, context = _train_message("error@0")
+    msg, context = _train_message(tiny_overrides, "error@0")
     with pytest.raises(faults.InjectedFault, match="partition 0"):
         faults.app(msg, context)
     cap = _Capture()

@@ -11,20 +11,14 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-TINY = [
-    "data.num_clients=3", "train.rounds=4", "train.local_steps=2", "train.batch_size=8",
-    "data.max_train_examples=240", "data.max_test_examples=60", "model.max_length=24",
-    "federation.min_train_nodes=2", "federation.min_available_nodes=2",
-]
-
 
 def _cmd(*args):
     return [sys.executable, "-m", "florg.cli.main", "run", *args]
 
 
-def _sets(tmp_path, name):
+def _sets(tiny_overrides, tmp_path, name):
     out = []
-    for s in TINY + [f"out_dir={tmp_path}", f"name={name}"]:
+    for s in [*tiny_overrides, "train.rounds=4", "data.max_test_examples=60", f"out_dir={tmp_path}", f"name={name}"]:
         out += ["--set", s]
     return out
 
@@ -55,13 +49,13 @@ def _strip(rows):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     env = dict(os.environ)
-    full = subprocess.run(_cmd(*_sets(tmp_path, "full")), env=env, capture_output=True, text=True, timeout=600)
+    full = subprocess.run(_cmd(*_sets(tiny_overrides, tmp_path, "full")), env=env, capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
 
     run_dir = tmp_path / "crash"
-    proc = subprocess.Popen(_cmd(*_sets(tmp_path, "crash")), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(*_sets(tiny_overrides, tmp_path, "crash")), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     pids = []
     try:

@@ -35,22 +35,9 @@ from florg.fl.deploy import (
     make_throwaway_certs,
     pid_alive,
 )
+from helpers import RUN_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.num_clients=2",
-    "train.rounds=2",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=200",
-    "data.max_test_examples=100",
-    "model.max_length=24",
-    "federation.min_train_nodes=2",
-    "federation.min_available_nodes=2",
-    "federation.round_timeout=90",
-]
-RUN_TIMEOUT = 240.0  # upper bound for `flwr run` (about 45-60 s on an idle 2-core machine; slower under load)
-READY_TIMEOUT = 60.0  # seconds for the SuperLink / each SuperNode to come up
 REFUSAL_TIMEOUT = 60.0  # a refused SuperNode exits a few seconds after it starts; this only bounds the wait
 
 
@@ -150,15 +137,15 @@ def test_last_json_reads_pretty_printed_cli_output():
 
 # ------------------------------------------------------------------------- live deployment
 @pytest.mark.slow
-def test_tls_and_supernode_auth(tmp_path):
+def test_tls_and_supernode_auth(tmp_path, deployments, tiny_overrides):
     certs, keys_dir, other_keys = tmp_path / "certs", tmp_path / "keys", tmp_path / "other-keys"
     _script("make_certs.sh", certs)
     _script("make_node_keys.sh", keys_dir, "supernode-0", "supernode-1")
     _script("make_node_keys.sh", other_keys, "unknown")
     unknown = NodeKey.from_file(other_keys / "unknown")
 
-    dep = LocalDeployment(tmp_path / "deployment", num_supernodes=2, tls=TLSFiles.from_dir(certs),
-                          supernode_auth=True, node_keys=load_node_keys(keys_dir, 2), ready_timeout=READY_TIMEOUT)
+    dep = deployments(num_supernodes=2, tls=TLSFiles.from_dir(certs), supernode_auth=True,
+                      node_keys=load_node_keys(keys_dir, 2))
     run_dir = tmp_path / "run"
     try:
         with dep:
@@ -180,7 +167,9 @@ def test_tls_and_supernode_auth(tmp_path):
                                   name="supernode-no-key"): "[code: 2001] SuperNode authentication is enabled",
             }
 
-            result = dep.run(APP_DIR, overrides=TINY, run_dir=run_dir, timeout=RUN_TIMEOUT)
+            overrides = [*tiny_overrides, "data.num_clients=2", "data.max_train_examples=200",
+                         "data.max_test_examples=100", "federation.round_timeout=90"]
+            result = dep.run(APP_DIR, overrides=overrides, run_dir=run_dir, timeout=RUN_TIMEOUT)
             logs = "\n".join(f"--- {name}: {path}" for name, path in dep.logs().items())
             assert result.ok, (f"flwr run: rc={result.returncode} status={result.status}\n"
                                f"{result.output[-4000:]}\n{logs}")

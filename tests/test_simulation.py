@@ -9,21 +9,9 @@ from florg.config import load_config
 from florg.fl.simulation import run_simulation_engine
 from florg.run.rundir import RunDir
 
-TINY = [
-    "data.num_clients=3",
-    "train.rounds=2",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=240",
-    "data.max_test_examples=80",
-    "model.max_length=24",
-    "federation.min_train_nodes=2",
-    "federation.min_available_nodes=2",
-]
 
-
-def _run(tmp_path, name, extra=()):
-    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", f"name={name}", *extra])
+def _run(tiny_overrides, tmp_path, name, extra=()):
+    cfg = load_config(None, [*tiny_overrides, f"out_dir={tmp_path}", f"name={name}", *extra])
     run_dir = RunDir.create(cfg)
     summary = run_simulation_engine(cfg, run_dir, reporter=lambda row: None)
     return run_dir, summary
@@ -34,9 +22,9 @@ def _deterministic(rows):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, tiny_overrides):
     tmp = tmp_path_factory.mktemp("sim")
-    return _run(tmp, "a"), _run(tmp, "b")
+    return _run(tiny_overrides, tmp, "a"), _run(tiny_overrides, tmp, "b")
 
 
 def test_run_directory_contents(two_runs):
@@ -87,8 +75,8 @@ def test_same_seed_same_metrics(two_runs):
     assert _deterministic(a.read_metrics()) == _deterministic(b.read_metrics())
 
 
-def test_bfloat16_wire(tmp_path):
-    run_dir, summary = _run(tmp_path, "bf16", ["federation.wire_dtype=bfloat16"])
+def test_bfloat16_wire(tmp_path, tiny_overrides):
+    run_dir, summary = _run(tiny_overrides, tmp_path, "bf16", ["federation.wire_dtype=bfloat16"])
     row = run_dir.read_metrics()[1]
     names = [f"A/bert.encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value")]
     per_client = (row["bytes_up"] - row["bytes_up_head"]) / 3

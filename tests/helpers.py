@@ -1,0 +1,121 @@
+"""Shared test helpers: tiny random transformers, the tiny run configuration and float64 linear algebra.
+
+conftest.py exposes the model factories and the tiny overrides as fixtures; the linear-algebra
+helpers are imported directly where test inputs are built at collection time (parametrize lists).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
+
+F64 = torch.float64
+
+# ------------------------------------------------------------------------ tiny models (BERT: nn.Linear; GPT-2: Conv1D)
+
+BERT_CONFIG = dict(
+    vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+    max_position_embeddings=32, num_labels=3,
+)  # fmt: skip
+GPT2_CONFIG = dict(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised 2-layer BERT classifier (hidden 32), in eval mode."""
+    torch.manual_seed(seed)
+    config = BertConfig(**{**BERT_CONFIG, "num_labels": num_labels})
+    return AutoModelForSequenceClassification.from_config(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised 2-layer GPT-2 LM (hidden 32), in eval mode."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**GPT2_CONFIG)).eval()
+
+
+# ------------------------------------------------------------------------ tiny run configuration
+
+# 3 clients, 2 rounds of 2 local steps on small splits: an end-to-end run in well under a minute.
+# Tests append their own deviations after these (later overrides win).
+TINY_OVERRIDES = (
+    "data.num_clients=3",
+    "train.rounds=2",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=240",
+    "data.max_test_examples=80",
+    "model.max_length=24",
+    "federation.min_train_nodes=2",
+    "federation.min_available_nodes=2",
+)
+
+# Multi-process deployments (a SuperLink and SuperNodes as separate processes).
+RUN_TIMEOUT = 240.0  # upper bound for `flwr run` (about 45-60 s on an idle 2-core machine; slower under load)
+READY_TIMEOUT = 60.0  # seconds for the SuperLink / each SuperNode to come up
+
+# ------------------------------------------------------------------------ float64 linear algebra
+
+
+def randn(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
+    """Seeded standard normal tensor, drawn in float64 (then cast to ``dtype``)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+
+
+def orthonormal_rows(n: int, k: int, seed: int) -> torch.Tensor:
+    """An ``n x k`` matrix with orthonormal rows."""
+    q, _ = torch.linalg.qr(randn(k, n, seed=seed))
+    return q.T.contiguous()
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """Haar-distributed ``n x n`` orthogonal matrix (both determinant signs occur)."""
+    q, r = torch.linalg.qr(randn(n, n, seed=seed))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def random_orthogonals(n: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` Haar-distributed ``n x n`` orthogonal matrices."""
+    q, r = torch.linalg.qr(randn(count, n, n, seed=seed))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+
+
+def random_semi_orthogonals(rows: int, cols: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` matrices ``rows x cols`` (``rows <= cols``) with orthonormal rows."""
+    q, _ = torch.linalg.qr(randn(count, cols, rows, seed=seed))
+    return q.transpose(1, 2)
+
+
+def fro(x: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(x))
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of ``x`` against ``ref``, in float64."""
+    return fro(x.to(F64) - ref.to(F64)) / fro(ref.to(F64))
+
+
+def gram_of(a: torch.Tensor) -> torch.Tensor:
+    a = a.to(F64)
+    return a.T @ a
+
+
+def probs(n: int, weights: list[float] | None) -> list[float]:
+    """``weights`` normalised to sum to one (uniform when ``None``)."""
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    return [x / sum(w) for x in w]
+
+
+def dense_q(factors: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """The dense reference ``Q = sum_n p_n A_n^T A_n`` in float64."""
+    p = probs(len(factors), weights)
+    q = torch.zeros(factors[0].shape[1], factors[0].shape[1], dtype=F64)
+    for a, pn in zip(factors, p):
+        q += pn * gram_of(a)
+    return q
+
+
+def top_r_truncation(q: torch.Tensor, r: int) -> torch.Tensor:
+    """The best rank-``r`` approximation of the symmetric PSD matrix ``q``."""
+    lam, v = torch.linalg.eigh(q)
+    lam, v = lam.flip(0)[:r], v.flip(1)[:, :r]
+    return (v * lam) @ v.T
