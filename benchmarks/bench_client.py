@@ -237,20 +237,20 @@ def run_shape(runners: dict[str, Runner], info: dict[str, Any], batch: int, seq:
             "cpu_median_s": statistics.median(r.cpu_times) if r.cpu_times else None,
             "tokens_per_s": batch * seq / med, **mem, **resident_bytes(r.model, r.opt),
         }
-    f, l = res["florg"], res["lora"]
-    res["time_ratio_florg_over_lora"] = f["median_s"] / l["median_s"]
-    res["min_time_ratio_florg_over_lora"] = f["min_s"] / l["min_s"]
-    if f["cpu_median_s"] and l["cpu_median_s"]:
-        res["cpu_time_ratio_florg_over_lora"] = f["cpu_median_s"] / l["cpu_median_s"]
-    res["throughput_ratio_florg_over_lora"] = f["tokens_per_s"] / l["tokens_per_s"]
+    florg_res, lora_res = res["florg"], res["lora"]
+    res["time_ratio_florg_over_lora"] = florg_res["median_s"] / lora_res["median_s"]
+    res["min_time_ratio_florg_over_lora"] = florg_res["min_s"] / lora_res["min_s"]
+    if florg_res["cpu_median_s"] and lora_res["cpu_median_s"]:
+        res["cpu_time_ratio_florg_over_lora"] = florg_res["cpu_median_s"] / lora_res["cpu_median_s"]
+    res["throughput_ratio_florg_over_lora"] = florg_res["tokens_per_s"] / lora_res["tokens_per_s"]
     # Memory the fine-tuning adds on top of the frozen model: the step's transient plus the adapter's
     # own resident tensors (trainable parameters incl. head, frozen bases, AdamW state).
-    for d in (f, l):
+    for d in (florg_res, lora_res):
         d["adapter_resident_bytes"] = d["trainable"] + d["adapter_buffers"] + d["optimizer_state"]
         d["finetune_peak_bytes"] = d["adapter_resident_bytes"] + d["step_transient_bytes"]
         d["peak_total_bytes"] = d["model_all"] + d["optimizer_state"] + d["step_transient_bytes"]
-    res["finetune_mem_ratio_florg_over_lora"] = f["finetune_peak_bytes"] / max(1, l["finetune_peak_bytes"])
-    res["peak_total_ratio_florg_over_lora"] = f["peak_total_bytes"] / max(1, l["peak_total_bytes"])
+    res["finetune_mem_ratio_florg_over_lora"] = florg_res["finetune_peak_bytes"] / max(1, lora_res["finetune_peak_bytes"])
+    res["peak_total_ratio_florg_over_lora"] = florg_res["peak_total_bytes"] / max(1, lora_res["peak_total_bytes"])
     return res
 
 
@@ -336,7 +336,7 @@ def meta_estimate(method: str, tiny: bool, vocab: int, batch: int, seq: int, r: 
 
 
 def meta_table(est: dict[str, dict[str, Any]]) -> str:
-    f, l = est["florg"], est["lora"]
+    florg_est, lora_est = est["florg"], est["lora"]
     rows = []
     for key, label in (("weights_and_buffers_bytes", "weights + buffers (incl. FLoRG bases)"),
                        ("florg_bases_bytes", "  of which FLoRG bases L, R"),
@@ -345,10 +345,12 @@ def meta_table(est: dict[str, dict[str, Any]]) -> str:
                        ("saved_attention_probs_bytes", "  of which attention probabilities (not kept by flash SDPA)"),
                        ("model_peak_bytes", "static + saved (math attention)"),
                        ("model_peak_flash_bytes", "static + saved, without attention probabilities")):
-        rows.append([label, fmt_bytes(f[key]), fmt_bytes(l[key]),
-                     f"{f[key] / l[key]:.3f}" if l[key] else "—", fmt_bytes(f[key] - l[key])])
+        rows.append([label, fmt_bytes(florg_est[key]), fmt_bytes(lora_est[key]),
+                     f"{florg_est[key] / lora_est[key]:.3f}" if lora_est[key] else "—",
+                     fmt_bytes(florg_est[key] - lora_est[key])])
     return print_table(["quantity", "FLoRG", "PEFT LoRA", "FLoRG / LoRA", "difference"], rows,
-                       title=f"memory model on the meta device, Llama batch {f['batch']} x {f['seq']}, vocab {f['vocab']}")
+                       title=f"memory model on the meta device, Llama batch {florg_est['batch']} x {florg_est['seq']}, "
+                             f"vocab {florg_est['vocab']}")
 
 
 # --------------------------------------------------------------------------- main

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,11 @@ def part_a(ks: list[int], n: int, r: int, reps: int, naive_reps: int, naive_budg
     for k in ks:
         factors, prev = make_uploads(k, n, r, seed=k)
         log(f"[a] k={k}: thin path ...")
-        thin = time_fn(lambda: aggregate(factors, previous=prev, rank=r, diagnostics=False), reps=reps, warmup=2)
-        thin_diag = time_fn(lambda: aggregate(factors, previous=prev, rank=r, diagnostics=True), reps=reps, warmup=1)
+        thin = time_fn(partial(aggregate, factors, previous=prev, rank=r, diagnostics=False), reps=reps, warmup=2)
+        thin_diag = time_fn(partial(aggregate, factors, previous=prev, rank=r, diagnostics=True), reps=reps, warmup=1)
         log(f"[a] k={k}: naive path (dense Gram + full eigh) ...")
         naive = time_fn(
-            lambda: naive_aggregate(factors, prev), reps=naive_reps, warmup=1 if k <= 2048 else 0,
+            partial(naive_aggregate, factors, prev), reps=naive_reps, warmup=1 if k <= 2048 else 0,
             max_seconds=naive_budget_s, min_reps=min(3, naive_reps),
         )
         q_ref = reference_gram(factors)
@@ -220,7 +221,8 @@ def table_b(b: dict[str, Any]) -> str:
     text = print_table(
         ["quantity", "value"],
         [
-            ["adapted layers", f"{b['adapted_layers']} ({b['layers']} x {', '.join(f'{p} k={k}' for p, k in b['shapes'].items())})"],
+            ["adapted layers",
+             f"{b['adapted_layers']} ({b['layers']} x {', '.join(f'{p} k={k}' for p, k in b['shapes'].items())})"],
             ["clients N, rank r", f"{b['n']}, {b['r']}"],
             ["uploads held by the server", fmt_bytes(b["upload_bytes_total"])],
             ["round, no diagnostics: median (min) ms", f"{fmt_ms(b['nodiag']['median_s'])} ({fmt_ms(b['nodiag']['min_s'])})"],
@@ -236,7 +238,8 @@ def table_b(b: dict[str, Any]) -> str:
         title="(b) whole-model round, Llama-3.2-3B shapes",
     )
     text += "\n" + print_table(
-        ["layer", "k", "m = sum r_n", "thin: M (m x k f64)", "thin: G, U, W (m x m)", "Gram path: Q (k x k f64)", "upload/client"],
+        ["layer", "k", "m = sum r_n", "thin: M (m x k f64)", "thin: G, U, W (m x m)", "Gram path: Q (k x k f64)",
+         "upload/client"],
         [[x["proj"], x["k"], x["m"], fmt_bytes(x["thin_M_bytes"]), fmt_bytes(x["thin_small_bytes"]),
           fmt_bytes(x["gram_Q_bytes"]), fmt_bytes(x["upload_bytes_per_client"])] for x in b["per_layer"]],
         title="memory per layer (thin path: O(min(sum r_n, k) * k); only one layer's M is alive at a time)",
@@ -259,12 +262,12 @@ def part_c(
         if total <= thin_max_ratio * k_n:
             log(f"[c] N={n} (sum r = {total}, k = {k_n}): thin path ...")
             row["thin"] = time_fn(
-                lambda: aggregate(factors, previous=prev, rank=r, path="thin", diagnostics=False),
+                partial(aggregate, factors, previous=prev, rank=r, path="thin", diagnostics=False),
                 reps=reps, warmup=1, max_seconds=budget_s, min_reps=2,
             )
         log(f"[c] N={n}: Gram path ...")
         row["gram"] = time_fn(
-            lambda: aggregate(factors, previous=prev, rank=r, path="gram", diagnostics=False),
+            partial(aggregate, factors, previous=prev, rank=r, path="gram", diagnostics=False),
             reps=reps, warmup=1, max_seconds=budget_s, min_reps=2,
         )
         vs_n.append(row)
@@ -273,13 +276,13 @@ def part_c(
         factors, prev = make_uploads(k, n_k, r, seed=k)
         log(f"[c] k={k} (N = {n_k}): thin path ...")
         row = {"k": k}
-        row["thin"] = time_fn(lambda: aggregate(factors, previous=prev, rank=r, diagnostics=False), reps=reps, warmup=1)
-        row["thin_diag"] = time_fn(lambda: aggregate(factors, previous=prev, rank=r, diagnostics=True), reps=reps, warmup=1)
+        row["thin"] = time_fn(partial(aggregate, factors, previous=prev, rank=r, diagnostics=False), reps=reps, warmup=1)
+        row["thin_diag"] = time_fn(partial(aggregate, factors, previous=prev, rank=r, diagnostics=True), reps=reps, warmup=1)
         if k in naive_from_a:
             row["naive"] = naive_from_a[k]
         elif k <= naive_max_k:
             log(f"[c] k={k}: naive path ...")
-            row["naive"] = time_fn(lambda: naive_aggregate(factors, prev), reps=max(2, reps // 2), warmup=1,
+            row["naive"] = time_fn(partial(naive_aggregate, factors, prev), reps=max(2, reps // 2), warmup=1,
                                    max_seconds=budget_s, min_reps=2)
         vs_k.append(row)
     return {"k_for_n": k_n, "n_for_k": n_k, "r": r, "vs_n": vs_n, "vs_k": vs_k, "loadavg": loadavg()}
@@ -372,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", default="abc", help="which parts to run (subset of 'abc')")
     ap.add_argument("--json", default=None, help="where to write the measured numbers (default benchmarks/results_server.json; "
                     "with --quick a file in the temp folder)")
-    ap.add_argument("--plots", default=None, help="folder for the PNG plots (default benchmarks/plots; with --quick the temp folder)")
+    ap.add_argument("--plots", default=None,
+                    help="folder for the PNG plots (default benchmarks/plots; with --quick the temp folder)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)

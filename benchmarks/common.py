@@ -142,7 +142,7 @@ class PeakRSS:
     new resident pages, then resets the kernel's high-water mark and reads it at exit.
     """
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         release_free_memory()
         self.exact = reset_peak_rss()
         self.base = rss_bytes()
@@ -202,7 +202,7 @@ def machine_info() -> dict[str, Any]:
         gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
     blas = "MKL" if torch.backends.mkl.is_available() else "other"
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "ram_gib": round(total_ram_bytes() / 2**30, 1),

@@ -88,7 +88,8 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
             ["BLAS / LAPACK", m["blas"]],
             ["torch threads", meta["threads"]],
             ["OMP_WAIT_POLICY", m.get("omp_wait_policy") or "(unset: library default)"],
-            ["GPU", (cuda or {}).get("machine", {}).get("gpu", {}) and cuda["machine"]["gpu"]["name"] or (m["gpu"] or {}).get("name", "none")],
+            ["GPU", (cuda or {}).get("machine", {}).get("gpu", {}) and cuda["machine"]["gpu"]["name"]
+             or (m["gpu"] or {}).get("name", "none")],
             ["load average (1/5/15 min) at start", la(m["loadavg_start"])],
             ["load average at end", la(meta["loadavg_end"])],
             ["wall time of the whole run", f"{meta['wall_s']:.0f} s"],
@@ -127,7 +128,8 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
                      yes(b["diag"]["median_s"] <= TARGET_ROUND_S)])
         err = max(b["gram_err_float32_out_max"], b["gram_err_float64_max"])
         rows.append(["Llama-3.2-3B round, Gram relative error (max over layers, float32 output)",
-                     f"<= {TARGET_GRAM_ERR:.0e}", f"{b['gram_err_float32_out_max']:.1e} (float64: {b['gram_err_float64_max']:.1e})",
+                     f"<= {TARGET_GRAM_ERR:.0e}",
+                     f"{b['gram_err_float32_out_max']:.1e} (float64: {b['gram_err_float64_max']:.1e})",
                      yes(err <= TARGET_GRAM_ERR)])
     if client:
         for res in client["results"]:
@@ -139,9 +141,11 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
     if cuda:
         for res in cuda["results"]:
             rows.append([f"GPU {res['batch']} x {res['seq']}: FLoRG / LoRA tokens/s", f">= {TARGET_GPU_THROUGHPUT:.2f}",
-                         f"{res['throughput_ratio_florg_over_lora']:.3f}", yes(res["throughput_ratio_florg_over_lora"] >= TARGET_GPU_THROUGHPUT)])
+                         f"{res['throughput_ratio_florg_over_lora']:.3f}",
+                         yes(res["throughput_ratio_florg_over_lora"] >= TARGET_GPU_THROUGHPUT)])
             rows.append([f"GPU {res['batch']} x {res['seq']}: FLoRG / LoRA peak memory", f"<= {TARGET_GPU_MEMORY:.2f}",
-                         f"{res['peak_total_ratio_florg_over_lora']:.3f}", yes(res["peak_total_ratio_florg_over_lora"] <= TARGET_GPU_MEMORY)])
+                         f"{res['peak_total_ratio_florg_over_lora']:.3f}",
+                         yes(res["peak_total_ratio_florg_over_lora"] <= TARGET_GPU_MEMORY)])
     else:
         rows.append(["GPU client step (Llama-3.2-1B shape, bf16, 8 x 512)", "tokens/s >= 1.0x, memory <= 1.05x",
                      "not measured (no GPU in this run)", "—"])
@@ -175,11 +179,14 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
             b = server["b"]
             lines += ["### (b) one round for Llama-3.2-3B shapes, one `aggregate_model` call", "", md_table(
                 ["quantity", "value"], [
-                    ["adapted layers", f"{b['adapted_layers']} ({b['layers']} x " + ", ".join(f"{p} k = {k}" for p, k in b["shapes"].items()) + ")"],
+                    ["adapted layers", f"{b['adapted_layers']} ({b['layers']} x "
+                     + ", ".join(f"{p} k = {k}" for p, k in b["shapes"].items()) + ")"],
                     ["clients N, rank r", f"{b['n']}, {b['r']}"],
                     ["uploads held by the server (float32)", fmt_bytes(b["upload_bytes_total"])],
-                    ["time, no diagnostics: median (min)", f"{fmt_ms(b['nodiag']['median_s'])} ms ({fmt_ms(b['nodiag']['min_s'])} ms); CPU {fmt_ms(b['nodiag']['cpu_median_s'])} ms"],
-                    ["time, with diagnostics: median (min)", f"{fmt_ms(b['diag']['median_s'])} ms ({fmt_ms(b['diag']['min_s'])} ms); CPU {fmt_ms(b['diag']['cpu_median_s'])} ms"],
+                    ["time, no diagnostics: median (min)", f"{fmt_ms(b['nodiag']['median_s'])} ms "
+                     f"({fmt_ms(b['nodiag']['min_s'])} ms); CPU {fmt_ms(b['nodiag']['cpu_median_s'])} ms"],
+                    ["time, with diagnostics: median (min)", f"{fmt_ms(b['diag']['median_s'])} ms "
+                     f"({fmt_ms(b['diag']['min_s'])} ms); CPU {fmt_ms(b['diag']['cpu_median_s'])} ms"],
                     ["peak RSS above the RSS before the call (no diagnostics / diagnostics)",
                      f"{fmt_bytes(b['peak_rss_delta_nodiag'])} / {fmt_bytes(b['peak_rss_delta_diag'])}"],
                     ["process RSS before / at peak", f"{fmt_bytes(b['rss_before'])} / {fmt_bytes(b['peak_rss_abs'])}"],
@@ -203,7 +210,7 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
             def med(d: dict[str, Any] | None) -> str:
                 return f"{fmt_ms(d['median_s'])}" if d else "—"
 
-            lines += [f"### (c) scaling (no diagnostics unless stated; medians in ms)", "",
+            lines += ["### (c) scaling (no diagnostics unless stated; medians in ms)", "",
                       f"Time against N (k = {c['k_for_n']}, r = {c['r']}). `aggregate(path='auto')` takes the thin path "
                       f"while sum r_n < k and the Gram path from sum r_n >= k (N >= {c['k_for_n'] // c['r']} here); both "
                       "paths are forced below (the thin path only up to sum r_n = 2k).", "",
@@ -251,7 +258,7 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
     if cuda:
         lines += client_section(cuda, "## Client training step on GPU (`benchmarks/bench_client.py --device cuda`)")
     if estimate:
-        f, l = estimate["estimate"]["florg"], estimate["estimate"]["lora"]
+        florg_est, lora_est = estimate["estimate"]["florg"], estimate["estimate"]["lora"]
         mrows = []
         for key, label in (("weights_and_buffers_bytes", "weights + buffers (incl. FLoRG bases)"),
                            ("florg_bases_bytes", "of which FLoRG bases L, R"),
@@ -260,11 +267,13 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
                            ("saved_attention_probs_bytes", "of which attention probabilities"),
                            ("model_peak_bytes", "static + saved (math attention)"),
                            ("model_peak_flash_bytes", "static + saved without attention probabilities (flash SDPA)")):
-            mrows.append([label, fmt_bytes(f[key]), fmt_bytes(l[key]), f"{f[key] / l[key]:.3f}" if l[key] else "—",
-                          fmt_bytes(f[key] - l[key])])
-        lines += [f"## GPU memory model without a GPU (`bench_client.py --meta-estimate`)", "",
-                  f"Llama {'tiny' if estimate.get('tiny') else '3.2-1B shape'} (vocab {f['vocab']}), bf16 weights, "
-                  f"batch {f['batch']} x {f['seq']}, causal-LM loss, r = {estimate['rank']}, targets q_proj, v_proj. The "
+            mrows.append([label, fmt_bytes(florg_est[key]), fmt_bytes(lora_est[key]),
+                          f"{florg_est[key] / lora_est[key]:.3f}" if lora_est[key] else "—",
+                          fmt_bytes(florg_est[key] - lora_est[key])])
+        lines += ["## GPU memory model without a GPU (`bench_client.py --meta-estimate`)", "",
+                  f"Llama {'tiny' if estimate.get('tiny') else '3.2-1B shape'} (vocab {florg_est['vocab']}), bf16 weights, "
+                  f"batch {florg_est['batch']} x {florg_est['seq']}, causal-LM loss, r = {estimate['rank']}, "
+                  "targets q_proj, v_proj. The "
                   "model is built on the meta device and run forward once; every distinct tensor autograd keeps for "
                   "the backward pass is counted (activations), plus weights, buffers, gradients and AdamW state. "
                   "It is a model of the peak, not a measurement (no allocator overhead or backward temporaries).", "",
@@ -273,7 +282,8 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
         lines += ["## GPU-path crash test on CPU (`bench_client.py --tiny`)", "",
                   f"Tiny random Llama in bf16 ran {tiny['steps']} timed steps per method without error "
                   f"(FLoRG {fmt_ms(tiny['results'][0]['florg']['median_s'])} ms, LoRA "
-                  f"{fmt_ms(tiny['results'][0]['lora']['median_s'])} ms per step; timings of a tiny model are not meaningful).", ""]
+                  f"{fmt_ms(tiny['results'][0]['lora']['median_s'])} ms per step; "
+                  "timings of a tiny model are not meaningful).", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -329,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
              *(["--tiny"] if args.quick else [])], env)
     meta = {
         "machine": machine, "threads": args.threads, "loadavg_end": loadavg(), "wall_s": time.perf_counter() - t0,
-        "command": " ".join([*(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" for _ in [0] if "OMP_WAIT_POLICY" in os.environ),
+        "command": " ".join([*(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+                               for _ in [0] if "OMP_WAIT_POLICY" in os.environ),
                              "bash benchmarks/run_all.sh", *(argv if argv is not None else sys.argv[1:])]),
     }
     with open(run_file, "w") as fh:

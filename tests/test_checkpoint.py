@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from florg.run.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from florg.config import load_config
 from florg.fl.privacy import PrivacyLedger
+from florg.run.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 
 
 class _TouchOnUnpickle:

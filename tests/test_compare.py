@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import florg.fl.simulation as simulation
+from florg.config import ConfigError, load_config
 from florg.run.compare import (
     COMPARE_DEFAULTS,
     METHOD_ORDER,
@@ -15,7 +16,6 @@ from florg.run.compare import (
     plan_runs,
     run_compare,
 )
-from florg.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

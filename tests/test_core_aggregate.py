@@ -172,7 +172,7 @@ def test_exact_aggregation_k1024_paper_regime():
 
 def test_delta_w_norm_is_k_space_norm(bases64):
     """||L X R||_F = ||X||_F: why all errors can be measured on k x k quantities."""
-    for shape, (left, right) in bases64.items():
+    for left, right in bases64.values():
         x = randn(64, 64, seed=5)
         assert abs(float(torch.linalg.matrix_norm(left @ x @ right)) / float(torch.linalg.matrix_norm(x)) - 1) <= 1e-12
 

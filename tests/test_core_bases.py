@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from florg.core import init_factor, layer_seed, make_bases
 from florg.core import bases as bases_module
+from florg.core import init_factor, layer_seed, make_bases
 from florg.core.bases import orthonormal_frame
 
 F64 = torch.float64

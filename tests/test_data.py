@@ -266,11 +266,13 @@ def test_glue_from_save_to_disk(tmp_path):
 
 
 def test_glue_mnli_uses_validation_matched_and_lone_train_is_split(tmp_path):
-    rows = lambda n: {  # noqa: E731
-        "premise": [f"p{i}" for i in range(n)],
-        "hypothesis": [f"h{i}" for i in range(n)],
-        "label": [i % 3 for i in range(n)],
-    }
+    def rows(n):
+        return {
+            "premise": [f"p{i}" for i in range(n)],
+            "hypothesis": [f"h{i}" for i in range(n)],
+            "label": [i % 3 for i in range(n)],
+        }
+
     dd = datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict(rows(60)),
@@ -362,7 +364,10 @@ def test_dirichlet_is_skewed_iid_is_not(small_train):
     dirichlet = partition_stats(partition_dataset(small_train, k, "dirichlet", alpha=0.5, seed=1), 4)
     iid = partition_stats(partition_dataset(small_train, k, "iid", seed=1), 4)
     assert [s["size"] for s in iid] == [len(small_train) // k] * k
-    mean_top = lambda st: sum(s["top_share"] for s in st) / len(st)  # noqa: E731
+
+    def mean_top(st):
+        return sum(s["top_share"] for s in st) / len(st)
+
     assert mean_top(iid) < 0.5  # close to the global share of the largest class (~0.39)
     assert mean_top(dirichlet) > mean_top(iid) + 0.15
     sizes = [s["size"] for s in dirichlet]

@@ -60,20 +60,18 @@ def test_deployment_insecure(deployments, tmp_path, tiny_overrides):
 
 def test_processes_stopped_when_the_body_fails(deployments):
     dep = deployments(num_supernodes=2)  # no tls, no insecure: TLS with throwaway certificates
-    with pytest.raises(RuntimeError, match="boom"):
-        with dep:
-            started = dep.pids
-            assert len(started) == 3 and all(pid_alive(pid) for pid in started)
-            assert dep.tls is not None and dep.tls.ca_cert.parent == dep.workdir / "throwaway-certs"
-            assert "--insecure" not in dep.logs()["superlink"].read_text().splitlines()[0]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), dep:
+        started = dep.pids
+        assert len(started) == 3 and all(pid_alive(pid) for pid in started)
+        assert dep.tls is not None and dep.tls.ca_cert.parent == dep.workdir / "throwaway-certs"
+        assert "--insecure" not in dep.logs()["superlink"].read_text().splitlines()[0]
+        raise RuntimeError("boom")
     assert not [pid for pid in dep.all_pids() if pid_alive(pid)]
 
 
 def test_superlink_start_failure_is_reported(deployments, tmp_path):
     missing = tmp_path / "no-certs"
     dep = deployments(num_supernodes=1, tls=TLSFiles(missing / "ca.crt", missing / "s.pem", missing / "s.key"))
-    with pytest.raises(DeploymentError, match="superlink exited"):
-        with dep:
-            pass
+    with pytest.raises(DeploymentError, match="superlink exited"), dep:
+        pass
     assert not [pid for pid in dep.all_pids() if pid_alive(pid)]

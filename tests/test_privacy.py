@@ -130,7 +130,7 @@ def test_central_gram_sensitivity_is_c_squared_over_m():
     g = torch.Generator().manual_seed(7)
     c, m = 1.3, 5
     worst = 0.0
-    for trial in range(200):
+    for _ in range(200):
         layers = {f"A/l{i}": torch.randn(3, 10, generator=g, dtype=torch.float64) * float(torch.rand(1, generator=g) * 3)
                   for i in range(3)}
         clipped, _ = dp.clip_joint(layers, c)

@@ -41,7 +41,8 @@ def _run(tiny_overrides, tmp_path, name, extra, client_app=faults.app):
 
 def test_invalid_replies_are_dropped_with_reasons(tmp_path, tiny_overrides):
     faults = "nan@0,inf@1,shape@2,missing@3,dtype@4,norm@5,examples@6,error@7"
-    run_dir, logs = _run(tiny_overrides, tmp_path, "bad", ["data.num_clients=10", "train.rounds=2", f"federation.faults={faults}"])
+    run_dir, logs = _run(tiny_overrides, tmp_path, "bad",
+                         ["data.num_clients=10", "train.rounds=2", f"federation.faults={faults}"])
     rows = run_dir.read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:

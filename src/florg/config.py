@@ -20,9 +20,9 @@ import difflib
 import json
 import math
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, get_type_hints
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "option", "parse_faults", "validate"]
@@ -55,16 +55,20 @@ class DataConfig:
     task: str = _f("wordnet", "Task: 'wordnet' (embedded), glue/rte, glue/mrpc, glue/qnli, glue/mnli, glue/wnli, glue/sst2.")
     data_dir: str = _f("", "Local data folder (WordNet dict folder, or GLUE files / a save_to_disk folder).")
     num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).")
-    partition: str = _f("dirichlet", "Partitioning: dirichlet, iid or pathological.", choices=("dirichlet", "iid", "pathological"))
+    partition: str = _f("dirichlet", "Partitioning: dirichlet, iid or pathological.",
+                        choices=("dirichlet", "iid", "pathological"))
     alpha: float = _f(0.5, "Dirichlet concentration (the paper uses 0.5); smaller is more skewed.")
     classes_per_client: int = _f(2, "Classes per client for the pathological partitioning.")
     max_train_examples: int = _f(6000, "Cap on training examples (0 = all), drawn by seed.")
     max_test_examples: int = _f(600, "Cap on the held-out global test split (0 = the whole hold-out), drawn by seed.")
-    test_fraction: float = _f(0.1, "Share of the data held out as the global test split (tasks without a test split, e.g. wordnet).")
-    validation_fraction: float = _f(0.0, "Share of the training data held out (stratified, seeded) as a validation split the server "
-                                         "evaluates every round (val_<metric>; for selecting settings, never the test split). 0 = none.")
+    test_fraction: float = _f(0.1, "Share of the data held out as the global test split "
+                                   "(tasks without a test split, e.g. wordnet).")
+    validation_fraction: float = _f(0.0, "Share of the training data held out (stratified, seeded) as a validation split "
+                                         "the server evaluates every round (val_<metric>; for selecting settings, never "
+                                         "the test split). 0 = none.")
     max_validation_examples: int = _f(0, "Cap on the validation split (0 = all of it), drawn by seed.")
-    classes: list[str] = _f([], "WordNet classes (lexicographer files); empty = noun.animal, noun.plant, noun.food, noun.artifact.")
+    classes: list[str] = _f([], "WordNet classes (lexicographer files); "
+                                "empty = noun.animal, noun.plant, noun.food, noun.artifact.")
 
 
 @dataclass
@@ -75,7 +79,8 @@ class MethodConfig:
     rank: int = _f(4, "Adapter rank r (the paper's default is 4).")
     alpha: float = _f(16.0, "LoRA-style alpha; the scale is s = alpha / rank (the paper's '16' with r = 4 gives s = 4).")
     dropout: float = _f(0.0, "Adapter dropout, as in LoRA.")
-    weighting: str = _f("examples", "Aggregation weights: 'examples' (client example counts) or 'uniform' (1/N, as in the paper).",
+    weighting: str = _f("examples", "Aggregation weights: 'examples' (client example counts) "
+                                    "or 'uniform' (1/N, as in the paper).",
                         choices=("examples", "uniform"))
     train_head: bool = _f(True, "Train the classification head and FedAvg it (counted separately in the bytes).")
     client_ranks: list[int] = _f([], "Per-client adapter ranks for methods that allow heterogeneous ranks: "
@@ -136,9 +141,11 @@ class FederationConfig:
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client.")
     backend_cpus: int = _f(0, "CPUs given to the simulation backend (0 = all of this machine's cores).")
     round_timeout: float = _f(600.0, "Seconds to wait for client replies each round.")
-    wire_dtype: str = _f("float32", "Dtype of adapter tensors on the wire both ways: float32, float16 or bfloat16 (the head stays float32).",
+    wire_dtype: str = _f("float32", "Dtype of adapter tensors on the wire both ways: float32, float16 or bfloat16 "
+                                    "(the head stays float32).",
                          choices=("float32", "float16", "bfloat16"))
-    faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, norm, examples, error, stall) or dropout:FRACTION. Empty = off.")
+    faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, "
+                               "norm, examples, error, stall) or dropout:FRACTION. Empty = off.")
     max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).")
 
 
@@ -153,13 +160,17 @@ class PrivacyConfig:
                           "(the server clips each upload and noises the aggregate Gram matrix). FLoRG only; see docs/privacy.md.",
                    choices=("off", "local", "central"))
     clip_norm: float = _f(1.0, "C: each client's adapter factors (all layers together) are scaled to Frobenius norm <= C.")
-    noise_multiplier: float = _f(1.0, "sigma: Gaussian noise std is sigma*C per factor entry (local) or sigma*C^2/m on the Gram matrices (central).")
+    noise_multiplier: float = _f(1.0, "sigma: Gaussian noise std is sigma*C per factor entry (local) "
+                                      "or sigma*C^2/m on the Gram matrices (central).")
     delta: float = _f(1e-5, "delta at which the cumulative epsilon is reported each round (privacy_epsilon in metrics.jsonl).")
-    head_clip_norm: float = _f(0.0, "Clip norm of the head update (head minus the global head) when method.train_head; 0 = clip_norm. Noised with the same sigma.")
-    debias: bool = _f(True, "Local DP: subtract the noise's expected contribution sum_n p_n r (sigma C)^2 I from the server's Gram matrix.")
+    head_clip_norm: float = _f(0.0, "Clip norm of the head update (head minus the global head) when method.train_head; "
+                                    "0 = clip_norm. Noised with the same sigma.")
+    debias: bool = _f(True, "Local DP: subtract the noise's expected contribution sum_n p_n r (sigma C)^2 I "
+                            "from the server's Gram matrix.")
     amplification: bool = _f(False, "Central DP: account for amplification by client sampling (fraction_train < 1; replace-one "
                                     "neighbours). Valid only if who is sampled stays secret (florg samples from the run seed).")
-    reproducible_noise: bool = _f(False, "Draw the noise from the run seed (repeatable experiments, no real protection) instead of OS entropy.")
+    reproducible_noise: bool = _f(False, "Draw the noise from the run seed (repeatable experiments, no real protection) "
+                                         "instead of OS entropy.")
 
 
 @dataclass
@@ -367,9 +378,11 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.federation.min_train_nodes >= 1, "federation.min_train_nodes", "must be >= 1")
     need(cfg.federation.min_available_nodes >= 1, "federation.min_available_nodes", "must be >= 1")
     need(cfg.federation.min_train_nodes <= cfg.data.num_clients, "federation.min_train_nodes",
-         f"is {cfg.federation.min_train_nodes} but there are only {cfg.data.num_clients} clients; lower it or raise data.num_clients")
+         f"is {cfg.federation.min_train_nodes} but there are only {cfg.data.num_clients} clients; "
+         "lower it or raise data.num_clients")
     need(cfg.federation.min_available_nodes <= cfg.data.num_clients, "federation.min_available_nodes",
-         f"is {cfg.federation.min_available_nodes} but there are only {cfg.data.num_clients} clients; lower it or raise data.num_clients")
+         f"is {cfg.federation.min_available_nodes} but there are only {cfg.data.num_clients} clients; "
+         "lower it or raise data.num_clients")
     need(cfg.federation.client_cpus > 0, "federation.client_cpus", "must be > 0")
     need(cfg.federation.round_timeout > 0, "federation.round_timeout", "must be > 0")
     if cfg.federation.faults:
@@ -387,17 +400,19 @@ def _validate_privacy(cfg: RunConfig, need: Any) -> None:
     pv = cfg.privacy
     if pv.mode == "off":
         return
-    need(math.isfinite(pv.clip_norm) and pv.clip_norm > 0, "privacy.clip_norm", f"must be > 0 under privacy.mode={pv.mode!r}, got {pv.clip_norm}")
+    need(math.isfinite(pv.clip_norm) and pv.clip_norm > 0, "privacy.clip_norm",
+         f"must be > 0 under privacy.mode={pv.mode!r}, got {pv.clip_norm}")
     need(math.isfinite(pv.noise_multiplier) and pv.noise_multiplier > 0, "privacy.noise_multiplier",
          f"must be > 0 under privacy.mode={pv.mode!r} (sigma = 0 gives no privacy), got {pv.noise_multiplier}")
     need(0.0 < pv.delta < 1.0, "privacy.delta", f"must be in (0, 1), e.g. 1e-5, got {pv.delta}")
-    need(math.isfinite(pv.head_clip_norm) and pv.head_clip_norm >= 0, "privacy.head_clip_norm", f"must be >= 0 (0 = clip_norm), got {pv.head_clip_norm}")
+    need(math.isfinite(pv.head_clip_norm) and pv.head_clip_norm >= 0, "privacy.head_clip_norm",
+         f"must be >= 0 (0 = clip_norm), got {pv.head_clip_norm}")
     need(not pv.amplification or pv.mode == "central", "privacy.amplification",
          "applies to privacy.mode='central' only (under local DP the server sees who takes part); set it to false")
     if pv.mode == "central":
         need(cfg.method.weighting == "uniform", "method.weighting",
-             f"is {cfg.method.weighting!r} but privacy.mode='central' needs 'uniform' (each client's Gram matrix gets weight 1/m, "
-             "which bounds its influence by C^2/m); set method.weighting=uniform")
+             f"is {cfg.method.weighting!r} but privacy.mode='central' needs 'uniform' "
+             "(each client's Gram matrix gets weight 1/m, which bounds its influence by C^2/m); set method.weighting=uniform")
 
 
 FAULT_KINDS = ("nan", "inf", "shape", "missing", "dtype", "norm", "examples", "error", "stall")

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def florg_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 @contextmanager
-def _quiet_transformers():
+def _quiet_transformers() -> Iterator[None]:
     """Hide transformers' load report (the expected 'newly initialised classifier') and progress bars."""
     from transformers.utils import logging as hf_logging
 
@@ -142,7 +142,7 @@ def _gguf_to_cache(gguf_path: Path, target: Path) -> Path:
     if _is_checkpoint(target):
         return target
     try:
-        import gguf  # noqa: F401,PLC0415  (transformers needs it to read GGUF files)
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError as exc:
         raise _not_found(str(gguf_path), "reading GGUF files needs the 'gguf' package (pip install gguf)") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,8 +17,8 @@ from ._peft_registry import SUPPORTED_PEFT_VERSION, ensure_compatible_peft, is_r
 # Fail with one clear error before the tuner modules import PEFT internals.
 ensure_compatible_peft()
 
-from .export import export_lora, save_as_lora  # noqa: E402
-from .florg import (  # noqa: E402
+from .export import export_lora, save_as_lora  # noqa: E402  (after the PEFT version check)
+from .florg import (  # noqa: E402  (after the PEFT version check)
     FLORG_PEFT_TYPE,
     FLoRGConfig,
     FLoRGLayer,

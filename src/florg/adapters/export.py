@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
@@ -131,7 +130,7 @@ def export_lora(
 
 def save_as_lora(
     model: nn.Module,
-    out_dir: Union[str, os.PathLike],
+    out_dir: str | os.PathLike,
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
 ) -> Path:

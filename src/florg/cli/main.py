@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,12 +18,17 @@ from rich.table import Table
 
 from florg.config import ConfigError, RunConfig, config_keys, load_config
 
+if TYPE_CHECKING:
+    from florg.run.compare import RunSpec
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with FLoRG on Flower.")
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (see configs/).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set train.rounds=5 (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.rounds=5 (repeatable).")
+]
 
 
 def _fail(message: str) -> None:
@@ -49,7 +55,7 @@ def _fmt_bytes(n: float) -> str:
 _SHORT = {"accuracy": "acc", "perplexity": "ppl", "exact_match": "em"}
 
 
-def _reporter(total_rounds: int):
+def _reporter(total_rounds: int) -> Callable[[dict[str, Any]], None]:
     def report(row: dict[str, Any]) -> None:
         r = row["round"]
         bar = "#" * r + "." * (total_rounds - r)
@@ -73,8 +79,12 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local data folder (same as --set data.data_dir=...).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Local data folder (same as --set data.data_dir=...).")
+    ] = None,
 ) -> None:
     """Run a federated fine-tuning job on the embedded simulation engine and write a run directory."""
     from florg.run.experiment import get_experiment, set_offline_env
@@ -165,13 +175,13 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
 
 @app.command()
 def compare(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config shared by every run "
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config shared by every run "
                                                    "(default: the built-in compare config, configs/compare.toml).")] = None,
     set_: SetOpt = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (seed, seed+1, ...).")] = 1,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated subset, e.g. florg,fedit,florg-noalign "
                                          "(default: all).")] = "",
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Compare directory (default: <out_dir>/<name "
+    directory: Annotated[Path | None, typer.Option("--dir", help="Compare directory (default: <out_dir>/<name "
                                                       "or 'compare'>); re-running resumes it.")] = None,
     target_fraction: Annotated[float, typer.Option("--target-fraction", help="Bytes-to-target uses this fraction "
                                                    "of the best final accuracy.")] = 0.95,
@@ -193,7 +203,7 @@ def compare(
                   f"{cfg.model.name} on {cfg.data.task}, {cfg.data.num_clients} clients, {cfg.train.rounds} rounds, "
                   f"r={cfg.method.rank}")
 
-    def reporter(spec):  # noqa: ANN001, ANN202
+    def reporter(spec: RunSpec) -> Callable[[dict[str, Any]], None]:
         inner = _reporter(spec.cfg.train.rounds)
 
         def report(row: dict[str, Any]) -> None:

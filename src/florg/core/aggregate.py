@@ -112,7 +112,7 @@ class GramAccumulator:
     ``sum r_n >= k`` (or when replies arrive one by one and must not be kept).
     """
 
-    def __init__(self, k: int, *, layer: str = "<layer>", device: torch.device | str | None = None):
+    def __init__(self, k: int, *, layer: str = "<layer>", device: torch.device | str | None = None) -> None:
         if k < 1:
             raise ValueError(f"layer {layer!r}: k must be positive, got {k}")
         self.k = k

@@ -141,7 +141,7 @@ def partition_dataset(
     return _dirichlet(shuffled, num_partitions, float(alpha), seed, label_column, min_partition_size)
 
 
-def _dirichlet(ds, k: int, alpha: float, seed: int, label_column: str, min_size: int | None) -> list[Any]:
+def _dirichlet(ds: Any, k: int, alpha: float, seed: int, label_column: str, min_size: int | None) -> list[Any]:
     from flwr_datasets.partitioner import DirichletPartitioner
 
     n = len(ds)
@@ -199,7 +199,7 @@ def _dirichlet(ds, k: int, alpha: float, seed: int, label_column: str, min_size:
     return [ds.select(idx) for idx in index_lists]
 
 
-def _pathological(ds, k: int, cpp: int, seed: int, label_column: str) -> list[Any]:
+def _pathological(ds: Any, k: int, cpp: int, seed: int, label_column: str) -> list[Any]:
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     part = PathologicalPartitioner(

@@ -36,9 +36,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .wordnet import DEFAULT_CLASSES, load_wordnet
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "GLUE_HUB_ID",
@@ -224,7 +227,10 @@ def load_task(
 # WordNet
 
 
-def _load_wordnet_task(data_dir, classes, dedupe, seed, test_fraction, test_size) -> TaskData:
+def _load_wordnet_task(
+    data_dir: str | os.PathLike[str] | None, classes: Sequence[str] | None, dedupe: bool, seed: int,
+    test_fraction: float, test_size: int | None,
+) -> TaskData:
     ds = load_wordnet(data_dir, tuple(classes) if classes is not None else DEFAULT_CLASSES, dedupe=dedupe)
     train, test = _holdout(ds, seed, test_fraction, test_size)
     names = list(ds.features["label"].names)
@@ -235,7 +241,9 @@ def _load_wordnet_task(data_dir, classes, dedupe, seed, test_fraction, test_size
 # GLUE
 
 
-def _load_glue(sub: str, data_dir, *, seed: int, test_fraction: float, test_size: int | None) -> TaskData:
+def _load_glue(
+    sub: str, data_dir: str | os.PathLike[str] | None, *, seed: int, test_fraction: float, test_size: int | None
+) -> TaskData:
     spec = GLUE_TASKS[sub]
     tname = f"glue/{sub}"
     if data_dir is not None:
@@ -253,25 +261,23 @@ def _load_glue(sub: str, data_dir, *, seed: int, test_fraction: float, test_size
         source = str(folder)
     else:
         splits = _read_hub(sub, spec)
-        if isinstance(splits, BaseException):
-            raise DataUnavailableError(
-                f"task {tname}: no local data given and the Hub copy ({GLUE_HUB_ID}, {sub}) could not be "
-                f"loaded ({type(splits).__name__}); pass data.data_dir (--data-dir) pointing at local files: "
-                f"{_layouts_hint(spec)}"
-            ) from splits
         source = f"hub:{GLUE_HUB_ID}/{sub}"
     train, test = splits
     return _finish(tname, train, test, spec.text_fields, list(spec.label_names), source, seed, test_fraction, test_size)
 
 
-def _read_hub(sub: str, spec: GlueSpec):
-    """Return ``(train, test_or_None)`` from the Hub, or the exception that stopped it."""
+def _read_hub(sub: str, spec: GlueSpec) -> tuple[Any, Any]:
+    """Return ``(train, test_or_None)`` from the Hub; any failure is a DataUnavailableError."""
     try:
         import datasets
 
         dd = datasets.load_dataset(GLUE_HUB_ID, sub)
     except Exception as exc:  # offline, no such repo, network errors: all reported the same way
-        return exc
+        raise DataUnavailableError(
+            f"task glue/{sub}: no local data given and the Hub copy ({GLUE_HUB_ID}, {sub}) could not be "
+            f"loaded ({type(exc).__name__}); pass data.data_dir (--data-dir) pointing at local files: "
+            f"{_layouts_hint(spec)}"
+        ) from exc
     test = None
     for s in spec.test_splits:
         if s in dd and _has_labels(dd[s]):
@@ -332,7 +338,7 @@ def _looks_like_path(name: str) -> bool:
     return name.lower().endswith(_FILE_EXTS) or os.sep in name or name.startswith((".", "~"))
 
 
-def _read_local_splits(folder: Path, test_splits: Sequence[str]):
+def _read_local_splits(folder: Path, test_splits: Sequence[str]) -> tuple[Any, Any] | None:
     """``(train, test_or_None)`` from a save_to_disk folder or split files; ``None`` if absent."""
     import datasets
 
@@ -368,7 +374,7 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_table(path: Path):
+def _read_table(path: Path) -> Any:
     """Read a CSV/TSV/JSON(L) file into an in-memory ``datasets.Dataset`` (no HF cache files)."""
     import datasets
     import pandas as pd
@@ -393,12 +399,12 @@ def _read_table(path: Path):
     return datasets.Dataset.from_pandas(df, preserve_index=False)
 
 
-def column_values(ds, name: str) -> list:
+def column_values(ds: Any, name: str) -> list:
     """All values of one column as a Python list (fast; honours an indices mapping)."""
     return ds.select_columns([name])[:][name] if len(ds) else []
 
 
-def _has_labels(ds) -> bool:
+def _has_labels(ds: Any) -> bool:
     col = next((c for c in _LABEL_CANDIDATES if c in ds.column_names), None)
     if col is None or len(ds) == 0:
         return False
@@ -410,7 +416,10 @@ def _has_labels(ds) -> bool:
 # Normalisation shared by GLUE and local tasks
 
 
-def _finish(name, train, test, text_fields, label_names, source, seed, test_fraction, test_size) -> TaskData:
+def _finish(
+    name: str, train: Any, test: Any, text_fields: Sequence[str] | None, label_names: list[str] | None, source: str,
+    seed: int, test_fraction: float, test_size: int | None,
+) -> TaskData:
     fields = _resolve_text_fields(train, text_fields, name)
     names = label_names if label_names is not None else _infer_label_names(train, test)
     train = _normalise(train, fields, names, name, "train")
@@ -426,11 +435,11 @@ def _finish(name, train, test, text_fields, label_names, source, seed, test_frac
     return TaskData(name, train, test, fields, list(names), source=source)
 
 
-def _has_all(ds, fields) -> bool:
+def _has_all(ds: Any, fields: Sequence[str]) -> bool:
     return all(f in ds.column_names for f in fields)
 
 
-def _resolve_text_fields(ds, wanted: Sequence[str] | None, name: str) -> tuple[str, ...]:
+def _resolve_text_fields(ds: Any, wanted: Sequence[str] | None, name: str) -> tuple[str, ...]:
     cols = ds.column_names
     if wanted is not None:
         wanted = tuple(wanted)
@@ -446,14 +455,14 @@ def _resolve_text_fields(ds, wanted: Sequence[str] | None, name: str) -> tuple[s
     raise ValueError(f"task {name}: no text columns {need} in the data (columns: {', '.join(cols)})")
 
 
-def _label_column(ds, name: str) -> str:
+def _label_column(ds: Any, name: str) -> str:
     col = next((c for c in _LABEL_CANDIDATES if c in ds.column_names), None)
     if col is None:
         raise ValueError(f"task {name}: the data has no 'label' column (columns: {', '.join(ds.column_names)})")
     return col
 
 
-def _infer_label_names(train, test) -> list[str]:
+def _infer_label_names(train: Any, test: Any) -> list[str]:
     import datasets
 
     col = _label_column(train, "local")
@@ -475,7 +484,7 @@ def _infer_label_names(train, test) -> list[str]:
     return [str(i) for i in range(top + 1)]
 
 
-def _normalise(ds, fields: tuple[str, ...], names: Sequence[str], tname: str, split: str):
+def _normalise(ds: Any, fields: tuple[str, ...], names: Sequence[str], tname: str, split: str) -> Any:
     """Keep text columns + int ``label`` (ClassLabel), map string labels, drop -1 rows."""
     import datasets
 
@@ -512,12 +521,12 @@ def _normalise(ds, fields: tuple[str, ...], names: Sequence[str], tname: str, sp
     return datasets.Dataset.from_dict(data, features=datasets.Features(feats))
 
 
-def stratified_holdout(ds, seed: int, fraction: float, size: int | None = None):
+def stratified_holdout(ds: Any, seed: int, fraction: float, size: int | None = None) -> tuple[Any, Any]:
     """``(rest, held_out)``: a seed-fixed hold-out of ``fraction`` (or ``size`` examples), stratified by ``label``."""
     return _holdout(ds, seed, fraction, size)
 
 
-def _holdout(ds, seed: int, test_fraction: float, test_size: int | None):
+def _holdout(ds: Any, seed: int, test_fraction: float, test_size: int | None) -> tuple[Any, Any]:
     """Seed-fixed hold-out, stratified by label (largest-remainder allocation per class).
 
     Implemented with NumPy on the label column: ``datasets``' own stratified split walks the
@@ -553,7 +562,7 @@ def _holdout(ds, seed: int, test_fraction: float, test_size: int | None):
     return _select(ds, train_idx), _select(ds, test_idx)
 
 
-def _select(ds, idx):
+def _select(ds: Any, idx: Sequence[int] | np.ndarray) -> Any:
     """``ds.select`` with a cheap fingerprint (the default one hashes the index list slowly)."""
     import hashlib
 
@@ -564,14 +573,16 @@ def _select(ds, idx):
     return ds.select(arr, new_fingerprint=fp)
 
 
-def random_subset(ds, n: int | None, seed: int):
+def random_subset(ds: Any, n: int | None, seed: int) -> Any:
     """A seed-fixed random subset of ``n`` examples (all of ``ds`` when ``n`` is None or not smaller)."""
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def _check_split_args(test_fraction, test_size, max_train, max_test) -> None:
+def _check_split_args(
+    test_fraction: float, test_size: int | None, max_train: int | None, max_test: int | None
+) -> None:
     if test_size is None and not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if test_size is not None and int(test_size) < 1:

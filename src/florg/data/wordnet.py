@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -193,7 +194,7 @@ def load_wordnet(
     dedupe: bool = True,
     strip_examples: bool = True,
     include_words: bool = False,
-):
+) -> Any:
     """Load WordNet glosses labelled by lexicographer category as a ``datasets.Dataset``.
 
     Parameters
@@ -237,7 +238,7 @@ def load_wordnet(
 @functools.lru_cache(maxsize=4)
 def _build_dataset(
     folder: str, stamp: tuple, class_list: tuple[str, ...], dedupe: bool, strip_examples: bool, include_words: bool
-):
+) -> Any:
     """Cached body of :func:`load_wordnet` (datasets are immutable, so sharing them is safe)."""
     import datasets
 

@@ -14,6 +14,7 @@ same ``query`` / ``train`` / ``evaluate`` functions plus the fault mod).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from logging import WARNING
 from typing import Any
 
@@ -25,8 +26,8 @@ from flwr.common.logger import log
 from florg.config import RunConfig
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
-from florg.run.experiment import get_experiment
 from florg.methods.base import ClientInfo
+from florg.run.experiment import get_experiment
 from florg.train import cycle, make_optimizer, train_steps
 
 from .records import CONFIG_KEY, from_record, to_record
@@ -49,7 +50,7 @@ def _partition_id(context: Context) -> int:
         ) from None
 
 
-def faults_off_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+def faults_off_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Warn when the server asks for fault injection, which this ClientApp never does; change nothing."""
     if msg.metadata.message_type == "train" and (faults := _requested_faults(msg)):
         log(WARNING, "fault injection is off on this client: the run config sets federation.faults=%s, which "

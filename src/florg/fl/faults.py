@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import torch
 from flwr.app import Context, Message
@@ -80,7 +81,7 @@ def _corrupt(reply: Message, kind: str) -> Message:
     return reply
 
 
-def fault_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Apply ``federation.faults`` to training replies; pass everything else through."""
     if msg.metadata.message_type != "train":
         return call_next(msg, context)

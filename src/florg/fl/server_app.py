@@ -19,8 +19,8 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.config import RunConfig, load_config
+from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
 

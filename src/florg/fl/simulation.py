@@ -23,6 +23,7 @@ from florg.run.rundir import RunDir
 from .server_app import Reporter, run_server
 
 if TYPE_CHECKING:
+    from flwr.app import Context
     from flwr.clientapp import ClientApp
 
 __all__ = ["run_simulation_engine", "backend_config"]
@@ -99,7 +100,7 @@ def run_simulation_engine(
     server_app = ServerApp()
 
     @server_app.main()
-    def main(grid: Grid, context) -> None:  # noqa: ANN001
+    def main(grid: Grid, context: Context) -> None:
         holder["summary"] = run_server(grid, cfg, run_dir, reporter, resume=resume)
 
     flwr_logger = logging.getLogger("flwr")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import FederatedMethod
-from .fedex_lora import FedExLoRAMethod
 from .federa import FeDeRAMethod
+from .fedex_lora import FedExLoRAMethod
 from .fedit import FedITMethod
 from .fedsa_lora import FedSALoRAMethod
 from .ffa_lora import FFALoRAMethod

@@ -207,7 +207,7 @@ class FederatedMethod(ABC):
     #: arrays per adapted layer on the wire (uplink, downlink), besides the head's
     arrays_per_layer: ClassVar[tuple[int, int]] = (2, 2)
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.check_config(cfg)
 

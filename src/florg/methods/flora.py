@@ -26,7 +26,7 @@ participation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ from .lora_common import (
     w0_key,
     weighted_products,
 )
+
+if TYPE_CHECKING:
+    from florg.config import RunConfig
 
 
 def stack_uploads(
@@ -73,7 +76,7 @@ class FLoRAMethod(LoRAMethod):
         # A_k, B_k of the client's own rank up; the cumulative dense correction C_t down (see the module doc)
         return (client_rank or rank) * (d_out + d_in), d_out * d_in
 
-    def check_config(self, cfg) -> None:  # noqa: ANN001
+    def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
         from florg.config import ConfigError
 

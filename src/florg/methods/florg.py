@@ -8,6 +8,7 @@ Server rule: :func:`florg.core.aggregate_model` -- ``Q = sum p_n A_n^T A_n`` (th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from florg.config import need, option
-from florg.core import aggregate_model
+from florg.config import RunConfig, need, option
+from florg.core import AggregationResult, aggregate_model
 from florg.core import privacy as dp
 
 from .base import FederatedMethod, Tensors, Variant, normalised_weights, split_head, summarise_layers
@@ -31,7 +32,8 @@ class FLoRGOptions:
     procrustes: str = option("paper", "Procrustes alignment: 'paper' (keep all r' eigenpairs), 'top-r', or 'none' (ablation).",
                              choices=("paper", "top-r", "none"))
     init_scale: float = option(0.01, "A0 = init_scale * N(0, 1) from the seed (A must start non-zero).")
-    compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the pretrained model.")
+    compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the "
+                                          "pretrained model.")
     eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
 
     def check(self, prefix: str) -> None:
@@ -53,7 +55,7 @@ class FLoRGMethod(FederatedMethod):
         k = min(d_out, d_in)
         return rank * k, rank * k  # A (r x k) both ways
 
-    def check_config(self, cfg) -> None:  # noqa: ANN001
+    def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
         if cfg.privacy.mode != "off":
             dp.check_accounting_available()
@@ -92,7 +94,8 @@ class FLoRGMethod(FederatedMethod):
                     raise KeyError(f"'{key}' is not an adapted layer of this model")
                 param = layers[name].florg_A["default"]
                 if tuple(param.shape) != tuple(value.shape):
-                    raise ValueError(f"layer '{name}': global A has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+                    raise ValueError(f"layer '{name}': global A has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(param.shape)}")
                 param.copy_(value.to(param.dtype))
 
     def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
@@ -185,6 +188,6 @@ class FLoRGMethod(FederatedMethod):
         return new_state, metrics
 
 
-def _summary(results) -> dict[str, float]:  # noqa: ANN001
+def _summary(results: Iterable[AggregationResult]) -> dict[str, float]:
     """Per-round summary of the per-layer results (:func:`summarise_layers` of diagnostics + ``rank_q``)."""
     return summarise_layers([{**r.diagnostics, "rank_q": r.rank_q} for r in results])

@@ -29,12 +29,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from .base import SERVER_PREFIX, FederatedMethod, Tensors, normalised_weights, summarise_layers, weighted_mean
+
+if TYPE_CHECKING:
+    from florg.config import RunConfig
 
 __all__ = [
     "A_SUFFIX",
@@ -289,7 +292,7 @@ class LoRAMethod(FederatedMethod):
     #: train ``A`` (False: A is frozen at its seeded init)
     train_A: ClassVar[bool] = True
 
-    def check_config(self, cfg) -> None:  # noqa: ANN001
+    def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
         from florg.config import ConfigError
 

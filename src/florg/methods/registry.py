@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import FederatedMethod
-from .fedex_lora import FedExLoRAMethod
 from .federa import FeDeRAMethod
+from .fedex_lora import FedExLoRAMethod
 from .fedit import FedITMethod
 from .fedsa_lora import FedSALoRAMethod
 from .ffa_lora import FFALoRAMethod

@@ -14,8 +14,8 @@ Format: two files in the run directory, neither of which is ever unpickled.
 * ``checkpoint.json``: everything else (round, cumulative bytes, node -> partition map, the run
   config, the privacy accountant's ``state_dict()``, Python's ``random`` state, the scalar parts
   of NumPy's RNG state, the order of the global state's keys -- safetensors sorts them, and the
-  order of the layers decides the order of floating-point sums in later rounds), plus the tensor file's name, size and SHA-256, and the SHA-256 of the
-  JSON document itself.
+  order of the layers decides the order of floating-point sums in later rounds), plus the tensor
+  file's name, size and SHA-256, and the SHA-256 of the JSON document itself.
 
 Writing is atomic and the pair is always consistent: the tensor file is written under a
 temporary name, fsync'd and renamed to its final name, which is new for every content (the

@@ -377,7 +377,8 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
     lines += [f"| {model} | {task} | " + " | ".join(cells) + " |", ""]
     done = {m: per[m]["seeds"] for m in summary["methods"] if m in per}
     if any(n < seeds for n in done.values()) or len(done) < len(summary["methods"]):
-        lines += [f"Complete runs per method: {', '.join(f'{DISPLAY[m]} {done.get(m, 0)}/{seeds}' for m in summary['methods'])}.", ""]
+        counts = ", ".join(f"{DISPLAY[m]} {done.get(m, 0)}/{seeds}" for m in summary["methods"])
+        lines += [f"Complete runs per method: {counts}.", ""]
     if "fedsa-lora" in per:
         lines += [
             "FedSA-LoRA keeps B local: its global accuracy is that of the named global model (A_bar with "

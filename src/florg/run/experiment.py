@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from florg.config import ConfigError, RunConfig
 from florg.core.seeds import derive_seed
@@ -63,7 +64,7 @@ class Experiment:
     #: experiment that has since loaded other states still starts new runs from here)
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def client_loader(self, partition_id: int, server_round: int):  # noqa: ANN201
+    def client_loader(self, partition_id: int, server_round: int) -> DataLoader:
         from florg.models import make_loader
 
         if not 0 <= partition_id < len(self.partitions):
@@ -80,7 +81,7 @@ class Experiment:
         return self.family.evaluate(self.model, self.test if data is None else data,
                                     batch_size=self.cfg.eval.batch_size, tokenizer=self.tokenizer, device=device)
 
-    def personal_eval_set(self):  # noqa: ANN201
+    def personal_eval_set(self) -> Any:
         """The subset of the global test split on which clients evaluate their own models.
 
         The method's ``client_eval_examples`` examples drawn once with the run seed (the same

@@ -36,7 +36,10 @@ from florg.config import RunConfig
 
 __all__ = ["RunDir", "package_versions"]
 
-_PACKAGES = ("florg", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets", "numpy", "ray", "safetensors", "dp-accounting")
+_PACKAGES = (
+    "florg", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets", "numpy", "ray", "safetensors",
+    "dp-accounting",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -65,7 +68,7 @@ def default_run_name(cfg: RunConfig) -> str:
 class RunDir:
     """Writes the files of one run."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     @classmethod

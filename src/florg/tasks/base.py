@@ -111,5 +111,5 @@ class TaskFamily(ABC):
         """Number of examples in an evaluation set."""
         return len(data)
 
-    def finish(self, model: torch.nn.Module, experiment: Any, run_path: Path) -> None:
+    def finish(self, model: torch.nn.Module, experiment: Any, run_path: Path) -> None:  # noqa: B027  (optional hook; the default writes nothing)
         """Extra outputs written into the run directory after the last round (default: none)."""

@@ -10,13 +10,16 @@ Partitioning label: the class.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from florg.models import make_loader
 
 from .base import TaskFamily
+
+if TYPE_CHECKING:
+    from florg.data import TaskData
 
 __all__ = ["ClassificationFamily", "evaluate_classifier", "label_weighted_accuracy"]
 
@@ -36,7 +39,7 @@ class ClassificationFamily(TaskFamily):
 
         return [*available_tasks(), "local:<path>"]
 
-    def load_data(self):  # noqa: ANN201
+    def load_data(self) -> TaskData:
         from florg.data import load_task
 
         d = self.cfg.data
@@ -52,7 +55,7 @@ class ClassificationFamily(TaskFamily):
         self._text_fields = tuple(data.text_fields)
         return data
 
-    def load_model(self, data, dtype: torch.dtype) -> tuple[Any, Any]:  # noqa: ANN001
+    def load_model(self, data: TaskData, dtype: torch.dtype) -> tuple[Any, Any]:
         from florg.models import load_model
 
         return load_model(self.cfg.model.name, data.num_labels, dtype=dtype)

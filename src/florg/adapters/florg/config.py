@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -60,7 +60,7 @@ class FLoRGConfig(PeftConfig):
         default=False,
         metadata={"help": "Use the rank-stabilised scale s = lora_alpha / sqrt(r) instead of lora_alpha / r."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (or suffixes of module paths) to adapt, e.g. ['query', 'value'], or a regex "
@@ -68,7 +68,7 @@ class FLoRGConfig(PeftConfig):
             "transformers' Conv1D are supported. If None, PEFT's LoRA defaults for the architecture are used."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names (or suffixes, or a regex string) to exclude from adaptation."},
     )
@@ -107,18 +107,18 @@ class FLoRGConfig(PeftConfig):
         default="none",
         metadata={"help": "Bias handling. Only 'none' is supported: biases stay frozen and are not saved."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": "Modules apart from the FLoRG layers that are fully trained and saved with the adapter, e.g. "
             "the randomly initialised classification head ('classifier' / 'score')."
         },
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "Only adapt the layers with these indices (needs list-valued target_modules)."},
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Name of the nn.ModuleList holding the layers indexed by layers_to_transform, e.g. 'layer' "

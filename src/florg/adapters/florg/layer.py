@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -57,12 +57,16 @@ class _EffectiveFactors(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, left: torch.Tensor, right: torch.Tensor):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(left, right)
         return left.to(a.dtype) @ a.T, a @ right.to(a.dtype)
 
     @staticmethod
-    def backward(ctx, grad_b: torch.Tensor | None, grad_a: torch.Tensor | None):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_b: torch.Tensor | None, grad_a: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None]:
         left, right = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -218,7 +222,7 @@ class FLoRGLayer(BaseTunerLayer):
             new = weight.detach().to(torch.float64) + sign * delta
             weight.data.copy_(new.to(weight.dtype))
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move ``adapter_name``'s tensors to the base layer's device.
 
         Unlike PEFT's default this never changes ``A``'s dtype (a lossy round trip through a
@@ -243,7 +247,7 @@ class FLoRGLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ math
     def lora_factors(
-        self, adapter_name: str, dtype: Optional[torch.dtype] = None, factor: Optional[torch.Tensor] = None
+        self, adapter_name: str, dtype: torch.dtype | None = None, factor: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B_eff, A_eff) = (L A^T, A R)`` of shapes ``(d_out, r)`` and ``(r, d_in)``.
 
@@ -322,7 +326,7 @@ class Linear(nn.Module, FLoRGLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or given) adapters' ``get_delta_weight`` to the base weight."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:

@@ -33,13 +33,15 @@ The package is split by concern: :mod:`.credentials` (TLS certificates, SuperNod
 
 from __future__ import annotations
 
-from .cli import main  # noqa: F401 - python -m florg.fl.deploy, florg.fl.deploy.main([...])
+from .cli import main  # python -m florg.fl.deploy, florg.fl.deploy.main([...])
 from .credentials import NodeKey, TLSFiles, load_node_keys, make_node_keys, make_throwaway_certs
-from .local import APP_DIR, DeploymentError, LocalDeployment, RunResult, _last_json  # noqa: F401
-from .processes import BASE_ENV, deployment_env, find_free_port, find_free_ports, pid_alive  # noqa: F401
+from .local import APP_DIR, DeploymentError, LocalDeployment, RunResult
+from .local import _last_json as _last_json  # private; reachable here for the tests
+from .processes import BASE_ENV, deployment_env, find_free_port, find_free_ports, pid_alive
 
 __all__ = [
     "APP_DIR",
+    "BASE_ENV",
     "DeploymentError",
     "LocalDeployment",
     "NodeKey",
@@ -50,6 +52,7 @@ __all__ = [
     "find_free_ports",
     "load_node_keys",
     "make_node_keys",
+    "main",
     "make_throwaway_certs",
     "pid_alive",
 ]

@@ -124,7 +124,7 @@ def make_throwaway_certs(folder: str | Path, extra_sans: Sequence[str] = (), day
 
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
     def pem_key(key: rsa.RSAPrivateKey) -> bytes:
