@@ -33,6 +33,58 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(GPT2Config(**GPT2_CONFIG)).eval()
 
 
+# ------------------------------------------------------------------------ a tiny causal LM (Llama) and its tokenizer
+
+LLAMA_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+#: ChatML, as SmolLM2's template but without its default system prompt
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+_CORPUS = [
+    "What does the word mean? a domestic animal kept for companionship",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response: user assistant system",
+    "the cat sat on the mat; a small carnivorous mammal; a plant with green leaves; food made from flour",
+]
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """A byte-level BPE tokenizer (any text encodes; 400 tokens, trained in-process) with ChatML specials;
+    ``<|im_end|>`` is EOS and pad, as in SmolLM2. ``chat_template=False`` leaves it without a template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised 2-layer Llama causal LM (hidden 32, 4 heads, 2 KV heads), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, **LLAMA_CONFIG)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_llama(folder, chat_template: bool = True, seed: int = 0) -> str:
+    """A tiny causal-LM checkpoint folder (model + tokenizer) usable as ``model.name``; returns its path."""
+    tok = tiny_tokenizer(chat_template)
+    model = tiny_llama(len(tok), seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 # ------------------------------------------------------------------------ tiny run configuration
 
 # 3 clients, 2 rounds of 2 local steps on small splits: an end-to-end run in well under a minute.

@@ -52,8 +52,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _f("wordnet", "Task: 'wordnet' (embedded), glue/rte, glue/mrpc, glue/qnli, glue/mnli, glue/wnli, glue/sst2.")
-    data_dir: str = _f("", "Local data folder (WordNet dict folder, or GLUE files / a save_to_disk folder).")
+    task: str = _f("wordnet", "Task. Classification: 'wordnet' (embedded), glue/rte, glue/mrpc, glue/qnli, glue/mnli, "
+                              "glue/wnli, glue/sst2, local:<path>. Instruction tuning (causal LM): 'wordnet-define' "
+                              "(embedded), instruct:<path> (Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>.")
+    data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-define, or GLUE files / a "
+                           "save_to_disk folder).")
     num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).")
     partition: str = _f("dirichlet", "Partitioning: dirichlet, iid or pathological.",
                         choices=("dirichlet", "iid", "pathological"))
@@ -67,8 +70,8 @@ class DataConfig:
                                          "the server evaluates every round (val_<metric>; for selecting settings, never "
                                          "the test split). 0 = none.")
     max_validation_examples: int = _f(0, "Cap on the validation split (0 = all of it), drawn by seed.")
-    classes: list[str] = _f([], "WordNet classes (lexicographer files); "
-                                "empty = noun.animal, noun.plant, noun.food, noun.artifact.")
+    classes: list[str] = _f([], "WordNet classes (lexicographer files); empty = noun.animal, noun.plant, noun.food, "
+                                "noun.artifact (wordnet-define: every noun category).")
 
 
 @dataclass
@@ -152,6 +155,10 @@ class FederationConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = _f(64, "Batch size of the server-side evaluation on the global test split.")
+    generate_examples: int = _f(16, "Instruction tuning: held-out prompts (drawn with the seed) answered greedily before "
+                                    "and after training at the end of a run (generations.jsonl, ROUGE-L in summary.json); "
+                                    "0 = none.")
+    max_new_tokens: int = _f(32, "Instruction tuning: most tokens generated per answer.")
 
 
 @dataclass
@@ -392,6 +399,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key {exc}") from None
     need(cfg.federation.max_norm >= 0, "federation.max_norm", "must be >= 0 (0 = no bound)")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0 (0 = no generations)")
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     _validate_privacy(cfg, need)
 
 

@@ -111,5 +111,10 @@ class TaskFamily(ABC):
         """Number of examples in an evaluation set."""
         return len(data)
 
-    def finish(self, model: torch.nn.Module, experiment: Any, run_path: Path) -> None:  # noqa: B027  (optional hook; the default writes nothing)
-        """Extra outputs written into the run directory after the last round (default: none)."""
+    def finish(self, model: torch.nn.Module, experiment: Any, run_path: Path) -> dict[str, Any] | None:
+        """Extra outputs written into the run directory after the last round (default: none).
+
+        ``model`` holds the final global state and must hold it again on return. The returned
+        dict (if any) is added to ``summary.json`` (e.g. ``rouge_l_before``/``rouge_l_after``).
+        """
+        return None
