@@ -135,3 +135,50 @@ def test_cli_compare_rejects_an_unknown_method_before_running(monkeypatch):
     monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls))
     res = CliRunner().invoke(app, ["compare", "--methods", "florg,fedavg"])
     assert res.exit_code == 2 and "valid: florg, fedit" in res.output and calls == []
+
+
+FINAL_LOSS = {"florg": 2.0, "fedit": 2.4, "florg-noalign": 2.2}  # fake final held-out losses per method
+
+
+def _fake_lm_engine(calls):
+    def fake(cfg, run_dir, reporter=None, verbose=False, **kw):
+        calls.append(cfg.name)
+        label = cfg.name.rsplit("-seed", 1)[0]
+        final = FINAL_LOSS[label] + 0.1 * cfg.seed
+        cum = 0
+        for r in range(cfg.train.rounds + 1):
+            cum += PER_ROUND[label] if r else 0
+            loss = 4.0 + (final - 4.0) * r / cfg.train.rounds
+            run_dir.append_metrics({"round": r, "test_loss": loss, "test_perplexity": 2.718281828 ** loss,
+                                    "bytes_up": 0, "bytes_down": 0, "bytes_total_cum": cum})
+        run_dir.set_status("complete", rounds=cfg.train.rounds)
+        return {}
+
+    return fake
+
+
+def test_compare_of_an_instruction_task_ranks_by_the_lowest_loss(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_lm_engine(calls))
+    base = compare_config(["train.rounds=4", "data.task=wordnet-define", "model.name=smollm2"])
+    res = run_compare(base, tmp_path, ["florg", "fedit", "florg-noalign"], seeds=2, target_fraction=0.9,
+                      log=lambda m: None)
+    per = res["per_method"]
+    assert res["metric"] == "loss" and res["higher_is_better"] is False
+    assert per["florg"]["final_loss"] == pytest.approx([2.0, 2.1])
+    assert res["best_final_loss"] == pytest.approx(2.05)  # the lowest mean, FLoRG's
+    assert res["target_loss"] == pytest.approx(2.05 / 0.9)  # within 1/0.9 of the best loss
+    # FLoRG's loss falls by 0.5 per round: 2.5 after round 3 (> 2.278), 2.0 / 2.1 after round 4
+    assert per["florg"]["bytes_to_target"] == [4000, 4000] and per["fedit"]["bytes_to_target_mean"] is None
+    md = (tmp_path / "results.md").read_text()
+    assert "## Final global test loss, mean ± std over seeds (lower is better)" in md
+    assert "**2.0500 ± 0.0707**" in md and "| | drop | 0.2000 |" in md
+    for name in ("loss_vs_round.png", "loss_vs_bytes.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+
+
+def test_bytes_to_target_lower_is_better():
+    rows = [{"round": 0, "test_loss": 4.0, "bytes_total_cum": 0}, {"round": 1, "test_loss": 3.0, "bytes_total_cum": 10},
+            {"round": 2, "test_loss": 3.5, "bytes_total_cum": 20}]
+    assert bytes_to_target(rows, 3.2, "loss", higher_is_better=False) == 10
+    assert bytes_to_target(rows, 2.9, "loss", higher_is_better=False) is None

@@ -139,6 +139,11 @@ def run(
     metric = summary["metric"]
     table.add_row(f"{metric} before", f"{summary[metric + '_before']:.4f}")
     table.add_row(f"{metric} after", f"{summary[metric + '_after']:.4f}")
+    for key, value in summary.items():  # the task family's extras, e.g. rouge_l_before / rouge_l_after
+        if key.endswith(("_before", "_after")) and not key.startswith(metric + "_") and isinstance(value, float):
+            table.add_row(key.replace("_before", " before").replace("_after", " after"), f"{value:.4f}")
+    if summary.get("generations"):
+        table.add_row("generations", str(run_dir.path / summary["generations"]))
     table.add_row("bytes up (total)", _fmt_bytes(summary["bytes_up_total"]))
     table.add_row("bytes down (total)", _fmt_bytes(summary["bytes_down_total"]))
     table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
@@ -209,8 +214,9 @@ def compare(
         def report(row: dict[str, Any]) -> None:
             console.print(f"  {spec.name:<22}", end="")
             inner(row)
-            if "personal_accuracy" in row:
-                console.print(f"  {'':<22}personalised acc {row['personal_accuracy']:.4f}")
+            for key in [k for k in row if k.startswith("personal_") and not k.endswith(("_min", "_max", "_clients"))]:
+                name = key[len("personal_"):]
+                console.print(f"  {'':<22}personalised {_SHORT.get(name, name)} {row[key]:.4f}")
 
         return report
 

@@ -118,9 +118,10 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate this client's own model (e.g. FedSA-LoRA's personalised one: its own state + the global state).
 
     The model is evaluated on the personal-evaluation subset of the global test split
-    (:meth:`florg.run.experiment.Experiment.personal_eval_set`), each class weighted by this client's
-    share of it in its training data; ``num-examples`` is the client's training-set size (the
-    server's averaging weight).
+    (:meth:`florg.run.experiment.Experiment.personal_eval_set`) and scored by the task family
+    (:meth:`florg.tasks.base.TaskFamily.client_score`: for classification, each class weighted by this
+    client's share of it in its training data), reported under the family's primary metric name;
+    ``num-examples`` is the client's training-set size (the server's averaging weight).
     """
     config = msg.content["config"]
     cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
@@ -130,7 +131,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context))
     res = exp.evaluate(exp.personal_eval_set())
     score = exp.family.client_score(res, exp.partition_summary[pid]["label_counts"])
-    metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), "accuracy": score, "partition-id": pid})
+    metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), exp.family.primary_metric: score,
+                            "partition-id": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -207,12 +207,13 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
     """The final adapter files, the plots, ``summary.json`` and the ``complete`` status."""
     exp.method.load_global(exp.model, final)
     _save_adapters(exp, run_dir)
-    exp.family.finish(exp.model, exp, run_dir.path)  # the family's extras (e.g. generations)
+    extras = exp.family.finish(exp.model, exp, run_dir.path) or {}  # the family's extras (e.g. generations)
     from florg.run.plots import plot_runs
 
     rows, cumulative = progress.rows, progress.cumulative
-    plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}")
     primary = exp.family.primary_metric
+    plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}",
+              metric=primary)
     summary = {
         "metric": primary,
         f"{primary}_before": rows[0][f"test_{primary}"] if rows else None,
@@ -223,8 +224,10 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
         "bytes_total": cumulative["bytes_up"] + cumulative["bytes_down"],
         "wall_seconds": time.perf_counter() - t_start,
     }
-    if rows and "personal_accuracy" in rows[-1]:
-        summary["personal_accuracy_after"] = rows[-1]["personal_accuracy"]
+    personal = f"personal_{primary}"
+    if rows and personal in rows[-1]:
+        summary[f"{personal}_after"] = rows[-1][personal]
+    summary.update(extras)
     if progress.done:
         summary["resumed_from_round"] = progress.done
     run_dir.write_json("summary.json", summary)

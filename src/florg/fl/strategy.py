@@ -25,6 +25,7 @@ from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod
 from florg.methods.base import EVAL_PREFIX, SERVER_PREFIX
+from florg.tasks import family_class
 from florg.train import round_lr
 
 from .privacy import PrivacyLedger
@@ -108,6 +109,8 @@ class AdapterStrategy(FedAvg):
             min_available_nodes=min_available_nodes,
         )
         self.method = method
+        #: the task family's primary metric: clients report their own model's score under it (personal_<metric>)
+        self.personal_metric = family_class(method.cfg.data.task).metrics[0]
         self.lr_fn = lr_fn
         self.run_config_json = run_config_json
         self.seed = seed
@@ -311,7 +314,8 @@ class AdapterStrategy(FedAvg):
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' own accuracies -> ``personal_accuracy`` in the round row."""
+        """Example-weighted mean of the clients' own scores -> ``personal_<metric>`` in the round row
+        (``personal_accuracy`` for classification, ``personal_loss`` for instruction tuning)."""
         server_round += self.round_offset
         results = []
         for msg in replies:
@@ -320,15 +324,16 @@ class AdapterStrategy(FedAvg):
                     msg.error.reason)
                 continue
             m = msg.content["metrics"]
-            results.append((float(m["accuracy"]), int(m["num-examples"])))
+            results.append((float(m[self.personal_metric]), int(m["num-examples"])))
         if not results:
             return None
         total = sum(n for _, n in results)
-        acc = sum(a * n for a, n in results) / total
-        self.round_log.update(server_round, personal_accuracy=acc, personal_clients=len(results),
-                              personal_accuracy_min=min(a for a, _ in results),
-                              personal_accuracy_max=max(a for a, _ in results))
-        return MetricRecord({"personal_accuracy": acc})
+        score = sum(a * n for a, n in results) / total
+        name = f"personal_{self.personal_metric}"
+        self.round_log.update(server_round, **{name: score, "personal_clients": len(results),
+                                               f"{name}_min": min(a for a, _ in results),
+                                               f"{name}_max": max(a for a, _ in results)})
+        return MetricRecord({name: score})
 
 
 def config_settings(cfg: RunConfig) -> dict[str, Any]:

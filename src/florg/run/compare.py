@@ -15,6 +15,9 @@ Layout of a compare directory::
     <dir>/plots/accuracy_vs_round.png  mean over seeds, one line per method
     <dir>/plots/accuracy_vs_bytes.png  accuracy vs cumulative bytes (log x)
 
+The score is the task family's primary metric: accuracy for classification (higher is better),
+the held-out loss for instruction tuning (lower is better; plots ``loss_vs_round.png``, ...).
+
 Resume: running the same compare again skips every run whose ``status.json`` says
 ``complete``; a run that was cut short is started again from scratch.
 """
@@ -78,6 +81,9 @@ COMPARE_DEFAULTS: dict[str, Any] = {
 }
 
 Log = Callable[[str], None]
+
+#: metrics in [0, 1] shown as percentages in the tables
+PERCENT_METRICS = frozenset({"accuracy", "f1", "exact_match"})
 
 
 def compare_config(overrides: Sequence[str] = ()) -> RunConfig:
@@ -234,10 +240,15 @@ def _status(path: Path) -> str | None:
 # --------------------------------------------------------------------------------- summaries
 
 
-def bytes_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | None:
-    """Cumulative bytes (up + down) when the global accuracy first reaches ``target`` (None: never)."""
+def bytes_to_target(rows: Sequence[dict[str, Any]], target: float, metric: str = "accuracy",
+                    higher_is_better: bool = True) -> int | None:
+    """Cumulative bytes (up + down) when the global ``test_<metric>`` first reaches ``target`` (None: never):
+    at or above it when higher is better (accuracy), at or below it otherwise (loss)."""
+    key = f"test_{metric}"
     for row in rows:
-        if row.get("test_accuracy", -1.0) >= target:
+        if key not in row:
+            continue
+        if (row[key] >= target) if higher_is_better else (row[key] <= target):
             return int(row.get("bytes_total_cum", 0))
     return None
 
@@ -266,14 +277,15 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
-def _mean_rows(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per-round mean of accuracy and cumulative bytes over seeds (rounds present in every run)."""
+def _mean_rows(runs: Sequence[Sequence[dict[str, Any]]], metric: str = "accuracy") -> list[dict[str, Any]]:
+    """Per-round mean of ``test_<metric>`` and cumulative bytes over seeds (rounds present in every run)."""
     rounds = min(len(r) for r in runs)
+    key = f"test_{metric}"
     out = []
     for i in range(rounds):
         rows = [r[i] for r in runs]
         out.append({"round": rows[0]["round"],
-                    "test_accuracy": sum(r["test_accuracy"] for r in rows) / len(rows),
+                    key: sum(r[key] for r in rows) / len(rows),
                     "bytes_total_cum": sum(r.get("bytes_total_cum", 0) for r in rows) / len(rows)})
     return out
 
@@ -286,8 +298,14 @@ def summarise(
     base_seed: int = 0,
     base: RunConfig | None = None,
 ) -> dict[str, Any]:
-    """Read the complete runs of a compare directory; write ``results.md``, ``summary.json`` and plots."""
+    """Read the complete runs of a compare directory; write ``results.md``, ``summary.json`` and plots.
+
+    The score is the task family's primary metric (``accuracy`` for classification, ``loss`` for
+    instruction tuning), named in the keys (``final_<metric>``, ``target_<metric>``, ...). When lower is
+    better, the best run is the lowest and the bytes-to-target threshold is ``best / target_fraction``.
+    """
     compare_dir = Path(compare_dir)
+    metric, higher = _metric(base)
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for label in methods:
         for i in range(seeds):
@@ -298,15 +316,15 @@ def summarise(
                     runs.setdefault(label, []).append(rows)
     per: dict[str, dict[str, Any]] = {}
     for label, rr in runs.items():
-        finals = [r[-1]["test_accuracy"] for r in rr]
-        personal = [r[-1]["personal_accuracy"] for r in rr if "personal_accuracy" in r[-1]]
+        finals = [r[-1][f"test_{metric}"] for r in rr]
+        personal = [r[-1][f"personal_{metric}"] for r in rr if f"personal_{metric}" in r[-1]]
         trained = [[x for x in r if x.get("round", 0) > 0] for r in rr]
         per[label] = {
             "seeds": len(rr),
-            "final_accuracy": finals,
-            "final_accuracy_mean": _mean_std(finals)[0],
-            "final_accuracy_std": _mean_std(finals)[1],
-            "personal_accuracy": personal,
+            f"final_{metric}": finals,
+            f"final_{metric}_mean": _mean_std(finals)[0],
+            f"final_{metric}_std": _mean_std(finals)[1],
+            f"personal_{metric}": personal,
             "bytes_total": [r[-1].get("bytes_total_cum", 0) for r in rr],
             "bytes_per_round": _mean_std([sum(x.get("bytes_up", 0) + x.get("bytes_down", 0) for x in t) / max(len(t), 1)
                                           for t in trained])[0],
@@ -319,10 +337,10 @@ def summarise(
                                         for t in trained])[0],
         }
     main = [m for m in methods if m not in ABLATIONS and m in per]
-    best = max((per[m]["final_accuracy_mean"] for m in main), default=None)
-    target = best * target_fraction if best is not None else None
+    best = (max if higher else min)((per[m][f"final_{metric}_mean"] for m in main), default=None)
+    target = (best * target_fraction if higher else best / target_fraction) if best is not None else None
     for label, rr in runs.items():
-        hits = [bytes_to_target(r, target) for r in rr] if target is not None else []
+        hits = [bytes_to_target(r, target, metric, higher) for r in rr] if target is not None else []
         reached = [h for h in hits if h is not None]
         per[label]["bytes_to_target"] = hits
         per[label]["bytes_to_target_mean"] = (sum(reached) / len(reached)) if reached else None
@@ -331,8 +349,10 @@ def summarise(
         "methods": list(methods),
         "seeds": seeds,
         "target_fraction": target_fraction,
-        "best_final_accuracy": best,
-        "target_accuracy": target,
+        "metric": metric,
+        "higher_is_better": higher,
+        f"best_final_{metric}": best,
+        f"target_{metric}": target,
         "per_method": per,
     }
     compare_dir.mkdir(parents=True, exist_ok=True)
@@ -342,8 +362,19 @@ def summarise(
         from florg.run.plots import plot_runs
 
         title = f"{base.model.name} on {base.data.task}" if base is not None else ""
-        plot_runs({DISPLAY[m]: _mean_rows(runs[m]) for m in methods if m in runs}, compare_dir / "plots", title=title)
+        plot_runs({DISPLAY[m]: _mean_rows(runs[m], metric) for m in methods if m in runs}, compare_dir / "plots",
+                  title=title, metric=metric)
     return summary
+
+
+def _metric(base: RunConfig | None) -> tuple[str, bool]:
+    """``(primary metric, higher_is_better)`` of the task family of ``base`` (accuracy without a config)."""
+    if base is None:
+        return "accuracy", True
+    from florg.tasks import family_class
+
+    cls = family_class(base.data.task)
+    return cls.metrics[0], bool(cls.higher_is_better)
 
 
 def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None) -> str:
@@ -352,7 +383,12 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
     model = base.model.name if base is not None else "?"
     task = base.data.task if base is not None else "?"
     seeds = summary["seeds"]
-    best = max((per[m]["final_accuracy_mean"] for m in methods if m in per), default=None)
+    metric, higher = summary.get("metric", "accuracy"), summary.get("higher_is_better", True)
+    scale, digits, unit = (100.0, 2, " (%)") if metric in PERCENT_METRICS else (1.0, 4, "")
+    pct = " %" if metric in PERCENT_METRICS else ""
+    words = metric.replace("_", " ")
+    fin = f"final_{metric}"
+    best = (max if higher else min)((per[m][f"{fin}_mean"] for m in methods if m in per), default=None)
     lines = [f"# Method comparison: {model} on {task}", ""]
     if base is not None:
         lines += [
@@ -364,7 +400,8 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
             f"seeds {base.seed}..{base.seed + seeds - 1}. FeDeRA mode: {base.method.federa.mode}.",
             "",
         ]
-    lines += ["## Final global test accuracy (%), mean ± std over seeds", ""]
+    lines += [f"## Final global test {words}{unit}, mean ± std over seeds ({'higher' if higher else 'lower'} is better)",
+              ""]
     header = "| Base model | Dataset | " + " | ".join(DISPLAY[m] for m in methods) + " |"
     lines += [header, "|" + "---|" * (len(methods) + 2)]
     cells = []
@@ -372,28 +409,31 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
         if m not in per:
             cells.append("–")
             continue
-        text = _pm(per[m]["final_accuracy"])
-        cells.append(f"**{text}**" if best is not None and per[m]["final_accuracy_mean"] == best else text)
+        text = _pm(per[m][fin], scale, digits)
+        cells.append(f"**{text}**" if best is not None and per[m][f"{fin}_mean"] == best else text)
     lines += [f"| {model} | {task} | " + " | ".join(cells) + " |", ""]
     done = {m: per[m]["seeds"] for m in summary["methods"] if m in per}
     if any(n < seeds for n in done.values()) or len(done) < len(summary["methods"]):
         counts = ", ".join(f"{DISPLAY[m]} {done.get(m, 0)}/{seeds}" for m in summary["methods"])
         lines += [f"Complete runs per method: {counts}.", ""]
     if "fedsa-lora" in per:
+        reweighted = " on the test split reweighted to the client's label distribution," if metric == "accuracy" else ""
         lines += [
-            "FedSA-LoRA keeps B local: its global accuracy is that of the named global model (A_bar with "
+            f"FedSA-LoRA keeps B local: its global {words} is that of the named global model (A_bar with "
             "B_bar, the example-weighted mean of the round's B_n, uploaded for evaluation only and not counted "
-            "as protocol traffic). Its personalised accuracy (each client's own B_n with A_bar, on the test split "
-            "reweighted to the client's label distribution, example-weighted over clients): "
-            f"{_pm(per['fedsa-lora']['personal_accuracy'])} %.",
+            f"as protocol traffic). Its personalised {words} (each client's own B_n with A_bar,{reweighted} "
+            f"example-weighted over clients): {_pm(per['fedsa-lora'][f'personal_{metric}'], scale, digits)}{pct}.",
             "",
         ]
-    target = summary.get("target_accuracy")
+    target = summary.get(f"target_{metric}")
     lines += ["## Communication", ""]
     if target is not None:
-        lines += [f"Target: {summary['target_fraction']:.0%} of the best final accuracy = {target * 100:.2f} %. "
+        rule = (f"{summary['target_fraction']:.0%} of the best final {words}" if higher else
+                f"the best final {words} / {summary['target_fraction']:g}")
+        shown = f"{target * 100:.2f} %" if metric in PERCENT_METRICS else f"{target:.4f}"
+        lines += [f"Target: {rule} = {shown}. "
                   "Bytes to target = cumulative Flower payload bytes (uplink + downlink, all clients, adapter + "
-                  "head) when the global accuracy first reaches the target (mean over the seeds that reach it).", ""]
+                  f"head) when the global {words} first reaches the target (mean over the seeds that reach it).", ""]
     lines += ["| Method | bytes to target | × FLoRG | seeds reaching | bytes / round (up + down) | up / round | "
               "down / round | total bytes | agg. error | sent error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in summary["methods"]:
@@ -413,12 +453,15 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
               ""]
     for label in [a for a in ABLATIONS if a in per]:
         row = _rows()[label]
-        w = per.get(row.method, {}).get("final_accuracy", [])
-        wo = per[label]["final_accuracy"]
-        lines += [f"## Ablation: {DISPLAY[label]} (final accuracy, %)", "", f"| Base | Setting | {task} |", "|---|---|---|",
-                  f"| {model} | {DISPLAY[row.method]} | {_pm(w)} |", f"| {model} | {DISPLAY[label]} | {_pm(wo)} |"]
+        w = per.get(row.method, {}).get(fin, [])
+        wo = per[label][fin]
+        lines += [f"## Ablation: {DISPLAY[label]} (final {words}{unit.replace(' (', ', ').rstrip(')')})", "",
+                  f"| Base | Setting | {task} |", "|---|---|---|",
+                  f"| {model} | {DISPLAY[row.method]} | {_pm(w, scale, digits)} |",
+                  f"| {model} | {DISPLAY[label]} | {_pm(wo, scale, digits)} |"]
         if w and wo:
-            lines.append(f"| | drop | {(_mean_std(w)[0] - _mean_std(wo)[0]) * 100:.2f} |")
+            drop = (_mean_std(w)[0] - _mean_std(wo)[0]) * (1 if higher else -1)
+            lines.append(f"| | drop | {drop * scale:.{digits}f} |")
         lines.append("")
-    lines += ["Plots: plots/accuracy_vs_round.png, plots/accuracy_vs_bytes.png (mean over seeds).", ""]
+    lines += [f"Plots: plots/{metric}_vs_round.png, plots/{metric}_vs_bytes.png (mean over seeds).", ""]
     return "\n".join(lines)

@@ -9,10 +9,12 @@ Layout::
       partitions.json    per-client sizes and label histograms
       metrics.jsonl      one row per round (round 0 = the untrained model); every field except
                          "timing" is deterministic for a fixed config and seed
-      plots/accuracy_vs_round.png, plots/accuracy_vs_bytes.png
+      plots/<metric>_vs_round.png, plots/<metric>_vs_bytes.png   (the task's primary metric:
+                         accuracy for classification, loss for instruction tuning)
       adapter/           the final adapter in PEFT format (PeftModel.from_pretrained after `import florg`)
       adapter_lora/      the same adapter exported as a plain PEFT LoRA (no florg needed to load it)
-      summary.json       accuracy before/after, total bytes, wall time
+      generations.jsonl  instruction tuning: greedy answers before/after training (florg.tasks.instruction)
+      summary.json       the primary metric before/after, total bytes, wall time, the task family's extras
 
 A run directory is only created once the config, data and model have loaded; ``status.json``
 says whether it finished.
