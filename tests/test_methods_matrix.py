@@ -1,7 +1,9 @@
 """One test matrix for every federated method (no Flower runtime).
 
 On a tiny random BERT (hidden 32, 2 layers; adapted: query, value, intermediate.dense 32->48 and
-output.dense 48->32, so both d_out > d_in and d_out < d_in occur) every method is built, three
+output.dense 48->32, so both d_out > d_in and d_out < d_in occur) and, for the instruction-tuning
+family, a tiny random Llama causal LM without a head (adapted: q_proj 32->32, v_proj 32->16,
+up_proj 32->64, down_proj 64->32; loss on response tokens only) every method is built, three
 clients share ONE model object (as simulated clients share the per-process cached model) and train
 a few steps on random tokens for two rounds through the client hooks, and the server aggregates.
 Client and global updates are read off the model by a forward pass (``W_eff = (layer(I) - bias)^T``),
@@ -27,7 +29,7 @@ from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval,
 from florg.methods.flora import stack_uploads
 from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
 from florg.tasks.classification import label_weighted_accuracy
-from helpers import tiny_bert  # module-level reference weights (PRETRAINED) need it at import time
+from helpers import tiny_bert, tiny_llama  # module-level reference weights (PRETRAINED) need them at import time
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -57,14 +59,41 @@ def test_every_registered_method_is_in_the_matrix():
 # ----------------------------------------------------------------------------- harness
 
 
-def setup(label, *overrides):
+LM_VOCAB = 97
+
+
+def plain_llama():
+    return tiny_llama(LM_VOCAB, seed=0)
+
+
+def classification_batch(gen):
+    return {"input_ids": torch.randint(1, 97, (8, 10), generator=gen), "labels": torch.randint(0, 3, (8,), generator=gen)}
+
+
+def lm_batch(gen):
+    """Random token sequences whose first 4 positions are a prompt (label -100), as the instruction family encodes."""
+    ids = torch.randint(3, LM_VOCAB, (8, 10), generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+#: task families of the matrix: (model factory, adapted modules, head modules, random batch)
+FAMILY_MODELS = {
+    "classification": (tiny_bert, TARGETS, HEADS, classification_batch),
+    "instruction": (plain_llama, ["q_proj", "v_proj", "up_proj", "down_proj"], [], lm_batch),
+}
+
+
+def setup(label, *overrides, family="classification"):
     name, extra = EXTRA.get(label, (label, []))
     cfg = load_config(None, [f"method.name={name}", f"method.rank={RANK}", f"method.alpha={ALPHA}", *extra,
                              *overrides])
     method = get_method(cfg)
+    factory, targets, heads, _ = FAMILY_MODELS[family]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = method.build(tiny_bert(), TARGETS, HEADS).eval()
+        model = method.build(factory(), targets, heads).eval()
     return cfg, method, model
 
 
@@ -77,11 +106,14 @@ def _target_modules(model):
     return {clean_module_name(n): m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
-PRETRAINED = {
-    n: m.weight.detach().double().clone()
-    for n, m in tiny_bert().named_modules()
-    if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in TARGETS)
-}
+def _pretrained(family):
+    factory, targets, _, _ = FAMILY_MODELS[family]
+    return {n: m.weight.detach().double().clone() for n, m in factory().named_modules()
+            if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+PRETRAINED_BY_FAMILY = {family: _pretrained(family) for family in FAMILY_MODELS}
+PRETRAINED = PRETRAINED_BY_FAMILY["classification"]
 
 
 @torch.no_grad()
@@ -93,19 +125,19 @@ def effective(module):
     return (module(x) - bias).T.double()
 
 
-def deltas(model):
+def deltas(model, family="classification"):
     """``W_eff - W_pretrained`` of every adapted layer."""
-    return {name: effective(mod) - PRETRAINED[name] for name, mod in _target_modules(model).items()}
+    pre = PRETRAINED_BY_FAMILY[family]
+    return {name: effective(mod) - pre[name] for name, mod in _target_modules(model).items()}
 
 
-def local_train(model, seed, steps=3, lr=0.05):
+def local_train(model, seed, steps=3, lr=0.05, family="classification"):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        batch = {"input_ids": torch.randint(1, 97, (8, 10), generator=gen),
-                 "labels": torch.randint(0, 3, (8,), generator=gen)}
+        batch = FAMILY_MODELS[family][3](gen)
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
@@ -113,9 +145,9 @@ def local_train(model, seed, steps=3, lr=0.05):
     model.eval()
 
 
-def run_rounds(label, rounds=2, overrides=()):
+def run_rounds(label, rounds=2, overrides=(), family="classification"):
     """Two federated rounds on one shared model; returns the last round's data."""
-    cfg, method, model = setup(label, *overrides)
+    cfg, method, model = setup(label, *overrides, family=family)
     state = method.initial_global(model)
     local = {pid: {} for pid in range(3)}
     for rnd in range(1, rounds + 1):
@@ -123,15 +155,15 @@ def run_rounds(label, rounds=2, overrides=()):
         for pid in range(3):
             info = ClientInfo(partition_id=pid, server_round=rnd)
             method.client_load(model, wire_state(state), info, local[pid])
-            local_train(model, seed=100 * rnd + pid)
-            client_deltas.append(deltas(model))
+            local_train(model, seed=100 * rnd + pid, family=family)
+            client_deltas.append(deltas(model, family))
             up = method.client_upload(model, info, local[pid])
             assert method.check_upload(up, state, 1e4) == []
             uploads.append(up)
         previous = state
         state, diag = method.aggregate(uploads, EXAMPLES, state)
         method.load_global(model, state)  # the server's view of the new global model
-        global_delta = deltas(model)
+        global_delta = deltas(model, family)
     target = {n: sum(p * d[n] for p, d in zip(P, client_deltas)) for n in global_delta}
     return dict(cfg=cfg, method=method, model=model, state=state, previous=previous, uploads=uploads,
                 diag=diag, target=target, global_delta=global_delta, local=local)
@@ -154,9 +186,10 @@ def _assert_diagnostics_match(r):
 # ----------------------------------------------------------------------------- exactness matrix
 
 
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
 @pytest.mark.parametrize("label", ["ffa-lora", "fedex-lora", "flora", "flora-hetero"])
-def test_exact_methods_global_update_is_the_weighted_mean(label):
-    r = run_rounds(label)
+def test_exact_methods_global_update_is_the_weighted_mean(label, family):
+    r = run_rounds(label, family=family)
     for name in r["target"]:
         assert rel(r["global_delta"][name], r["target"][name]) < 1e-6, name
     assert r["diag"]["agg_rel_error_max"] < 1e-6 and r["diag"]["sent_rel_error_max"] < 1e-6
@@ -430,13 +463,15 @@ def _payload_bytes(state):
     return rec.count_bytes(), overhead
 
 
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
 @pytest.mark.parametrize("label", ALL + ["flora-hetero"])
-def test_communication_measured_equals_formula(label):
-    cfg, method, model = setup(label)
+def test_communication_measured_equals_formula(label, family):
+    cfg, method, model = setup(label, family=family)
     name = cfg.method.name
     dims = _layer_dims(model)
     n_layers = len(dims)
-    head_elems = 3 * 32 + 3  # classifier weight + bias, both directions, every method
+    # classifier weight + bias (2 arrays), both directions, every method; the causal LM has no head
+    head_elems, head_arrays = (3 * 32 + 3, 2) if FAMILY_MODELS[family][2] else (0, 0)
     state = method.initial_global(model)
     down = wire_state(state)
     for pid in range(3):
@@ -448,15 +483,34 @@ def test_communication_measured_equals_formula(label):
         down_bytes, down_over = _payload_bytes(down)
         assert up_bytes == 4 * (f_up + head_elems) + up_over
         assert down_bytes == 4 * (f_down + head_elems) + down_over
-        # arrays per layer as the method declares them (so the overhead is fixed too): head = 2 arrays
+        # arrays per layer as the method declares them (so the overhead is fixed too), plus the head's
         per_layer_up, per_layer_down = method.arrays_per_layer
-        assert len(up_protocol) == per_layer_up * n_layers + 2
-        assert len(down) == per_layer_down * n_layers + 2
+        assert len(up_protocol) == per_layer_up * n_layers + head_arrays
+        assert len(down) == per_layer_down * n_layers + head_arrays
         if name == "fedsa-lora":  # evaluation-only B, counted apart from the protocol
             assert sum(v.numel() for v in up_eval.values()) == sum(RANK * m for m, _ in dims.values())
         else:
             assert up_eval == {}
     assert all(k.startswith(HEAD_PREFIX) for k in down if "classifier" in k)
+    assert any(k.startswith(HEAD_PREFIX) for k in down) == bool(FAMILY_MODELS[family][2])
+
+
+@pytest.mark.parametrize("label", ALL + list(EXTRA))
+def test_every_method_trains_a_headless_causal_lm(label):
+    """Instruction tuning: no head on the wire, the global model changes, the diagnostics are what it shows,
+    and the trained global model computes a different loss than the pretrained one."""
+    r = run_rounds(label, family="instruction")
+    model, state = r["model"], r["state"]
+    assert not any(k.startswith(HEAD_PREFIX) for k in state)
+    assert not any(k.startswith(HEAD_PREFIX) for u in r["uploads"] for k in u)
+    assert all(float(torch.linalg.matrix_norm(d)) > 0 for d in r["global_delta"].values())
+    assert all(torch.isfinite(d).all() for d in r["global_delta"].values())
+    _assert_diagnostics_match(r)
+    batch = lm_batch(torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        before = plain_llama()(**batch).loss
+        after = model(**batch).loss
+    assert torch.isfinite(after) and float(after) != float(before)
 
 
 # ----------------------------------------------------------------------------- settings a method cannot honour

@@ -8,6 +8,7 @@ in this process (the matrix test ties those to the formulas).
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from florg.fl.simulation import run_simulation_engine
 from florg.methods.base import ClientInfo, split_eval, wire_state
 from florg.run.experiment import get_experiment
 from florg.run.rundir import RunDir
+from helpers import save_tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
@@ -80,3 +82,40 @@ def test_flora_heterogeneous_ranks_stateless_clients(flora):
     deltas = load_file(str(run_dir.path / "base_delta.safetensors"))
     assert len(deltas) == 12 and all(float(v.abs().max()) > 0 for v in deltas.values())
     assert all(torch.isfinite(v).all() for v in deltas.values())
+
+
+# ----------------------------------------------------------------------------- instruction tuning (causal LM)
+
+
+@pytest.fixture(scope="module")
+def fedsa_instruct(tmp_path_factory, tiny_overrides):
+    """FedSA-LoRA on a tiny random Llama and a small Alpaca JSONL: personalised evaluation by loss."""
+    base = tmp_path_factory.mktemp("fedsa-instruct")
+    model = save_tiny_llama(base / "llama")
+    rows = [{"instruction": f"Name the number {i}", "output": f"number {i}", "category": "abc"[i % 3]} for i in range(90)]
+    (base / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = ["method.name=fedsa-lora", f"model.name={model}", f"data.task=instruct:{base / 'data.jsonl'}",
+             "model.max_length=40", "eval.generate_examples=3", "eval.max_new_tokens=4", "train.lr=0.02"]
+    return _run(tiny_overrides, base, "fedsa-instruct", extra)
+
+
+def test_fedsa_lora_instruction_tuning_reports_loss_everywhere(fedsa_instruct):
+    cfg, run_dir, summary = fedsa_instruct
+    assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
+    rows = run_dir.read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["test_perplexity"] == pytest.approx(math.exp(r["test_loss"]))
+        assert "test_accuracy" not in r
+    for r in rows[1:]:
+        assert r["personal_clients"] == 3 and "personal_accuracy" not in r
+        assert 0.0 < r["personal_loss_min"] <= r["personal_loss"] <= r["personal_loss_max"]
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+    assert summary["metric"] == "loss" and summary["loss_before"] == rows[0]["test_loss"]
+    assert summary["personal_loss_after"] == rows[-1]["personal_loss"]
+    assert 0.0 <= summary["rouge_l_before"] <= 1.0 and 0.0 <= summary["rouge_l_after"] <= 1.0
+    gens = [json.loads(x) for x in (run_dir.path / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 3 and all({"before", "after", "reference", "prompt"} <= set(g) for g in gens)
+    assert (run_dir.path / "plots" / "loss_vs_round.png").is_file()
+    assert (run_dir.path / "adapter" / "adapter_config.json").is_file()
