@@ -43,6 +43,12 @@ def tiny_gpt2():
 
 
 @pytest.fixture(scope="session")
+def tiny_qa_model(tmp_path_factory):
+    """A tiny random BERT encoder with MiniLM's tokenizer, saved once: a ``model.name`` folder for extractive QA."""
+    return helpers.tiny_qa_checkpoint(tmp_path_factory.mktemp("tiny-qa-model"))
+
+
+@pytest.fixture(scope="session")
 def tiny_overrides():
     """The tiny run configuration as ``key=value`` overrides (a tuple; append a test's own deviations)."""
     return helpers.TINY_OVERRIDES

@@ -7,7 +7,13 @@ helpers are imported directly where test inputs are built at collection time (pa
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 F64 = torch.float64
 
@@ -25,6 +31,31 @@ def tiny_bert(seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.flo
     torch.manual_seed(seed)
     config = BertConfig(**{**BERT_CONFIG, "num_labels": num_labels})
     return AutoModelForSequenceClassification.from_config(config).to(dtype).eval()
+
+
+def tiny_bert_qa(seed: int = 0) -> torch.nn.Module:
+    """The tiny BERT with an extractive-QA span head (``qa_outputs``: start and end logit per token), in eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForQuestionAnswering.from_config(BertConfig(**{**BERT_CONFIG, "num_labels": 2})).eval()
+
+
+def tiny_qa_checkpoint(folder, seed: int = 0) -> str:
+    """A tiny random BERT encoder (no head) saved with MiniLM's tokenizer, as a local ``model.name`` folder.
+
+    Loaded with ``AutoModelForQuestionAnswering`` it gets a fresh ``qa_outputs`` span head, as MiniLM
+    does; tokenization is MiniLM's (WordPiece, 30,522 tokens), so it runs the real QA pipeline in seconds.
+    """
+    from transformers import AutoTokenizer, BertModel
+
+    from florg.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=128)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:

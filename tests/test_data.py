@@ -422,3 +422,12 @@ def test_partition_stats_and_summary(small_train):
     assert lines[1].startswith("client 0") and f"n={stats[0]['size']}" in lines[1].replace(" ", "")
     with pytest.raises(ValueError, match="outside 0..1"):
         partition_stats(parts, 2)
+
+
+def test_partition_summary_with_many_labels_names_the_largest():
+    stats = [{"partition": 0, "size": 10, "label_counts": [0] * 10 + [6, 3, 0, 1, 0], "num_classes": 3,
+              "top_share": 0.6}]
+    names = [f"article{j}" for j in range(15)]
+    lines = format_partition_stats(stats, names).splitlines()
+    assert len(lines) == 2 and "15 labels" in lines[0]
+    assert lines[1].endswith("labels 3/15  top article10 60%, article11 30%, article13 10%")

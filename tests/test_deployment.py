@@ -21,30 +21,31 @@ from helpers import RUN_TIMEOUT
 pytestmark = pytest.mark.slow
 
 
-def _check_run_dir(run_dir: Path, rounds: int = 2) -> None:
+def _check_run_dir(run_dir: Path, rounds: int = 2, metric: str = "accuracy") -> None:
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "complete", status
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [row["round"] for row in rows] == list(range(rounds + 1))
     for row in rows:
-        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert 0.0 <= row[f"test_{metric}"] <= 1.0
     for row in rows[1:]:  # round 0 is the initial evaluation, nothing uploaded yet
         assert row["bytes_up"] > 0
         assert row["bytes_down"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == rounds
+    assert summary["rounds"] == rounds and summary["metric"] == metric
     assert summary["bytes_up_total"] == sum(row["bytes_up"] for row in rows)
 
 
-def _run_and_check(dep: LocalDeployment, run_dir: Path, overrides: list[str]) -> None:
+def _run_and_check(dep: LocalDeployment, run_dir: Path, overrides: list[str], metric: str = "accuracy",
+                   timeout: float = RUN_TIMEOUT) -> None:
     with dep:
         assert len(dep.pids) == 3  # SuperLink + 2 SuperNodes
         assert all(pid_alive(pid) for pid in dep.pids)
-        result = dep.run(APP_DIR, overrides=overrides, run_dir=run_dir, timeout=RUN_TIMEOUT)
+        result = dep.run(APP_DIR, overrides=overrides, run_dir=run_dir, timeout=timeout)
         logs = "\n".join(f"--- {name}: {path}" for name, path in dep.logs().items())
         assert result.ok, f"flwr run: rc={result.returncode} status={result.status}\n{result.output[-4000:]}\n{logs}"
         assert result.run_id is not None
-        _check_run_dir(run_dir)
+        _check_run_dir(run_dir, metric=metric)
         pids = dep.all_pids()
     assert not [pid for pid in pids if pid_alive(pid)]
 
@@ -56,6 +57,18 @@ def test_deployment_insecure(deployments, tmp_path, tiny_overrides):
     _run_and_check(dep, tmp_path / "run", overrides)
     config = (dep.flwr_home / "config.toml").read_text()
     assert "insecure = true" in config and dep.address in config
+
+
+def test_deployment_extractive_qa(deployments, tmp_path, tiny_overrides):
+    """The same Flower App on the extractive-QA family (WordNet QA, MiniLM with a span head)."""
+    dep = deployments(num_supernodes=2, insecure=True)
+    overrides = [*tiny_overrides, "data.num_clients=2", "data.max_train_examples=200", "data.max_test_examples=100",
+                 "federation.round_timeout=90", "data.task=wordnet-qa", "model.max_length=48", "data.max_answer_length=8"]
+    # every process (server, two clients) builds the WordNet QA triples and evaluates spans: more time under load
+    _run_and_check(dep, tmp_path / "run", overrides, metric="f1", timeout=2 * RUN_TIMEOUT)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert all(0.0 <= r["test_exact_match"] <= r["test_f1"] for r in rows)
+    assert (tmp_path / "run" / "predictions.json").is_file()
 
 
 def test_processes_stopped_when_the_body_fails(deployments):

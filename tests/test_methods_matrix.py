@@ -1,7 +1,8 @@
 """One test matrix for every federated method (no Flower runtime).
 
 On a tiny random BERT (hidden 32, 2 layers; adapted: query, value, intermediate.dense 32->48 and
-output.dense 48->32, so both d_out > d_in and d_out < d_in occur) and, for the instruction-tuning
+output.dense 48->32, so both d_out > d_in and d_out < d_in occur; a classification head, or for the
+extractive-QA family the span head ``qa_outputs`` trained on start/end positions) and, for the instruction-tuning
 family, a tiny random Llama causal LM without a head (adapted: q_proj 32->32, v_proj 32->16,
 up_proj 32->64, down_proj 64->32; loss on response tokens only) every method is built, three
 clients share ONE model object (as simulated clients share the per-process cached model) and train
@@ -29,7 +30,7 @@ from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval,
 from florg.methods.flora import stack_uploads
 from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
 from florg.tasks.classification import label_weighted_accuracy
-from helpers import tiny_bert, tiny_llama  # module-level reference weights (PRETRAINED) need them at import time
+from helpers import tiny_bert, tiny_bert_qa, tiny_llama  # module-level reference weights (PRETRAINED) need them at import time
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -70,6 +71,13 @@ def classification_batch(gen):
     return {"input_ids": torch.randint(1, 97, (8, 10), generator=gen), "labels": torch.randint(0, 3, (8,), generator=gen)}
 
 
+def qa_batch(gen):
+    """Random tokens with an answer span inside the 10 positions (start <= end), as the QA family encodes."""
+    start = torch.randint(0, 10, (8,), generator=gen)
+    end = torch.minimum(start + torch.randint(0, 3, (8,), generator=gen), torch.tensor(9))
+    return {"input_ids": torch.randint(1, 97, (8, 10), generator=gen), "start_positions": start, "end_positions": end}
+
+
 def lm_batch(gen):
     """Random token sequences whose first 4 positions are a prompt (label -100), as the instruction family encodes."""
     ids = torch.randint(3, LM_VOCAB, (8, 10), generator=gen)
@@ -81,6 +89,7 @@ def lm_batch(gen):
 #: task families of the matrix: (model factory, adapted modules, head modules, random batch)
 FAMILY_MODELS = {
     "classification": (tiny_bert, TARGETS, HEADS, classification_batch),
+    "extractive-qa": (tiny_bert_qa, TARGETS, ["qa_outputs"], qa_batch),
     "instruction": (plain_llama, ["q_proj", "v_proj", "up_proj", "down_proj"], [], lm_batch),
 }
 
@@ -295,6 +304,31 @@ def test_factored_norm_never_needs_the_dense_matrix_and_agrees_with_it():
     assert f.fro() == pytest.approx(float(torch.linalg.matrix_norm(f.dense())), rel=1e-10)
 
 
+# ----------------------------------------------------------------------------- every method on the QA head
+
+
+@pytest.mark.parametrize("label", ALL)
+def test_every_method_trains_and_averages_the_qa_span_head(label):
+    """One round on the tiny BERT QA model: the span head ``qa_outputs`` trains fully on every client, travels
+    under ``head/`` keys and is averaged with the example weights; the new global model answers (finite logits)."""
+    r = run_rounds(label, rounds=1, family="extractive-qa")
+    heads = [{k: v for k, v in u.items() if k.startswith(HEAD_PREFIX)} for u in r["uploads"]]
+    keys = sorted(heads[0])
+    assert keys and all("qa_outputs" in k for k in keys) and len(keys) == 2  # weight and bias
+    assert not any(torch.equal(heads[0][k], heads[1][k]) for k in keys)  # trained per client
+    for k in keys:
+        mean = sum(p * h[k].double() for p, h in zip(P, heads))
+        assert torch.allclose(r["state"][k].double(), mean, atol=1e-6), k
+    weight = next(k for k in keys if k.endswith("weight"))
+    live = dict(r["model"].named_parameters())[weight[len(HEAD_PREFIX):]]
+    assert torch.equal(live.detach(), r["state"][weight])  # load_global put the averaged head into the model
+    with torch.no_grad():
+        out = r["model"](input_ids=torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(5)))
+    assert out.start_logits.shape == out.end_logits.shape == (2, 10)
+    assert torch.isfinite(out.start_logits).all() and torch.isfinite(out.end_logits).all()
+    _assert_diagnostics_match(r)
+
+
 # ----------------------------------------------------------------------------- FedSA-LoRA
 
 
@@ -470,8 +504,10 @@ def test_communication_measured_equals_formula(label, family):
     name = cfg.method.name
     dims = _layer_dims(model)
     n_layers = len(dims)
-    # classifier weight + bias (2 arrays), both directions, every method; the causal LM has no head
-    head_elems, head_arrays = (3 * 32 + 3, 2) if FAMILY_MODELS[family][2] else (0, 0)
+    # head weight + bias (2 arrays: 3 classes, or the QA span head's start and end), both directions, every
+    # method; the causal LM has no head
+    outputs = {"classification": 3, "extractive-qa": 2}.get(family, 0)
+    head_elems, head_arrays = (outputs * 32 + outputs, 2) if FAMILY_MODELS[family][2] else (0, 0)
     state = method.initial_global(model)
     down = wire_state(state)
     for pid in range(3):
@@ -491,7 +527,7 @@ def test_communication_measured_equals_formula(label, family):
             assert sum(v.numel() for v in up_eval.values()) == sum(RANK * m for m, _ in dims.values())
         else:
             assert up_eval == {}
-    assert all(k.startswith(HEAD_PREFIX) for k in down if "classifier" in k)
+    assert all(k.startswith(HEAD_PREFIX) for k in down if "classifier" in k or "qa_outputs" in k)
     assert any(k.startswith(HEAD_PREFIX) for k in down) == bool(FAMILY_MODELS[family][2])
 
 

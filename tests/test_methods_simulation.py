@@ -4,7 +4,9 @@ FedSA-LoRA exercises the client's persistent state (its own B in ``Context.state
 client-side personalised evaluation and the evaluation-only uplink; FLoRA with heterogeneous
 ranks exercises stateless clients rebuilding W0 from the message (dense downlink) and exact
 stacking. The byte counts in ``metrics.jsonl`` are checked against the payloads the method builds
-in this process (the matrix test ties those to the formulas).
+in this process (the matrix test ties those to the formulas). FedSA-LoRA also runs on the
+extractive-QA family (WordNet QA, a tiny BERT encoder with a fresh span head): its personalised
+evaluation scores each client's own model by F1 weighted with the client's label shares.
 """
 
 import json
@@ -38,6 +40,13 @@ def fedsa(tmp_path_factory, tiny_overrides):
 
 
 @pytest.fixture(scope="module")
+def fedsa_qa(tmp_path_factory, tiny_overrides, tiny_qa_model):
+    return _run(tiny_overrides, tmp_path_factory.mktemp("fedsa-qa"), "fedsa-qa",
+                ["method.name=fedsa-lora", "data.task=wordnet-qa", f"model.name={tiny_qa_model}", "model.max_length=48",
+                 "data.max_answer_length=8"])
+
+
+@pytest.fixture(scope="module")
 def flora(tmp_path_factory, tiny_overrides):
     return _run(tiny_overrides, tmp_path_factory.mktemp("flora"), "flora", ["method.name=flora", "method.client_ranks=[2,4,8]"])
 
@@ -61,6 +70,35 @@ def test_fedsa_lora_personalised_and_global(fedsa):
     assert summary["personal_accuracy_after"] == rows[-1]["personal_accuracy"]
     assert not any(".lora_B." in k for k in wire_state(exp.initial_state))
     assert (run_dir.path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_fedsa_lora_personalised_evaluation_on_extractive_qa(fedsa_qa):
+    cfg, run_dir, summary = fedsa_qa
+    assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
+    rows = run_dir.read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2] and "personal_f1" not in rows[0]
+    exp = get_experiment(cfg)
+    protocol, eval_only = split_eval(exp.method.upload(exp.model))
+    assert any("qa_outputs" in k for k in protocol)  # the span head goes up with the protocol's A
+    up, up_eval = to_record(protocol).count_bytes(), to_record(eval_only).count_bytes()
+    for r in rows:
+        assert 0.0 <= r["test_exact_match"] <= r["test_f1"] <= 1.0 and "test_accuracy" not in r
+    for r in rows[1:]:
+        assert r["participants"] == 3 and r["personal_clients"] == 3
+        assert 0.0 <= r["personal_f1_min"] <= r["personal_f1"] <= r["personal_f1_max"] <= 1.0
+        assert "personal_accuracy" not in r
+        assert r["bytes_up"] == 3 * up and r["bytes_up_eval"] == 3 * up_eval
+    assert summary["metric"] == "f1" and summary["personal_f1_after"] == rows[-1]["personal_f1"]
+    # what one client reports: its own model (own B, global A) on the personal subset, F1 by its label shares
+    exp.method.client_load(exp.model, wire_state(exp.initial_state), ClientInfo(0, 1), {})
+    res = exp.evaluate(exp.personal_eval_set())
+    assert res["examples"] == 40  # method.fedsa-lora.personal_eval_examples
+    counts = exp.partition_summary[0]["label_counts"]
+    shared = {c: n for c, n in enumerate(counts) if n > 0 and res["label_total"].get(c, 0) > 0}
+    assert shared  # WordNet QA: the test split has the clients' lexicographer categories
+    expected = sum(n * res["label_f1"][c] / res["label_total"][c] for c, n in shared.items()) / sum(shared.values())
+    assert exp.family.client_score(res, counts) == pytest.approx(expected)
+    assert sum(res["label_total"].values()) == 40 and sum(res["label_f1"].values()) == pytest.approx(40 * res["f1"])
 
 
 def test_flora_heterogeneous_ranks_stateless_clients(flora):

@@ -54,9 +54,11 @@ class ModelConfig:
 class DataConfig:
     task: str = _f("wordnet", "Task. Classification: 'wordnet' (embedded), glue/rte, glue/mrpc, glue/qnli, glue/mnli, "
                               "glue/wnli, glue/sst2, local:<path>. Instruction tuning (causal LM): 'wordnet-define' "
-                              "(embedded), instruct:<path> (Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>.")
-    data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-define, or GLUE files / a "
-                           "save_to_disk folder).")
+                              "(embedded), instruct:<path> (Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>. "
+                              "Extractive QA: 'wordnet-qa' (embedded), 'squad' (SQuAD v1.1 from data.data_dir, else the Hub), "
+                              "squad:<path> (a SQuAD v1.1 JSON file or folder).")
+    data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-define / wordnet-qa, GLUE files / a "
+                           "save_to_disk folder, or a SQuAD v1.1 folder).")
     num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).")
     partition: str = _f("dirichlet", "Partitioning: dirichlet, iid or pathological.",
                         choices=("dirichlet", "iid", "pathological"))
@@ -72,6 +74,9 @@ class DataConfig:
     max_validation_examples: int = _f(0, "Cap on the validation split (0 = all of it), drawn by seed.")
     classes: list[str] = _f([], "WordNet classes (lexicographer files); empty = noun.animal, noun.plant, noun.food, "
                                 "noun.artifact (wordnet-define: every noun category).")
+    doc_stride: int = _f(128, "Extractive QA: overlap in tokens between consecutive windows of a long context "
+                              "(capped at half of the room a window leaves for the context).")
+    max_answer_length: int = _f(30, "Extractive QA: the longest answer (in tokens) evaluation may predict.")
 
 
 @dataclass
@@ -374,6 +379,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.data.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
     need(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
     need(0.0 <= cfg.data.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1) (0 = no validation split)")
+    need(cfg.data.doc_stride >= 0, "data.doc_stride", f"must be >= 0, got {cfg.data.doc_stride}")
+    need(cfg.data.max_answer_length >= 1, "data.max_answer_length", f"must be >= 1, got {cfg.data.max_answer_length}")
     need(cfg.data.max_validation_examples >= 0, "data.max_validation_examples", "must be >= 0 (0 = all)")
     need(cfg.train.rounds >= 1, "train.rounds", f"must be >= 1, got {cfg.train.rounds}")
     need(cfg.train.local_steps >= 1, "train.local_steps", f"must be >= 1, got {cfg.train.local_steps}")

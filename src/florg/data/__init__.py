@@ -5,6 +5,9 @@
 * :func:`load_wordnet` -- WordNet gloss -> lexicographer category.
 * :func:`partition_dataset` -- IID / Dirichlet / pathological client splits via Flower
   Datasets partitioners, plus :func:`partition_stats` / :func:`format_partition_stats`.
+
+Extractive-QA data lives in :mod:`florg.data.squad` (SQuAD v1.1 JSON files or the Hub copy) and
+:mod:`florg.data.wordnet_qa` (the embedded WordNet QA task).
 """
 
 from .partition import PARTITION_SCHEMES, format_partition_stats, partition_dataset, partition_stats

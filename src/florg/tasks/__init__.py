@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 from .base import TaskFamily
 from .classification import ClassificationFamily
+from .extractive_qa import ExtractiveQAFamily
 from .instruction import InstructionFamily
 
 if TYPE_CHECKING:
     from florg.config import RunConfig
 
 #: every task family; the first whose ``accepts`` is true owns a ``data.task`` value
-FAMILIES: list[type[TaskFamily]] = [InstructionFamily, ClassificationFamily]
+FAMILIES: list[type[TaskFamily]] = [ExtractiveQAFamily, InstructionFamily, ClassificationFamily]
 
 
 def family_class(task: str) -> type[TaskFamily]:
@@ -37,4 +38,13 @@ def task_forms() -> list[str]:
     return [form for cls in FAMILIES for form in cls.task_forms()]
 
 
-__all__ = ["FAMILIES", "ClassificationFamily", "InstructionFamily", "TaskFamily", "family_class", "get_family", "task_forms"]
+__all__ = [
+    "FAMILIES",
+    "ClassificationFamily",
+    "ExtractiveQAFamily",
+    "InstructionFamily",
+    "TaskFamily",
+    "family_class",
+    "get_family",
+    "task_forms",
+]
