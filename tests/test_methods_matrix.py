@@ -560,9 +560,10 @@ def test_heterogeneous_ranks_are_refused_except_by_flora(name):
 
 
 @pytest.mark.parametrize("name", ["federa", "fedex-lora", "flora"])
-def test_methods_that_change_w0_refuse_low_precision(name):
-    with pytest.raises(ConfigError, match="model.dtype"):
-        get_method(load_config(None, [f"method.name={name}", "model.dtype=bfloat16"]))
+def test_methods_that_change_w0_accept_half_precision_bases(name):
+    """W0 is rebuilt as W0_pretrained + C every round: one rounding, no drift (tests/test_precision.py)."""
+    for dtype in ("bfloat16", "float16"):
+        assert get_method(load_config(None, [f"method.name={name}", f"model.dtype={dtype}"])).name == name
 
 
 def test_other_refusals():

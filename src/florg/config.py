@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "option", "parse_faults", "validate"]
+__all__ = ["RUNTIME_KEYS", "ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "option", "parse_faults",
+           "validate"]
 
 
 class ConfigError(ValueError):
@@ -47,7 +48,9 @@ class ModelConfig:
     name: str = _f("minilm", "Model: 'minilm' (offline MiniLM), 'smollm2' (offline SmolLM2-135M), a hub id or a local path.")
     target_modules: list[str] = _f([], "Modules to adapt; empty = the architecture's default (query/value or q_proj/v_proj).")
     max_length: int = _f(32, "Maximum tokenised sequence length.")
-    dtype: str = _f("float32", "Base-model dtype: float32 or bfloat16.", choices=("float32", "bfloat16"))
+    dtype: str = _f("float32", "Dtype of the frozen base weights: float32, bfloat16 or float16 (float16: CUDA only). The trainable "
+                               "factors, the head and the optimizer stay in float32; with bfloat16/float16 the forward runs "
+                               "under autocast (docs/gpu.md).", choices=("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -138,6 +141,13 @@ class TrainConfig:
     optimizer: str = _f("adamw", "Local optimizer: adamw or sgd.", choices=("adamw", "sgd"))
     weight_decay: float = _f(0.0, "Weight decay of the local optimizer.")
     reset_optimizer: bool = _f(True, "Reset the local optimizer state every round (False keeps it in the client's state).")
+    device: str = _f("auto", "Where clients train and evaluate and the server evaluates and aggregates: 'auto' (CUDA when "
+                             "available, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Simulated clients use the GPU Ray gives them "
+                             "(federation.client_gpus); a SuperNode's node config key 'device' overrides it (docs/gpu.md).")
+    grad_accum: int = _f(1, "Gradient accumulation: each batch of train.batch_size is split into this many micro-batches whose "
+                            "gradients add up to the whole batch's (same update, less memory).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass instead of keeping them (less memory, "
+                                             "about a third more compute; same update).")
 
 
 @dataclass
@@ -153,8 +163,16 @@ class FederationConfig:
                                     "(the head stays float32).",
                          choices=("float32", "float16", "bfloat16"))
     faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, "
-                               "norm, examples, error, stall) or dropout:FRACTION. Empty = off.")
+                               "norm, examples, error, stall, oom) or dropout:FRACTION. Empty = off.")
     max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = _f(True, "Cache the tokenised data (Arrow, memory-mapped) and FLoRG's bases (safetensors) on disk, so a "
+                             "process that builds the same experiment again (a deployment's ClientApp every round) loads them "
+                             "instead of recomputing them. Keyed by a hash of the settings they depend on.")
+    dir: str = _f("", "Cache folder; empty = $FLORG_CACHE/experiments, else ~/.cache/florg/experiments.")
 
 
 @dataclass
@@ -197,6 +215,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain nested dicts keyed by config keys (``method.fedsa-lora``, ...)."""
@@ -387,6 +406,12 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.lr_min >= 0, "train.lr_min", "must be >= 0")
+    need(cfg.train.grad_accum >= 1, "train.grad_accum", f"must be >= 1 (1 = no accumulation), got {cfg.train.grad_accum}")
+    need(cfg.train.grad_accum <= cfg.train.batch_size, "train.grad_accum",
+         f"is {cfg.train.grad_accum} but train.batch_size is {cfg.train.batch_size}: each batch is split into train.grad_accum "
+         "micro-batches, so it must be <= train.batch_size")
+    need(_valid_device(cfg.train.device), "train.device",
+         f"{cfg.train.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N' (N = the GPU's index)")
     need(cfg.model.max_length >= 4, "model.max_length", "must be >= 4")
     need(0.0 < cfg.federation.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
     need(cfg.federation.min_train_nodes >= 1, "federation.min_train_nodes", "must be >= 1")
@@ -398,6 +423,7 @@ def validate(cfg: RunConfig) -> None:
          f"is {cfg.federation.min_available_nodes} but there are only {cfg.data.num_clients} clients; "
          "lower it or raise data.num_clients")
     need(cfg.federation.client_cpus > 0, "federation.client_cpus", "must be > 0")
+    need(cfg.federation.client_gpus >= 0, "federation.client_gpus", "must be >= 0 (0 = the simulated clients get no GPU)")
     need(cfg.federation.round_timeout > 0, "federation.round_timeout", "must be > 0")
     if cfg.federation.faults:
         try:
@@ -409,6 +435,29 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0 (0 = no generations)")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     _validate_privacy(cfg, need)
+
+
+def _valid_device(spec: str) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether such a device exists is checked where it is used)."""
+    head, _, index = spec.partition(":")
+    if not index:
+        return spec in ("auto", "cpu", "cuda")
+    return head == "cuda" and index.isdigit()
+
+
+#: keys that change how a run executes but not what it computes; ``florg run --resume`` may set them
+RUNTIME_KEYS = (
+    "train.device",
+    "train.grad_accum",
+    "train.gradient_checkpointing",
+    "eval.batch_size",
+    "federation.client_cpus",
+    "federation.client_gpus",
+    "federation.backend_cpus",
+    "federation.round_timeout",
+    "cache.enabled",
+    "cache.dir",
+)
 
 
 def _validate_privacy(cfg: RunConfig, need: Any) -> None:
@@ -431,7 +480,7 @@ def _validate_privacy(cfg: RunConfig, need: Any) -> None:
              "(each client's Gram matrix gets weight 1/m, which bounds its influence by C^2/m); set method.weighting=uniform")
 
 
-FAULT_KINDS = ("nan", "inf", "shape", "missing", "dtype", "norm", "examples", "error", "stall")
+FAULT_KINDS = ("nan", "inf", "shape", "missing", "dtype", "norm", "examples", "error", "stall", "oom")
 
 
 def parse_faults(entries: list[str]) -> tuple[dict[int, str], float]:

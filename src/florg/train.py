@@ -1,26 +1,185 @@
-"""Local training: a plain torch loop that reads top to bottom.
+"""Local training: a plain torch loop that reads top to bottom, on the CPU or a GPU.
 
 The learning rate of a round is the server's decision (:func:`round_lr`) and arrives in the
 round's config. By default the optimizer is created fresh every round (its state is reset);
 ``train.reset_optimizer = false`` makes the client carry it across rounds. The loss is the
 model's own (``model(**batch).loss``) for every task family; evaluation is the family's
 (:meth:`florg.tasks.base.TaskFamily.evaluate`).
+
+Devices and precision (docs/gpu.md):
+
+* :func:`resolve_device` turns ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a
+  ``torch.device``, with one-line errors naming the setting when the device is not there.
+* :func:`check_dtype` refuses a base dtype the device cannot compute in (float16 on the CPU,
+  bfloat16 on a GPU without bfloat16 arithmetic).
+* :func:`autocast` is the mixed-precision context of a half-precision base model: the frozen
+  weights are bfloat16/float16, the trainable tensors and the optimizer float32, and the matrix
+  products run in the base dtype.
+* :func:`train_steps` optionally splits each batch into ``train.grad_accum`` micro-batches whose
+  gradients add up to the whole batch's (same update, less memory), and scales float16 losses
+  with a ``GradScaler`` (GPU only).
+* :func:`memory_guard` turns running out of device memory into :class:`DeviceMemoryError`, one
+  line that names the settings to change.
+
+This module imports neither Flower nor ``datasets`` (the GPU check uses it on its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from florg.config import TrainConfig
+from florg.config import ConfigError, TrainConfig
 
-__all__ = ["round_lr", "make_optimizer", "train_steps", "cycle"]
+__all__ = [
+    "DTYPES",
+    "EVAL_MEMORY_FIX",
+    "TRAIN_MEMORY_FIX",
+    "DeviceMemoryError",
+    "autocast",
+    "base_dtype",
+    "check_dtype",
+    "cycle",
+    "loss_items",
+    "make_optimizer",
+    "memory_guard",
+    "resolve_device",
+    "round_lr",
+    "set_gradient_checkpointing",
+    "split_batch",
+    "train_steps",
+]
+
+#: ``model.dtype`` values and their torch dtypes
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HALF = (torch.bfloat16, torch.float16)
+#: the ignore index of transformers' token-level losses
+IGNORE_INDEX = -100
+
+#: (setting named first, the fix) for running out of memory while training / evaluating
+TRAIN_MEMORY_FIX = ("train.batch_size", "lower train.batch_size, raise train.grad_accum (the same update in smaller "
+                                        "micro-batches) or set train.gradient_checkpointing=true")
+EVAL_MEMORY_FIX = ("eval.batch_size", "lower eval.batch_size")
 
 
+# --------------------------------------------------------------------------------------- devices
+def resolve_device(spec: str, *, key: str = "config key 'train.device'") -> torch.device:
+    """The ``torch.device`` of a device setting: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``auto`` is the first visible CUDA device when there is one, else the CPU. ``cuda`` is
+    ``cuda:0`` of the *visible* devices (``CUDA_VISIBLE_DEVICES``; a simulated client sees only
+    the GPU Ray gave it). Raises :class:`ConfigError` (one line, naming ``key``) when CUDA is
+    asked for but absent, or the index is out of range.
+    """
+    spec = str(spec).strip().lower()
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    head, _, index = spec.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"{key}: {spec!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        build = "a CPU-only PyTorch build" if torch.version.cuda is None else f"PyTorch built for CUDA {torch.version.cuda}"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+        raise ConfigError(f"{key}: {spec!r} but no CUDA device is available here ({build}{shown}); "
+                          "set it to 'cpu' or 'auto'")
+    n = torch.cuda.device_count()
+    i = int(index or 0)
+    if i >= n:
+        raise ConfigError(f"{key}: {spec!r} but only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1}); "
+                          "pick one of those")
+    return torch.device("cuda", i)
+
+
+def base_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``model.dtype`` value."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"config key 'model.dtype': {name!r} is not one of {', '.join(map(repr, DTYPES))}") from None
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse (:class:`ConfigError`) a base dtype that ``device`` cannot compute in."""
+    if dtype is torch.float16 and device.type == "cpu":
+        raise ConfigError("config key 'model.dtype': 'float16' needs a CUDA device (float16 training on the CPU is "
+                          "slow, partly unsupported and needs a loss scaler that only CUDA has); on the CPU use "
+                          "'bfloat16' or 'float32'")
+    if dtype is torch.bfloat16 and device.type == "cuda":  # GPU-only path
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(device)
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ConfigError(f"config key 'model.dtype': 'bfloat16' is not supported by {name} (compute capability "
+                              f"{major}.{minor}; bfloat16 needs 8.0 or newer); use 'float16' or 'float32'")
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for a half-precision base model (``dtype`` bfloat16/float16); a no-op for float32."""
+    if dtype in _HALF:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+class DeviceMemoryError(ConfigError):
+    """The device ran out of memory; the message names the settings that reduce what a step needs."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "CUDA out of memory" in text)
+
+
+@contextlib.contextmanager
+def memory_guard(device: torch.device | None, what: str, fix: tuple[str, str]) -> Iterator[None]:
+    """Turn an out-of-memory error inside the block into one :class:`DeviceMemoryError` line.
+
+    ``what`` says what ran (``training``, ``evaluation``); ``fix`` is ``(setting, advice)``, e.g.
+    :data:`TRAIN_MEMORY_FIX`.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = str(device) if device is not None else "the device"
+        if device is not None and device.type == "cuda":  # GPU-only path: free the failed step's blocks
+            torch.cuda.empty_cache()
+        setting, advice = fix
+        raise DeviceMemoryError(f"config key '{setting}': out of memory on {where} during {what} "
+                                f"({detail[:160]}); {advice}") from None
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Switch activation checkpointing of the (PEFT-wrapped) transformers model on or off.
+
+    Non-reentrant checkpointing (``use_reentrant=False``): no input needs ``requires_grad`` and the
+    RNG state is replayed, so the update equals the one without checkpointing.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enabled == bool(base.is_activation_checkpointing):
+        return
+    if not enabled:
+        base.activation_checkpointing_disable()
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"config key 'train.gradient_checkpointing': {type(base).__name__} does not support "
+                          "gradient checkpointing; set it to false (and lower train.batch_size or raise "
+                          "train.grad_accum to save memory)")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+# --------------------------------------------------------------------------------------- optimisation
 def round_lr(train: TrainConfig, server_round: int) -> float:
     """Learning rate for ``server_round`` (1-based): constant, or cosine from ``lr`` to ``lr_min``."""
     if train.lr_schedule == "constant" or train.rounds <= 1:
@@ -47,28 +206,102 @@ def cycle(loader: Iterable[Any]) -> Iterator[Any]:
             raise ValueError("the client's data loader is empty; every client needs at least one example")
 
 
+def loss_items(batch: dict[str, torch.Tensor]) -> int:
+    """How many terms the model's mean loss averages over in ``batch``.
+
+    Token-level labels (2-D, causal LM): the targets that are not ``-100`` after transformers'
+    one-token shift (``labels[:, 1:]``). Anything else (class labels, answer spans): the rows.
+    """
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.ndim >= 2:
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return int(next(iter(batch.values())).shape[0])
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into ``parts`` micro-batches of consecutive rows (sizes differ by at most one).
+
+    Right padding that no row of a micro-batch needs (``attention_mask`` all zero at the end) is
+    trimmed from every tensor with the sequence length.
+    """
+    rows = int(next(iter(batch.values())).shape[0])
+    sizes = [len(c) for c in torch.arange(rows).tensor_split(min(parts, rows))]
+    out, start = [], 0
+    for size in sizes:
+        mb = {k: v[start:start + size] for k, v in batch.items()}
+        start += size
+        mask = mb.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            seq = int(mask.shape[1])
+            used = mask.any(dim=0).nonzero()
+            keep = int(used[-1]) + 1 if used.numel() else seq
+            if keep < seq:
+                mb = {k: (v[:, :keep] if v.ndim >= 2 and v.shape[1] == seq else v) for k, v in mb.items()}
+        out.append(mb)
+    return out
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+
+
 def train_steps(
     model: nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     steps: int,
     device: torch.device | None = None,
+    *,
+    grad_accum: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Run ``steps`` optimizer steps; return the mean training loss and the number of examples seen."""
+    """Run ``steps`` optimizer steps; return the mean training loss and the number of examples seen.
+
+    ``grad_accum > 1`` splits every batch into that many micro-batches; each micro-batch's loss
+    is weighted by its share of the batch's loss terms (:func:`loss_items`), so the accumulated
+    gradient is the whole batch's. ``dtype`` is the base model's dtype: bfloat16/float16 run the
+    forward under :func:`autocast`; float16 on a GPU also scales the loss (``GradScaler``).
+    Running out of device memory raises :class:`DeviceMemoryError`.
+    """
     model.train()
     total_loss, examples = 0.0, 0
-    for _ in range(steps):
-        batch = next(batches)
-        if device is not None:
-            batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = int(batch["input_ids"].shape[0])
-        total_loss += float(loss.detach()) * n
-        examples += n
+    dev = device if device is not None else next(model.parameters()).device
+    scaler = None
+    if dtype is torch.float16 and dev.type == "cuda":  # GPU-only path
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    with memory_guard(dev, "training", TRAIN_MEMORY_FIX):
+        for _ in range(steps):
+            batch = next(batches)
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+            optimizer.zero_grad(set_to_none=True)
+            if grad_accum == 1:
+                with autocast(dev, dtype):
+                    loss = model(**batch).loss
+                _check_finite(loss)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss = float(loss.detach())
+            else:
+                micro = split_batch(batch, grad_accum)
+                counts = [loss_items(mb) for mb in micro]
+                total = sum(counts)
+                step_loss = 0.0
+                for mb, count in zip(micro, counts):
+                    if count == 0:
+                        continue  # nothing to learn from (all targets ignored)
+                    with autocast(dev, dtype):
+                        loss = model(**mb).loss
+                    _check_finite(loss)
+                    part = loss * (count / total)
+                    (scaler.scale(part) if scaler is not None else part).backward()
+                    step_loss += float(part.detach())
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            n = int(batch["input_ids"].shape[0])
+            total_loss += step_loss * n
+            examples += n
     return {"train_loss": total_loss / max(examples, 1), "examples": float(examples)}

@@ -20,10 +20,12 @@ ensure_compatible_peft()
 from .export import export_lora, save_as_lora  # noqa: E402  (after the PEFT version check)
 from .florg import (  # noqa: E402  (after the PEFT version check)
     FLORG_PEFT_TYPE,
+    BasisStore,
     FLoRGConfig,
     FLoRGLayer,
     FLoRGModel,
     Linear,
+    basis_store,
     clean_module_name,
     florg_layers,
     get_florg_factors,
@@ -33,12 +35,14 @@ from .florg import (  # noqa: E402  (after the PEFT version check)
 register_florg()
 
 __all__ = [
+    "BasisStore",
     "FLORG_PEFT_TYPE",
     "SUPPORTED_PEFT_VERSION",
     "FLoRGConfig",
     "FLoRGLayer",
     "FLoRGModel",
     "Linear",
+    "basis_store",
     "clean_module_name",
     "export_lora",
     "florg_layers",

@@ -154,7 +154,10 @@ class Factored:
         return self + other.scaled(-1.0)
 
     def dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=_F64) if self.dense_part is None else self.dense_part.clone()
+        if self.dense_part is not None:
+            out = self.dense_part.clone()
+        else:
+            out = torch.zeros(self.shape, dtype=_F64, device=self.terms[0][0].device if self.terms else None)
         for x, y in self.terms:
             out += x @ y
         return out
@@ -195,9 +198,9 @@ def product_svd(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tens
         u, s, vh = torch.linalg.svd(x @ y, full_matrices=False)
         v = vh.T
     k = min(rank, int(s.numel()))
-    u_r = torch.zeros(d_out, rank, dtype=_F64)
-    v_r = torch.zeros(d_in, rank, dtype=_F64)
-    s_r = torch.zeros(rank, dtype=_F64)
+    u_r = torch.zeros(d_out, rank, dtype=_F64, device=x.device)
+    v_r = torch.zeros(d_in, rank, dtype=_F64, device=x.device)
+    s_r = torch.zeros(rank, dtype=_F64, device=x.device)
     u_r[:, :k], v_r[:, :k], s_r[:k] = u[:, :k], v[:, :k], s[:k]
     return u_r, s_r, v_r
 
@@ -292,16 +295,6 @@ class LoRAMethod(FederatedMethod):
     #: train ``A`` (False: A is frozen at its seeded init)
     train_A: ClassVar[bool] = True
 
-    def check_config(self, cfg: RunConfig) -> None:
-        super().check_config(cfg)
-        from florg.config import ConfigError
-
-        if self.modifies_base and cfg.model.dtype != "float32":
-            raise ConfigError(
-                f"config key 'model.dtype': method '{self.name}' changes the frozen base weights (W0), which is "
-                f"lossy in {cfg.model.dtype}; use model.dtype='float32'"
-            )
-
     # ------------------------------------------------------------------ client model
     @property
     def scale(self) -> float:
@@ -374,12 +367,24 @@ class LoRAMethod(FederatedMethod):
         self._copy(layer.lora_B["default"].weight, value, f"layer '{name}' lora_B")
 
     def base_delta(self, layer: Any) -> torch.Tensor:
-        """Current ``W0 - W0_pretrained`` in the ``B @ A`` orientation (``d_out x d_in``)."""
+        """Current ``W0 - W0_pretrained`` in the ``B @ A`` orientation (``d_out x d_in``), in float32 at least.
+
+        Formed in float64 and returned in the wider of float32 and the weight's dtype: the
+        difference of two bfloat16/float16 weights is exact there, so ``W0_pretrained + delta``
+        gives back the stored ``W0`` bit for bit.
+        """
         w = layer.get_base_layer().weight.detach()
-        return to_weight_layout(layer, w - layer.florg_w0_pretrained.to(w.device))
+        delta = w.to(_F64) - layer.florg_w0_pretrained.to(device=w.device, dtype=_F64)
+        return to_weight_layout(layer, delta.to(torch.promote_types(w.dtype, torch.float32)))
 
     def set_base_delta(self, layer: Any, delta: torch.Tensor, name: str = "") -> None:
-        """``W0 <- W0_pretrained + delta`` (``delta`` in the ``B @ A`` orientation)."""
+        """``W0 <- W0_pretrained + delta`` (``delta`` in the ``B @ A`` orientation).
+
+        Rebuilt from the pretrained copy every time, the sum formed in float64 and rounded once to
+        the weight's dtype: with bfloat16/float16 base weights the rounding error is that of one
+        rounding of ``W0_pretrained + delta`` and does not compound over rounds (the server keeps
+        the cumulative ``delta`` in float32; docs/gpu.md measures the error).
+        """
         if not hasattr(layer, "florg_w0_pretrained"):
             raise ValueError(f"layer '{name}': method '{self.name}' does not change W0 (no pretrained copy)")
         expected = (layer.out_features, layer.in_features)

@@ -18,7 +18,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...core.bases import init_factor, make_bases
+from ...core.bases import init_factor
+from .stored_bases import get_bases
 from .config import FLoRGConfig, scaling_for
 
 __all__ = ["FLoRGLayer", "Linear", "clean_module_name"]
@@ -46,6 +47,13 @@ def _adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     if weight_dtype in _LOW_PRECISION or not weight_dtype.is_floating_point:
         return torch.float32
     return weight_dtype
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is active for ``device``'s type (False for devices autocast does not know, e.g. meta)."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    return torch.is_autocast_enabled(device.type)
 
 
 class _EffectiveFactors(torch.autograd.Function):
@@ -173,10 +181,10 @@ class FLoRGLayer(BaseTunerLayer):
         on_meta = device.type == "meta"
         buf_device = torch.device("cpu") if on_meta else device
 
-        left, right = make_bases(
+        left, right = get_bases(
             self.out_features, self.in_features, seed=config.seed, layer_name=self.layer_name,
             dtype=base_dtype, device=buf_device,
-        )  # fmt: skip
+        )  # fmt: skip (make_bases, or the active basis_store's copy of it)
         a0 = init_factor(
             r, k, seed=config.seed, layer_name=self.layer_name, scale=config.init_scale,
             dtype=_adapter_dtype_for(base_dtype), device=buf_device,
@@ -259,6 +267,11 @@ class FLoRGLayer(BaseTunerLayer):
         a = a.to(dtype)
         left = self.florg_L[adapter_name].to(device=a.device)
         right = self.florg_R[adapter_name].to(device=a.device)
+        if _autocast_on(a.device):
+            # Under mixed precision the small factors are formed in A's dtype (float32), not autocast's:
+            # they are cheap (d x r), and the two products of the forward are cast by autocast anyway.
+            with torch.autocast(device_type=a.device.type, enabled=False):
+                return _EffectiveFactors.apply(a, left, right)
         return _EffectiveFactors.apply(a, left, right)
 
     def _delta_from_factor(self, adapter_name: str, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
