@@ -3,7 +3,13 @@
 Both the server (central evaluation) and the clients build an :class:`Experiment` from the
 same resolved config, so they hold identical bases, initial factors and partitions. Building
 one is expensive (model load, tokenisation), so it is cached per process and per config:
-simulated clients that share a worker process reuse it across rounds and partitions.
+simulated clients that share a worker process reuse it across rounds and partitions. Across
+processes (a deployment's ClientApp starts afresh every round) the tokenised data and FLoRG's
+bases are cached on disk (:mod:`florg.run.cache`, ``cache.enabled``).
+
+The model is always built on the CPU (every random draw, e.g. the head's init, is the same on
+every machine) in the base dtype (``model.dtype``), with the trainable tensors in float32, and
+then moved to the device a process uses (:meth:`Experiment.use_device`; ``train.device``).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from florg.config import ConfigError, RunConfig
 from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod, get_method
 from florg.tasks import TaskFamily
+from florg.train import EVAL_MEMORY_FIX, autocast, base_dtype, check_dtype, memory_guard
 
-__all__ = ["Experiment", "get_experiment", "build_experiment", "set_offline_env"]
+__all__ = ["Experiment", "build_experiment", "float32_trainables", "get_experiment", "set_offline_env"]
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -40,7 +47,6 @@ def set_offline_env(force: bool = False) -> None:
     for key, value in OFFLINE_ENV.items():
         if force or key not in os.environ:
             os.environ[key] = value
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers 5.24 warns about its own internal use of a renamed method on every load
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -63,6 +69,23 @@ class Experiment:
     #: the global state before any training (captured when the model is built, so a cached
     #: experiment that has since loaded other states still starts new runs from here)
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: where the model lives now (:meth:`use_device`)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's dtype (``model.dtype``)."""
+        return base_dtype(self.cfg.model.dtype)
+
+    def use_device(self, device: torch.device) -> torch.device:
+        """Move the model to ``device`` (if it is not there yet) after checking that the base dtype works there."""
+        check_dtype(self.dtype, device)
+        if device != self.device:
+            with memory_guard(device, "loading the model", ("model.dtype", "use a smaller model.dtype (bfloat16) "
+                                                                          "or a device with more memory")):
+                self.model.to(device)
+            self.device = device
+        return device
 
     def client_loader(self, partition_id: int, server_round: int) -> DataLoader:
         from florg.models import make_loader
@@ -77,9 +100,14 @@ class Experiment:
                            collate_fn=self.family.collate(self.tokenizer))
 
     def evaluate(self, data: Any = None, device: torch.device | None = None) -> dict[str, Any]:
-        """The family's metrics of the current model on ``data`` (default: the global test split)."""
-        return self.family.evaluate(self.model, self.test if data is None else data,
-                                    batch_size=self.cfg.eval.batch_size, tokenizer=self.tokenizer, device=device)
+        """The family's metrics of the current model on ``data`` (default: the global test split).
+
+        Runs on ``device`` (default: where the model is), under autocast for a half-precision base.
+        """
+        device = self.device if device is None else self.use_device(device)
+        with memory_guard(device, "evaluation", EVAL_MEMORY_FIX), autocast(device, self.dtype):
+            return self.family.evaluate(self.model, self.test if data is None else data,
+                                        batch_size=self.cfg.eval.batch_size, tokenizer=self.tokenizer, device=device)
 
     def personal_eval_set(self) -> Any:
         """The subset of the global test split on which clients evaluate their own models.
@@ -104,14 +132,65 @@ def _cache_key(cfg: RunConfig) -> str:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Load data and model, partition, encode and wrap the model with the method's adapter."""
-    from florg.data import partition_dataset, partition_stats
-    from florg.data.tasks import random_subset, stratified_holdout
+    """Load data and model, partition, encode and wrap the model with the method's adapter (on the CPU).
+
+    With ``cache.enabled`` the data (raw splits, encoded partitions and evaluation splits) and
+    FLoRG's bases come from the disk cache when an earlier process stored them, and are stored
+    otherwise (:mod:`florg.run.cache`); the result is the same either way.
+    """
+    from florg.data import partition_stats
+    from florg.run.cache import CachedData, DataCache, bases_path
     from florg.tasks import get_family
 
     set_offline_env()
     method = get_method(cfg)
     family = get_family(cfg)
+    data_cache = DataCache(cfg, family) if cfg.cache.enabled and family.cache_encoded else None
+    cached = data_cache.load() if data_cache is not None else None
+    if cached is None:
+        task, parts = _load_and_partition(cfg, family)
+    else:
+        task, parts = cached.task, None
+    torch.manual_seed(cfg.seed)  # the head's random init is identical everywhere
+    model, tokenizer = family.load_model(task, base_dtype(cfg.model.dtype))
+    _check_max_length(cfg, model)
+    targets = list(cfg.model.target_modules) or family.target_modules(model)
+    from florg.adapters import basis_store
+
+    with basis_store(bases_path(cfg, targets) if cfg.cache.enabled else None):
+        model = method.build(model, targets, family.head_modules(model))
+    float32_trainables(model)
+    if cached is None:
+        cached = CachedData(
+            task=task,
+            partitions=[family.encode(p, tokenizer, train=True) for p in parts],
+            test=family.encode(task.test, tokenizer, train=False),
+            validation=None if task.validation is None else family.encode(task.validation, tokenizer, train=False),
+            partition_summary=partition_stats(parts, task.num_labels),
+        )
+        if data_cache is not None:
+            data_cache.save(cached)
+    return Experiment(
+        cfg=cfg,
+        method=method,
+        family=family,
+        model=model,
+        tokenizer=tokenizer,
+        label_names=list(task.label_names),
+        partitions=cached.partitions,
+        test=cached.test,
+        validation=cached.validation,
+        partition_summary=cached.partition_summary,
+        target_modules=targets,
+        initial_state=method.initial_global(model),
+    )
+
+
+def _load_and_partition(cfg: RunConfig, family: TaskFamily) -> tuple[Any, list[Any]]:
+    """The family's raw splits (with the validation split held out) and the clients' partitions."""
+    from florg.data import partition_dataset
+    from florg.data.tasks import random_subset, stratified_holdout
+
     task = family.load_data()
     if cfg.data.validation_fraction > 0 and task.validation is None:
         task.train, task.validation = stratified_holdout(task.train, derive_seed(cfg.seed, "validation"),
@@ -132,25 +211,26 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         classes_per_partition=cfg.data.classes_per_client,
         seed=cfg.seed,
     )
-    torch.manual_seed(cfg.seed)  # the head's random init is identical everywhere
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model, tokenizer = family.load_model(task, dtype)
-    targets = list(cfg.model.target_modules) or family.target_modules(model)
-    model = method.build(model, targets, family.head_modules(model))
-    return Experiment(
-        cfg=cfg,
-        method=method,
-        family=family,
-        model=model,
-        tokenizer=tokenizer,
-        label_names=list(task.label_names),
-        partitions=[family.encode(p, tokenizer, train=True) for p in parts],
-        test=family.encode(task.test, tokenizer, train=False),
-        validation=None if task.validation is None else family.encode(task.validation, tokenizer, train=False),
-        partition_summary=partition_stats(parts, task.num_labels),
-        target_modules=targets,
-        initial_state=method.initial_global(model),
-    )
+    return task, parts
+
+
+def _check_max_length(cfg: RunConfig, model: nn.Module) -> None:
+    """``model.max_length`` must fit the model's position embeddings (e.g. 512 for BERT-like encoders)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.model.max_length > limit:
+        raise ConfigError(f"config key 'model.max_length': {cfg.model.max_length} tokens but {cfg.model.name!r} has "
+                          f"position embeddings for {limit}; set model.max_length <= {limit}")
+
+
+def float32_trainables(model: nn.Module) -> None:
+    """Keep every trainable tensor (adapter factors, the head) in float32 whatever the base dtype.
+
+    PEFT already upcasts LoRA factors and FLoRG creates ``A`` in float32; this covers the trained
+    copies of the head (``modules_to_save``), which PEFT copies in the base dtype.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
 
 
 _CACHE: dict[str, Experiment] = {}

@@ -83,7 +83,7 @@ class RunDir:
             )
         path.mkdir(parents=True, exist_ok=True)
         rd = cls(path)
-        _atomic_write(path / "config.toml", tomli_w.dumps(_toml_safe(cfg.to_dict())))
+        rd.write_config(cfg)
         env = {
             "seed": cfg.seed,
             "versions": package_versions(),
@@ -95,6 +95,10 @@ class RunDir:
         rd.set_status("running")
         (path / "metrics.jsonl").write_text("")
         return rd
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """(Re)write ``config.toml``, the resolved config (``florg run --resume`` reads it)."""
+        _atomic_write(self.path / "config.toml", tomli_w.dumps(_toml_safe(cfg.to_dict())))
 
     def status(self) -> dict[str, Any]:
         p = self.path / "status.json"

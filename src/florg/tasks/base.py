@@ -45,6 +45,10 @@ class TaskFamily(ABC):
     metrics: ClassVar[tuple[str, ...]]
     #: whether a larger primary metric is better (accuracy, F1: yes; loss: no)
     higher_is_better: ClassVar[bool] = True
+    #: whether the encoded splits may be cached on disk (:mod:`florg.run.cache`): only if :meth:`encode`
+    #: returns ``datasets.Dataset`` objects and :meth:`load_data`/:meth:`encode` leave no state on the
+    #: family that :meth:`evaluate`/:meth:`finish` need (on a cache hit neither of them runs)
+    cache_encoded: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

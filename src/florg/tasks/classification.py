@@ -28,6 +28,7 @@ class ClassificationFamily(TaskFamily):
     name = "classification"
     peft_task_type = "SEQ_CLS"
     metrics = ("accuracy", "loss")
+    cache_encoded = True  # encode returns datasets; _text_fields only serves encode itself
 
     @classmethod
     def accepts(cls, task: str) -> bool:
