@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from florg.config import ConfigError, RunConfig, config_keys, load_config
+from florg.config import RUNTIME_KEYS, ConfigError, RunConfig, config_keys, load_config
 
 if TYPE_CHECKING:
     from florg.run.compare import RunSpec
@@ -80,7 +80,10 @@ def run(
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")
+        Path | None,
+        typer.Option("--resume", help="Continue an interrupted (or failed) run from its last checkpoint; --set may "
+                     "change only keys that do not change the results (e.g. train.device, train.grad_accum, "
+                     "train.gradient_checkpointing)."),
     ] = None,
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Local data folder (same as --set data.data_dir=...).")
@@ -92,8 +95,12 @@ def run(
 
     set_offline_env()
     if resume is not None:
-        if config is not None or set_:
-            _fail("--resume takes its config from RUN_DIR/config.toml; drop --config/--set")
+        if config is not None:
+            _fail("--resume takes its config from RUN_DIR/config.toml; drop --config")
+        changed = [item.split("=", 1)[0].strip() for item in set_ or []]
+        if bad := [k for k in changed if k not in RUNTIME_KEYS]:
+            _fail(f"--resume takes its config from RUN_DIR/config.toml; --set may change only keys that do not change "
+                  f"what the run computes ({', '.join(RUNTIME_KEYS)}), not {bad[0]}")
         if not (resume / "config.toml").is_file():
             _fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
         if RunDir(resume).status().get("status") == "complete":
@@ -108,19 +115,26 @@ def run(
     if data_dir is not None:
         set_ = [*(set_ or []), f"data.data_dir={str(data_dir)!r}"]
     cfg = _load(config, set_)
+    if resume is not None and set_:
+        RunDir(resume).write_config(cfg)  # the run continues with (and records) the changed runtime keys
     t0 = time.perf_counter()
     console.print(f"[bold]florg run[/]: {cfg.method.name} on {cfg.data.task} with {cfg.model.name}, "
                   f"{cfg.data.num_clients} clients, {cfg.train.rounds} rounds, r={cfg.method.rank}")
+    from florg.fl.simulation import RunFailed, check_gpu_settings, run_simulation_engine
+    from florg.train import resolve_device
+
     try:
         exp = get_experiment(cfg)  # validates data, model and targets before anything is written
+        exp.use_device(resolve_device(cfg.train.device))  # the device exists and can compute in model.dtype
+        check_gpu_settings(cfg)
     except (ConfigError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
         _fail(_one_line(exc))
         return
     from florg.data import format_partition_stats
 
     console.print(format_partition_stats(exp.partition_summary, exp.label_names), markup=False)
-    console.print(f"test split {len(exp.test)} examples; adapted modules: {', '.join(exp.target_modules)}")
-    from florg.fl.simulation import run_simulation_engine
+    console.print(f"test split {len(exp.test)} examples; adapted modules: {', '.join(exp.target_modules)}; "
+                  f"device {exp.device}")
 
     if resume is not None:
         run_dir = RunDir(resume)
@@ -131,8 +145,12 @@ def run(
             _fail(str(exc))
             return
     console.print(f"run directory: {run_dir.path}" + (" (resuming)" if resume is not None else ""))
-    summary = run_simulation_engine(cfg, run_dir, reporter=_reporter(cfg.train.rounds), verbose=verbose,
-                                    resume=resume is not None)
+    try:
+        summary = run_simulation_engine(cfg, run_dir, reporter=_reporter(cfg.train.rounds), verbose=verbose,
+                                        resume=resume is not None)
+    except RunFailed as exc:
+        _fail(f"{_one_line(exc)}; once the cause is fixed, continue with: florg run --resume {run_dir.path}")
+        return
     table = Table(title=f"florg run summary ({run_dir.path})")
     table.add_column("metric")
     table.add_column("value", justify="right")

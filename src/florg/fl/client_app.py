@@ -1,8 +1,17 @@
 """The florg ClientApp: receive the global adapter, train locally, reply with the upload.
 
 The run config arrives in every training message (``florg-config``); the model and data are
-built once per process and cached (:func:`florg.run.experiment.get_experiment`). Each client reads
-its shard from ``context.node_config["partition-id"]``.
+built once per process and cached (:func:`florg.run.experiment.get_experiment`; across processes
+the data and bases come from the disk cache, :mod:`florg.run.cache`). Each client reads its shard
+from ``context.node_config["partition-id"]``.
+
+Device: ``train.device`` of the run config, unless the node config has a ``device`` key (a
+SuperNode started with ``--node-config "partition-id=0 num-partitions=2 device='cuda:1'"`` uses
+its own GPU). A simulated client sees only the GPU Ray gave it (``federation.client_gpus``).
+
+A setting the client cannot run with (no such device, a dtype the device cannot do, running out
+of device memory) is not a crash of this one client: the reply is an error whose reason starts
+with :data:`SETTING_ERROR`, and the server stops the run with that reason (status ``failed``).
 
 ``app`` is the production ClientApp: it never injects faults. A run config with
 ``federation.faults`` set (the server decides the run config) changes nothing here; the client
@@ -13,26 +22,31 @@ same ``query`` / ``train`` / ``evaluate`` functions plus the fault mod).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from logging import WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from florg.config import RunConfig
+from florg.config import ConfigError, RunConfig
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
 from florg.methods.base import ClientInfo
 from florg.run.experiment import get_experiment
-from florg.train import cycle, make_optimizer, train_steps
+from florg.train import cycle, make_optimizer, resolve_device, set_gradient_checkpointing, train_steps
 
 from .records import CONFIG_KEY, from_record, to_record
 
-__all__ = ["app", "evaluate_local", "faults_off_mod", "query", "train"]
+__all__ = ["SETTING_ERROR", "app", "client_device", "evaluate_local", "faults_off_mod", "query", "train"]
+
+#: prefix of the error reason of a reply that failed because of a setting (the server stops the run)
+SETTING_ERROR = "florg setting error: "
 
 app = ClientApp()  # no mods: the production ClientApp injects no faults (see florg.fl.faults for the test-only one)
 
@@ -68,6 +82,30 @@ def _requested_faults(msg: Message) -> list[str]:
     return [str(f) for f in faults] if isinstance(faults, list) else []
 
 
+def client_device(context: Context, cfg: RunConfig) -> torch.device:
+    """This client's device: the node config's ``device`` if set, else ``train.device``."""
+    node = str(context.node_config.get("device", "") or "").strip()
+    if node:
+        return resolve_device(node, key="node config key 'device'")
+    return resolve_device(cfg.train.device)
+
+
+def _setting_errors(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Reply with a :data:`SETTING_ERROR` error instead of raising when a setting cannot be honoured."""
+
+    @functools.wraps(fn)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except ConfigError as exc:
+            where = f"partition {context.node_config.get('partition-id', '?')}"
+            log(WARNING, "%s: %s", where, exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{SETTING_ERROR}{where}: {exc}"),
+                           reply_to=msg)
+
+    return wrapper
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id (used for reproducible client sampling)."""
@@ -75,6 +113,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train(mods=[faults_off_mod])
+@_setting_errors
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
@@ -83,18 +122,22 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
 
+    device = client_device(context, cfg)
     exp = get_experiment(cfg)
+    exp.use_device(device)
     model, method = exp.model, exp.method
+    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     info = ClientInfo(partition_id=pid, server_round=server_round)
     local = _local_state(context)
     received = from_record(msg.content["arrays"])
     method.client_load(model, received, info, local)
 
-    torch.manual_seed(derive_seed(cfg.seed, server_round, pid))  # adapter dropout etc.
+    torch.manual_seed(derive_seed(cfg.seed, server_round, pid))  # adapter dropout etc. (CPU and CUDA generators)
     optimizer = make_optimizer(model.parameters(), cfg.train, lr)
     if not cfg.train.reset_optimizer and _OPTIM_KEY in context.state:
         _load_optimizer(optimizer, context.state[_OPTIM_KEY], lr)
-    stats = train_steps(model, cycle(exp.client_loader(pid, server_round)), optimizer, cfg.train.local_steps)
+    stats = train_steps(model, cycle(exp.client_loader(pid, server_round)), optimizer, cfg.train.local_steps,
+                        device=device, grad_accum=cfg.train.grad_accum, dtype=exp.dtype)
     if not cfg.train.reset_optimizer:
         context.state[_OPTIM_KEY] = _save_optimizer(optimizer)
 
@@ -103,7 +146,8 @@ def train(msg: Message, context: Context) -> Message:
         "train_loss": stats["train_loss"],
         "partition-id": pid,
     })
-    upload = method.client_upload(model, info, local)
+    # on the CPU from here: differential privacy draws its noise from a CPU generator
+    upload = {k: v.detach().cpu() for k, v in method.client_upload(model, info, local).items()}
     if cfg.privacy.mode == "local":  # clip and noise before anything leaves the client (docs/privacy.md)
         gen = noise_generator(cfg.privacy.reproducible_noise, cfg.seed, server_round, pid, "local")
         upload = method.privatize_upload(upload, received, gen)
@@ -114,6 +158,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_setting_errors
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate this client's own model (e.g. FedSA-LoRA's personalised one: its own state + the global state).
 
@@ -126,7 +171,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
     pid = _partition_id(context)
+    device = client_device(context, cfg)
     exp = get_experiment(cfg)
+    exp.use_device(device)
     info = ClientInfo(partition_id=pid, server_round=int(config.get("server-round", 0)))
     exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context))
     res = exp.evaluate(exp.personal_eval_set())
@@ -157,5 +204,5 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, record: ArrayRecord, lr: f
         group["lr"] = lr
         for pi, p in enumerate(group["params"]):
             entries = {k.split(".", 2)[2]: v for k, v in saved.items() if k.startswith(f"{gi}.{pi}.")}
-            if entries:
-                optimizer.state[p] = {k: v.clone() for k, v in entries.items()}
+            if entries:  # moments next to their parameter; scalar entries (AdamW's step) stay on the CPU
+                optimizer.state[p] = {k: v.to(p.device, copy=True) if v.ndim else v.clone() for k, v in entries.items()}

@@ -22,7 +22,9 @@ no-op) decides what goes wrong. Entries:
   first tensor), ``missing`` (its first tensor left out), ``dtype`` (its first tensor as
   float64), ``norm`` (its first tensor scaled to a huge norm), ``examples`` (``num-examples = 0``),
   ``error`` (the ClientApp raises, so Flower returns an error reply), ``stall`` (the client
-  sleeps past the round timeout before answering).
+  sleeps past the round timeout before answering), ``oom`` (the model's forward pass raises
+  ``torch.OutOfMemoryError`` as a GPU that runs out of memory does; the client then replies with
+  a setting error and the server stops the run).
 * ``dropout:FRACTION`` -- each round, that share of the clients (chosen by a seeded draw per
   round, the same in every run) raises instead of training.
 """
@@ -96,6 +98,8 @@ def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
         raise InjectedFault(f"injected failure of partition {pid} in round {server_round}")
     if kind == "stall":
         time.sleep(cfg.federation.round_timeout + 5.0)
+    if kind == "oom":
+        return _out_of_memory(cfg, msg, context, call_next)
     reply = call_next(msg, context)
     if kind in (None, "stall"):
         return reply
@@ -103,6 +107,20 @@ def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
         reply.content["metrics"]["num-examples"] = 0
         return reply
     return _corrupt(reply, kind)
+
+
+def _out_of_memory(cfg: RunConfig, msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+    """Run the client with a model whose forward pass runs out of device memory."""
+    from florg.run.experiment import get_experiment
+
+    def boom(module, args, kwargs):  # noqa: ANN001, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
+
+    handle = get_experiment(cfg).model.register_forward_pre_hook(boom, with_kwargs=True)
+    try:
+        return call_next(msg, context)
+    finally:
+        handle.remove()
 
 
 #: The test-only ClientApp: florg's client functions with :func:`fault_mod` in front of them.

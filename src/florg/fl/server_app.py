@@ -23,6 +23,7 @@ from florg.config import RunConfig, load_config
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
+from florg.train import autocast, resolve_device
 
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
@@ -80,9 +81,10 @@ class _Progress:
 
 
 def _prepare(cfg: RunConfig, run_dir: RunDir, experiment: Experiment | None) -> Experiment:
-    """Build (or take) the experiment and write ``partitions.json``."""
+    """Build (or take) the experiment, move it to ``train.device`` and write ``partitions.json``."""
     try:  # a failure while building the model/data must not leave status.json at "running"
         exp = experiment or get_experiment(cfg)
+        exp.use_device(resolve_device(cfg.train.device))  # central evaluation runs there
         run_dir.write_json("partitions.json", exp.partition_summary)
         return exp
     except BaseException as exc:
@@ -207,7 +209,8 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
     """The final adapter files, the plots, ``summary.json`` and the ``complete`` status."""
     exp.method.load_global(exp.model, final)
     _save_adapters(exp, run_dir)
-    extras = exp.family.finish(exp.model, exp, run_dir.path) or {}  # the family's extras (e.g. generations)
+    with autocast(exp.device, exp.dtype):
+        extras = exp.family.finish(exp.model, exp, run_dir.path) or {}  # the family's extras (e.g. generations)
     from florg.run.plots import plot_runs
 
     rows, cumulative = progress.rows, progress.cumulative

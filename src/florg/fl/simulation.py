@@ -4,6 +4,12 @@ Every use of Flower's simulation entry point is in this file, so that moving to 
 point is a one-file change. Client resources are explicit (``federation.client_cpus``, default 1
 CPU per client: on a 2-core machine two clients train at a time).
 
+GPUs: ``federation.client_gpus`` is what Ray reserves per simulated client; a fraction lets
+several clients share one GPU (0.5: two per GPU). Ray makes only the GPU it assigned visible to
+a client (``CUDA_VISIBLE_DEVICES``), and none to a client that reserved none, so a client with
+``train.device = auto`` trains on its GPU when it got one and on the CPU otherwise
+(:func:`check_gpu_settings` refuses combinations that cannot work before anything starts).
+
 The simulated clients run florg's production ClientApp (:data:`florg.fl.client_app.app`), which
 never injects faults. Reliability tests pass the test-only ClientApp instead:
 ``run_simulation_engine(cfg, run_dir, client_app=florg.fl.faults.app)``.
@@ -13,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
-from florg.config import RunConfig
+from florg.config import ConfigError, RunConfig
 from florg.run.experiment import set_offline_env
 from florg.run.rundir import RunDir
 
@@ -26,22 +33,61 @@ if TYPE_CHECKING:
     from flwr.app import Context
     from flwr.clientapp import ClientApp
 
-__all__ = ["run_simulation_engine", "backend_config"]
+__all__ = ["RunFailed", "backend_config", "check_gpu_settings", "run_simulation_engine"]
+
+
+class RunFailed(RuntimeError):
+    """The run stopped before its last round; the message is the reason recorded in ``status.json``."""
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray backend settings sized for this machine."""
+    """Ray backend settings sized for this machine (all of its GPUs when the clients reserve GPUs)."""
     cpus = cfg.federation.backend_cpus or os.cpu_count() or 1
+    gpus = _visible_gpus() if cfg.federation.client_gpus > 0 else 0
     return {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
         "init_args": {
             "num_cpus": int(cpus),
-            "num_gpus": int(cfg.federation.client_gpus > 0),
+            "num_gpus": int(gpus),
             "include_dashboard": False,
             "logging_level": logging.ERROR,
             "log_to_driver": True,
         },
     }
+
+
+def check_gpu_settings(cfg: RunConfig) -> None:
+    """Refuse (:class:`ConfigError`) GPU settings the simulated clients cannot run with; warn about idle GPUs."""
+    from florg.train import resolve_device
+
+    device, gpus = cfg.train.device, cfg.federation.client_gpus
+    resolve_device(device)  # cuda on a machine without a GPU: the plain "no CUDA device" error first
+    visible = _visible_gpus()
+    if gpus > 0 and visible == 0:
+        raise ConfigError(f"config key 'federation.client_gpus': {gpus:g} GPUs per client but no CUDA device is "
+                          "available here; set federation.client_gpus=0")
+    if gpus > 0 and gpus > visible:
+        raise ConfigError(f"config key 'federation.client_gpus': {gpus:g} GPUs per client but this machine has "
+                          f"{visible}; set it to at most {visible} (a fraction such as 0.5 shares a GPU)")
+    if device.startswith("cuda") and gpus == 0:
+        raise ConfigError(f"config key 'federation.client_gpus': train.device={device!r} but the simulated clients "
+                          "reserve no GPU (federation.client_gpus=0), so Ray hides the GPUs from them; set "
+                          "federation.client_gpus (e.g. 0.5 = two clients per GPU) or train.device='auto'")
+    if device.startswith("cuda:") and device != "cuda:0" and gpus > 0:
+        raise ConfigError(f"config key 'train.device': {device!r} picks a GPU, but in the simulation Ray assigns each "
+                          "client its GPU (it sees it as cuda:0); set train.device='cuda' or 'auto'")
+    if device == "auto" and gpus == 0 and visible > 0:
+        from flwr.common.logger import log
+
+        log(WARNING, "this machine has %d GPU(s) but federation.client_gpus=0: the simulated clients train on the "
+                     "CPU (the server evaluates on the GPU); set federation.client_gpus (e.g. 0.5 = two clients "
+                     "per GPU) to train them on the GPU", visible)
 
 
 class _QuietFlower(logging.Filter):
@@ -89,6 +135,11 @@ def run_simulation_engine(
 
     if cfg.data.num_clients < cfg.federation.min_available_nodes:
         raise ValueError("federation.min_available_nodes exceeds data.num_clients")
+    check_gpu_settings(cfg)
+    # Ray hides every GPU from a client that reserved none (its current default; pinned so that a
+    # client never trains on a GPU it did not reserve), and its notice about that default is noise.
+    os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
     if resume:
         load_checkpoint(run_dir.path)  # refuse a bad checkpoint before any process starts
     client_app = client_app or production_app
@@ -117,5 +168,6 @@ def run_simulation_engine(
     finally:
         flwr_logger.removeFilter(quiet)
     if "summary" not in holder:
-        raise RuntimeError(f"the simulation ended without finishing the run; see {run_dir.path / 'status.json'}")
+        error = run_dir.status().get("error") or "the simulation ended without finishing the run"
+        raise RunFailed(f"{error} (run directory {run_dir.path}; status.json says 'failed')")
     return holder["summary"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 import time
+
+import torch
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -20,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from florg.config import RunConfig
+from florg.config import ConfigError, RunConfig
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod
@@ -31,7 +33,14 @@ from florg.train import round_lr
 from .privacy import PrivacyLedger
 from .records import CONFIG_KEY, from_record, quantize, to_record
 
-__all__ = ["AdapterStrategy", "RoundLog"]
+__all__ = ["AdapterStrategy", "ClientSettingError", "RoundLog"]
+
+#: the reason prefix of a client's setting error (:data:`florg.fl.client_app.SETTING_ERROR`)
+_SETTING_ERROR = "florg setting error: "
+
+
+class ClientSettingError(ConfigError):
+    """A client cannot run with the run's settings; the message is the client's (it names the setting)."""
 
 
 class RoundLog:
@@ -75,6 +84,15 @@ class AdapterStrategy(FedAvg):
         ``i + round_offset`` of the run (learning rate, sampling and client seeds follow it).
     max_norm : float
         Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).
+    device : str
+        Where the server rule runs (``train.device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``); the
+        uploads are moved there and the new state back to the CPU. Under differential privacy
+        (``privacy.mode`` local or central) the server rule runs on the CPU, where
+        :mod:`florg.core.privacy` computes and draws its noise.
+
+    A reply whose error reason starts with :data:`florg.fl.client_app.SETTING_ERROR` (a client
+    that cannot run with the run's settings: no such device, out of device memory, ...) stops the
+    run with :class:`ClientSettingError`, which names the setting to change.
 
     Every reply is validated before aggregation (keys, shapes, dtype, finite values, the norm
     bound, a positive integer example count); an invalid reply is dropped with a logged reason
@@ -100,6 +118,7 @@ class AdapterStrategy(FedAvg):
         round_offset: int = 0,
         node_wait_timeout: float = 600.0,
         wire_dtype: str = "float32",
+        device: str = "cpu",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -119,6 +138,7 @@ class AdapterStrategy(FedAvg):
         self.round_offset = round_offset
         self.node_wait_timeout = node_wait_timeout
         self.wire_dtype = wire_dtype
+        self.device = device
         self._current: dict[str, Any] = {}
         self._node_partition: dict[int, int] = {}
         # Differential privacy (privacy.mode local/central): epsilon in every round's row.
@@ -217,6 +237,8 @@ class AdapterStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
+                if str(msg.error.reason).startswith(_SETTING_ERROR):
+                    raise ClientSettingError(str(msg.error.reason)[len(_SETTING_ERROR):])
                 failures += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
@@ -252,9 +274,11 @@ class AdapterStrategy(FedAvg):
                 generator=noise_generator(self.privacy.reproducible, self.seed, server_round, "central"),
             )
         else:
+            device = self._aggregation_device()
             new_state, diagnostics = self.method.aggregate(
-                [g[1] for g in good], [g[2] for g in good], self._current
+                [_on(g[1], device) for g in good], [g[2] for g in good], _on(self._current, device)
             )
+            new_state = _on(new_state, torch.device("cpu"))
         self._account(server_round, released=True)
         agg_seconds = time.perf_counter() - t0
         examples = sum(g[2] for g in good)
@@ -264,6 +288,12 @@ class AdapterStrategy(FedAvg):
         metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
         return to_record(new_state, self.wire_dtype), metrics
 
+
+    def _aggregation_device(self) -> torch.device:
+        """``train.device``; the CPU under differential privacy (florg.core.privacy works on the CPU)."""
+        from florg.train import resolve_device
+
+        return torch.device("cpu") if self.privacy is not None else resolve_device(self.device)
 
     def _account(self, server_round: int, released: bool) -> None:
         """Compose this round's privacy release (if any) and put the cumulative epsilon in its row."""
@@ -349,7 +379,15 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
         "max_norm": fed.max_norm,
         "node_wait_timeout": fed.round_timeout,
         "wire_dtype": fed.wire_dtype,
+        "device": cfg.train.device,
     }
+
+
+def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``state`` with its tensors on ``device`` (the same dict when they are all there already)."""
+    if all(v.device == device for v in state.values()):
+        return state
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def _wire(record: ArrayRecord) -> ArrayRecord:
