@@ -2,7 +2,8 @@
 
 Both adapters use the same rank (r = 4), ``lora_alpha`` (16), dropout (0) and target modules; the
 two models are built from identical base weights and timed in alternation (A B, then B A, ...)
-so that machine noise hits both alike.
+so that machine noise hits both alike. A step is what florg's training loop does: with a bfloat16
+base the forward pass runs under ``torch.autocast`` (the adapters' factors stay float32).
 
 Modes::
 
@@ -10,6 +11,7 @@ Modes::
     python benchmarks/bench_client.py --tiny           # CPU: tiny random Llama (bf16), crash test of the GPU path
     python benchmarks/bench_client.py --device cuda    # GPU: Llama-3.2-1B shape, random weights, bf16, batch 8 x 512
     python benchmarks/bench_client.py --meta-estimate  # no GPU needed: GPU memory model of the 1B step on the meta device
+    python benchmarks/bench_client.py --meta-estimate --shape 3b   # the same for the Llama-3.2-3B shape
 
 Memory:
 
@@ -69,33 +71,45 @@ def minilm_base(num_labels: int = 4) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, info
 
 
-def llama_config(tiny: bool, vocab: int):
+#: Llama shapes: (hidden, intermediate, layers, heads, KV heads)
+LLAMA_SHAPES = {
+    "tiny": (64, 128, 2, 4, 2),
+    "1b": (2048, 8192, 16, 32, 8),  # Llama-3.2-1B
+    "3b": (3072, 8192, 28, 24, 8),  # Llama-3.2-3B
+}
+SHAPE_NAMES = {"tiny": "tiny", "1b": "3.2-1B shape", "3b": "3.2-3B shape"}
+
+
+def llama_config(shape: bool | str, vocab: int):
+    """A ``LlamaConfig`` of ``shape`` (``tiny``, ``1b``, ``3b``; ``True``/``False`` = tiny/1b)."""
     from transformers import LlamaConfig
 
-    if tiny:
+    shape = ("tiny" if shape else "1b") if isinstance(shape, bool) else shape
+    hidden, inter, layers, heads, kv = LLAMA_SHAPES[shape]
+    if shape == "tiny":
         return LlamaConfig(
-            vocab_size=min(vocab, 1000), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            vocab_size=min(vocab, 1000), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512, tie_word_embeddings=True,
         )
-    # Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192.
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
         rope_theta=500000.0, tie_word_embeddings=True,
     )
 
 
-def llama_base(tiny: bool, vocab: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any]]:
+def llama_base(shape: bool | str, vocab: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    cfg = llama_config(tiny, vocab)
+    shape = ("tiny" if shape else "1b") if isinstance(shape, bool) else shape
+    cfg = llama_config(shape, vocab)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     info = {
-        "model": f"Llama ({'tiny' if tiny else '3.2-1B shape'}), random weights, causal LM",
+        "model": f"Llama ({SHAPE_NAMES[shape]}), random weights, causal LM",
         "task": "causal-lm", "targets": ["q_proj", "v_proj"], "head": [], "vocab": cfg.vocab_size,
         "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
         "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size, "dtype": str(dtype).replace("torch.", ""),
@@ -165,17 +179,24 @@ def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[s
 
 
 class Runner:
+    """One method's model and optimizer; a step is florg's: autocast in the base dtype when it is half precision."""
+
     def __init__(self, name: str, model: torch.nn.Module, device: torch.device, lr: float = 1e-4):
+        from florg.train import autocast
+
         self.name = name
         self.model = model.to(device)
         self.model.train()
         self.device = device
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        frozen = [p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()]
+        self.autocast = lambda: autocast(device, frozen[0] if frozen else torch.float32)
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # process CPU time per step (CPU runs only)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        out = self.model(**batch)
+        with self.autocast():
+            out = self.model(**batch)
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -288,17 +309,27 @@ def table(results: list[dict[str, Any]], device: str, title: str) -> str:
 # --------------------------------------------------------------------------- meta-device memory model
 
 
-def meta_estimate(method: str, tiny: bool, vocab: int, batch: int, seq: int, r: int, alpha: float) -> dict[str, Any]:
+def meta_estimate(method: str, tiny: bool | str, vocab: int, batch: int, seq: int, r: int, alpha: float) -> dict[str, Any]:
     """Memory model of one training step of the Llama shape, traced on the meta device (see module docstring)."""
+    from unittest import mock
+
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    import florg.adapters.florg.layer as florg_layer
 
     hf_logging.set_verbosity_error()
     cfg = llama_config(tiny, vocab)
     info = {"targets": ["q_proj", "v_proj"], "head": []}
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model = wrap(base, method, info, r, alpha)  # FLoRG bases are generated on the CPU here
+
+    def meta_bases(d_out, d_in, *, dtype, **_):  # noqa: ANN001, ANN202 - only the bases' shapes matter here
+        k = min(d_out, d_in)
+        return torch.empty(d_out, k, dtype=dtype, device="meta"), torch.empty(k, d_in, dtype=dtype, device="meta")
+
+    with mock.patch.object(florg_layer, "get_bases", meta_bases):
+        model = wrap(base, method, info, r, alpha)
     model.to("meta")
     model.train()
     resident = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
@@ -369,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--vocab", type=int, default=128256, help="Llama vocabulary (128256 as Llama 3.2, or 32000)")
     ap.add_argument("--shapes", default=None,
                     help="comma list of BATCHxLEN (default: 8x128,16x32 for MiniLM; 8x512 for Llama; 2x32 with --tiny)")
+    ap.add_argument("--shape", default="1b", choices=["1b", "3b"],
+                    help="Llama shape of --meta-estimate: 3.2-1B (default) or 3.2-3B")
     ap.add_argument("--meta-estimate", action="store_true",
                     help="GPU memory model of the Llama step on the meta device (no GPU, no time measurement)")
     ap.add_argument("--json", default=None,
@@ -378,17 +411,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.meta_estimate:
         torch.set_num_threads(args.threads)
         batch, seq = (2, 32) if args.tiny else (8, 512)
+        shape = "tiny" if args.tiny else args.shape
         if args.shapes:
             batch, seq = (int(v) for v in args.shapes.split(",")[0].lower().split("x"))
         est = {}
         for name in METHODS:
             log(f"meta estimate: {name} ...")
-            est[name] = meta_estimate(name, args.tiny, args.vocab, batch, seq, args.rank, args.alpha)
-        out = {"machine": machine_info(), "tiny": args.tiny, "rank": args.rank, "alpha": args.alpha, "estimate": est,
+            est[name] = meta_estimate(name, shape, args.vocab, batch, seq, args.rank, args.alpha)
+        out = {"machine": machine_info(), "tiny": args.tiny, "shape": shape, "rank": args.rank, "alpha": args.alpha, "estimate": est,
                "table": meta_table(est)}
         out["ratio_model_peak_flash"] = est["florg"]["model_peak_flash_bytes"] / est["lora"]["model_peak_flash_bytes"]
         out["ratio_model_peak"] = est["florg"]["model_peak_bytes"] / est["lora"]["model_peak_bytes"]
-        default = "results_client_meta" + ("_tiny" if args.tiny else "") + ".json"
+        default = "results_client_meta" + ("_tiny" if args.tiny else "" if shape == "1b" else f"_{shape}") + ".json"
         path = args.json or str((Path(tempfile.gettempdir()) / "florg-bench" if args.tiny else HERE) / default)
         write_json(path, out)
         log(f"wrote {path}")

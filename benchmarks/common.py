@@ -265,3 +265,39 @@ def print_table(headers: list[str], rows: list[list[Any]], title: str | None = N
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- marked sections of RESULTS.md
+
+_SECTION_BEGIN = "<!-- section:{} -->"
+_SECTION_END = "<!-- /section:{} -->"
+
+
+def marked_sections(text: str) -> dict[str, str]:
+    """``{name: block}`` of every marked section in ``text`` (markers included), in order."""
+    import re
+
+    out: dict[str, str] = {}
+    for m in re.finditer(r"<!-- section:([\w.-]+) -->.*?<!-- /section:\1 -->\n?", text, flags=re.S):
+        out[m.group(1)] = m.group(0).rstrip("\n") + "\n"
+    return out
+
+
+def update_section(path: str | os.PathLike[str], name: str, body: str) -> None:
+    """Replace the marked section ``name`` of the Markdown file ``path`` by ``body`` (appended if absent).
+
+    Benchmarks that run on their own (the device check, the round-overhead and precision
+    measurements) keep their results in such sections; ``run_all.py`` carries them over when it
+    rewrites the rest of the file.
+    """
+    path = Path(path)
+    block = f"{_SECTION_BEGIN.format(name)}\n{body.rstrip()}\n{_SECTION_END.format(name)}\n"
+    old = path.read_text() if path.is_file() else ""
+    current = marked_sections(old).get(name)
+    if current is not None:
+        new = old.replace(current, block)
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)

@@ -26,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import HERE, fmt_bytes, fmt_ms, loadavg, log, machine_info
+from benchmarks.common import HERE, fmt_bytes, fmt_ms, loadavg, log, machine_info, marked_sections
 
 ROOT = HERE.parent
 
@@ -287,6 +287,13 @@ def report(server: dict[str, Any] | None, client: dict[str, Any] | None, tiny: d
     return "\n".join(lines).rstrip() + "\n"
 
 
+def write_report(out: Path, text: str) -> None:
+    """Write the report, keeping the marked sections other benchmarks wrote into the old file
+    (the device check, round overhead, precision: see ``benchmarks.common.update_section``)."""
+    kept = marked_sections(out.read_text()) if out.is_file() else {}
+    out.write_text(text + "".join("\n" + block for block in kept.values()))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         text = report(load(paths["server"]), load(paths["client"]), load(paths["client_tiny"]),
                       load(paths["client_cuda"]), load(paths["client_meta"]), meta)
         out = Path(args.out) if args.out else outdir / "RESULTS.md"
-        out.write_text(text)
+        write_report(out, text)
         log(f"wrote {out}")
         return
     machine = machine_info()
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(load(paths["server"]), load(paths["client"]), load(paths["client_tiny"]),
                   load(paths["client_cuda"]), load(paths["client_meta"]), meta)
     out = Path(args.out) if args.out else outdir / "RESULTS.md"
-    out.write_text(text)
+    write_report(out, text)
     log(f"wrote {out}")
 
 

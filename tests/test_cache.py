@@ -33,8 +33,8 @@ def _same_experiment(a, b):
         assert torch.equal(a.initial_state[key], b.initial_state[key]), key
     sa, sb = dict(a.model.named_buffers()), dict(b.model.named_buffers())
     assert sa.keys() == sb.keys()
-    for key in sa:  # FLoRG's bases among them
-        assert torch.equal(sa[key], sb[key]), key
+    for key in sa:  # FLoRG's bases among them, in the same memory layout (kernels round by layout)
+        assert torch.equal(sa[key], sb[key]) and sa[key].stride() == sb[key].stride(), key
     for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert na == nb and torch.equal(pa, pb), na
 
@@ -119,6 +119,8 @@ def test_basis_store_is_bit_identical_to_make_bases(tmp_path):
         left, right = reopened.get(d_out, d_in, seed=3, layer_name=name, dtype=torch.bfloat16)
         ref_l, ref_r = make_bases(d_out, d_in, seed=3, layer_name=name, dtype=torch.bfloat16)
         assert torch.equal(left, ref_l) and torch.equal(right, ref_r)
+        assert left.stride() == ref_l.stride() and right.stride() == ref_r.stride()  # L is column-major, as drawn
+        assert left.data_ptr() % 64 == 0 and right.data_ptr() % 64 == 0  # not a view into the file
         assert torch.equal(left, drawn[name][0])
     assert reopened.hits == 2
     other = reopened.get(12, 8, seed=3, layer_name="a.q", dtype=torch.float32)  # another dtype: drawn, not mixed up

@@ -138,8 +138,8 @@ def _evaluation(
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + done
-        if flower_round == 0 and done > 0:
-            return None  # the resumed starting point was evaluated before the interruption
+        if flower_round == 0 and progress.checkpoint is not None:
+            return None  # the resumed starting point was evaluated before the interruption (also round 0)
         t0 = time.perf_counter()
         state = from_record(arrays)
         exp.method.load_global(exp.model, state)

@@ -16,6 +16,15 @@ methods that change it, so any process can rebuild ``W0 = W0_pretrained + delta`
 alone: simulated clients share one cached model per process, so nothing client-specific may live
 in the model between rounds.
 
+Half-precision bases (``model.dtype`` bfloat16/float16) with a correction from the message
+(FedEx-LoRA, FLoRA): rounding ``W0_pretrained + delta`` to 8 (bfloat16) or 11 (float16)
+significant bits would lose most of a correction that is small against W0's entries (measured in
+benchmarks/RESULTS.md, section *Half-precision bases and base weights*). So the base weight stays
+the pretrained one and the correction is kept apart, in the base dtype, as the buffer
+``florg_w0_delta`` (``d_out x d_in``, ``B @ A`` orientation) that a forward hook on the base layer
+adds: ``y = W0 x + delta x + LoRA(x)``. It is rounded relative to itself only, and it takes the
+place of the pretrained copy, which this mode does not need (the same memory).
+
 Orientation: everything is computed in the ``B @ A`` (``d_out x d_in``) orientation and converted
 to the base layer's storage layout by :func:`to_weight_layout`, which transposes only for
 ``fan_in_fan_out`` layers (GPT-2 ``Conv1D``). Adding a ``B @ A``-shaped residual transposed to an
@@ -335,6 +344,9 @@ class LoRAMethod(FederatedMethod):
                 a.requires_grad_(self.train_A)
                 if self.modifies_base:
                     w = layer.get_base_layer().weight
+                    if w.dtype in (torch.bfloat16, torch.float16) and self.init_lora_weights != "pissa":
+                        _add_separate_delta(layer)
+                        continue
                     pre = w.detach().clone()
                     if self.init_lora_weights == "pissa":  # W_res + s B0 A0 (get_delta_weight is in weight layout)
                         pre = (w.detach().float() + layer.get_delta_weight("default").float()).to(w.dtype)
@@ -374,8 +386,11 @@ class LoRAMethod(FederatedMethod):
         gives back the stored ``W0`` bit for bit.
         """
         w = layer.get_base_layer().weight.detach()
+        wide = torch.promote_types(w.dtype, torch.float32)
+        if hasattr(layer, "florg_w0_delta"):  # half-precision base: the correction is kept apart
+            return layer.florg_w0_delta.detach().to(wide)
         delta = w.to(_F64) - layer.florg_w0_pretrained.to(device=w.device, dtype=_F64)
-        return to_weight_layout(layer, delta.to(torch.promote_types(w.dtype, torch.float32)))
+        return to_weight_layout(layer, delta.to(wide))
 
     def set_base_delta(self, layer: Any, delta: torch.Tensor, name: str = "") -> None:
         """``W0 <- W0_pretrained + delta`` (``delta`` in the ``B @ A`` orientation).
@@ -385,9 +400,15 @@ class LoRAMethod(FederatedMethod):
         rounding of ``W0_pretrained + delta`` and does not compound over rounds (the server keeps
         the cumulative ``delta`` in float32; docs/gpu.md measures the error).
         """
+        expected = (layer.out_features, layer.in_features)
+        if hasattr(layer, "florg_w0_delta"):  # half-precision base: W0 stays, the correction is kept apart
+            if tuple(delta.shape) != expected:
+                raise ValueError(f"layer '{name}': W0 delta has shape {tuple(delta.shape)}, expected {expected}")
+            with torch.no_grad():
+                layer.florg_w0_delta.copy_(delta.to(device=layer.florg_w0_delta.device, dtype=layer.florg_w0_delta.dtype))
+            return
         if not hasattr(layer, "florg_w0_pretrained"):
             raise ValueError(f"layer '{name}': method '{self.name}' does not change W0 (no pretrained copy)")
-        expected = (layer.out_features, layer.in_features)
         if tuple(delta.shape) != expected:
             raise ValueError(f"layer '{name}': W0 delta has shape {tuple(delta.shape)}, expected {expected}")
         w = layer.get_base_layer().weight
@@ -472,6 +493,20 @@ class LoRAMethod(FederatedMethod):
             deltas = {name + ".weight": to_weight_layout(layer, self.base_delta(layer)).contiguous().cpu()
                       for name, layer in self.layers(model).items()}
             save_file(deltas, str(Path(run_path) / "base_delta.safetensors"))
+
+
+def _add_separate_delta(layer: Any) -> None:
+    """Half-precision base: keep W0's correction apart (buffer ``florg_w0_delta``), added by a forward hook."""
+    base = layer.get_base_layer()
+    w = base.weight
+    layer.register_buffer("florg_w0_delta", torch.zeros(layer.out_features, layer.in_features, dtype=w.dtype,
+                                                        device=w.device), persistent=False)
+
+    def add_delta(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        delta = layer.florg_w0_delta
+        return out + nn.functional.linear(args[0].to(delta.dtype), delta).to(out.dtype)
+
+    base.register_forward_hook(add_delta)
 
 
 def weighted_products(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefs: Sequence[float]) -> Factored:

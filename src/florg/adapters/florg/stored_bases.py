@@ -54,11 +54,12 @@ class BasisStore:
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``make_bases(d_out, d_in, seed=seed, layer_name=layer_name, dtype=dtype, device=device)``, from the file if it has them."""
         key = _key(seed, layer_name, d_out, d_in, dtype)
-        if key + "/L" in self._names and key + "/R" in self._names:
+        names = [self._stored_name(key + "/L"), self._stored_name(key + "/R")]
+        if all(names):
             from safetensors import safe_open
 
             with safe_open(str(self.path), framework="pt") as f:
-                left, right = f.get_tensor(key + "/L"), f.get_tensor(key + "/R")
+                left, right = (_restore(f.get_tensor(n), n) for n in names)
             self.hits += 1
             return left.to(device=device), right.to(device=device)
         left, right = make_bases(d_out, d_in, seed=seed, layer_name=layer_name, dtype=dtype, device="cpu")
@@ -72,7 +73,8 @@ class BasisStore:
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(str(self.path)) if self.path.is_file() else {}
-        tensors.update({k: v.contiguous() for k, v in self.new.items()})
+        for name, value in self.new.items():
+            tensors.update([_stored(name, value)])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
@@ -82,8 +84,42 @@ class BasisStore:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        self._names |= set(self.new)
+        self._names = set(tensors)
         self.new = {}
+
+    def _stored_name(self, name: str) -> str | None:
+        """The name ``name`` is stored under (``name`` or ``name`` + :data:`_TRANSPOSED`), None if absent."""
+        for candidate in (name, name + _TRANSPOSED):
+            if candidate in self._names:
+                return candidate
+        return None
+
+
+#: suffix of a tensor stored transposed (it was column-major, as LAPACK's QR returns L)
+_TRANSPOSED = "#T"
+
+
+def _stored(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """How a tensor is written: as is when row-major, transposed (and marked) when column-major.
+
+    safetensors keeps only row-major data; restoring a column-major ``L`` in its original layout
+    matters because matrix kernels may round differently for another layout, and a loaded base
+    must give results bit-identical to a drawn one.
+    """
+    if not value.is_contiguous() and value.ndim == 2 and value.T.is_contiguous():
+        return name + _TRANSPOSED, value.T
+    return name, value.contiguous()
+
+
+def _restore(value: torch.Tensor, name: str) -> torch.Tensor:
+    """The tensor in its original layout, in freshly allocated (aligned) memory.
+
+    A tensor read straight from the file may sit at any byte offset; kernels can round
+    differently on unaligned data, so it is copied.
+    """
+    if name.endswith(_TRANSPOSED):
+        return value.clone().T  # column-major again: the transpose of a row-major copy
+    return value.clone()
 
 
 @contextlib.contextmanager
