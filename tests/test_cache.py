@@ -35,7 +35,7 @@ def _same_experiment(a, b):
     assert sa.keys() == sb.keys()
     for key in sa:  # FLoRG's bases among them, in the same memory layout (kernels round by layout)
         assert torch.equal(sa[key], sb[key]) and sa[key].stride() == sb[key].stride(), key
-    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb), na
 
 

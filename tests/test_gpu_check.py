@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_prints_the_table_and_updates_only_its_section(tmp_pat
     results.write_text("# results\n\nkept text\n\n<!-- section:other -->\nother section\n<!-- /section:other -->\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--results", str(results)]
-    for run in range(2):  # the second run replaces the section instead of adding another
+    for _ in range(2):  # the second run replaces the section instead of adding another
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

@@ -287,7 +287,7 @@ def train_steps(
                 counts = [loss_items(mb) for mb in micro]
                 total = sum(counts)
                 step_loss = 0.0
-                for mb, count in zip(micro, counts):
+                for mb, count in zip(micro, counts, strict=True):
                     if count == 0:
                         continue  # nothing to learn from (all targets ignored)
                     with autocast(dev, dtype):

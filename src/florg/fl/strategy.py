@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import random
 import time
-
-import torch
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
