@@ -125,7 +125,12 @@ def wrap(base: torch.nn.Module, method: str, info: dict[str, Any], r: int, alpha
 
     head = list(info["head"]) or None
     common = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(info["targets"]), modules_to_save=head)
-    config = FLoRGConfig(**common) if method == "florg" else LoraConfig(**common)
+    if method == "florg":
+        config = FLoRGConfig(**common)
+    elif method == "florg-shape":  # the memory-lean option: one pair of bases per layer shape
+        config = FLoRGConfig(**common, bases="per-shape")
+    else:
+        config = LoraConfig(**common)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(base, config)
@@ -368,6 +373,7 @@ def meta_estimate(method: str, tiny: bool | str, vocab: int, batch: int, seq: in
 
 def meta_table(est: dict[str, dict[str, Any]]) -> str:
     florg_est, lora_est = est["florg"], est["lora"]
+    shape_est = est.get("florg-shape")
     rows = []
     for key, label in (("weights_and_buffers_bytes", "weights + buffers (incl. FLoRG bases)"),
                        ("florg_bases_bytes", "  of which FLoRG bases L, R"),
@@ -378,8 +384,11 @@ def meta_table(est: dict[str, dict[str, Any]]) -> str:
                        ("model_peak_flash_bytes", "static + saved, without attention probabilities")):
         rows.append([label, fmt_bytes(florg_est[key]), fmt_bytes(lora_est[key]),
                      f"{florg_est[key] / lora_est[key]:.3f}" if lora_est[key] else "—",
-                     fmt_bytes(florg_est[key] - lora_est[key])])
-    return print_table(["quantity", "FLoRG", "PEFT LoRA", "FLoRG / LoRA", "difference"], rows,
+                     fmt_bytes(florg_est[key] - lora_est[key]),
+                     *([fmt_bytes(shape_est[key]), f"{shape_est[key] / lora_est[key]:.3f}" if lora_est[key] else "—"]
+                       if shape_est else [])])
+    return print_table(["quantity", "FLoRG", "PEFT LoRA", "FLoRG / LoRA", "difference",
+                        *(["FLoRG per-shape bases", "per-shape / LoRA"] if shape_est else [])], rows,
                        title=f"memory model on the meta device, Llama batch {florg_est['batch']} x {florg_est['seq']}, "
                              f"vocab {florg_est['vocab']}")
 
@@ -415,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.shapes:
             batch, seq = (int(v) for v in args.shapes.split(",")[0].lower().split("x"))
         est = {}
-        for name in METHODS:
+        for name in (*METHODS, "florg-shape"):
             log(f"meta estimate: {name} ...")
             est[name] = meta_estimate(name, shape, args.vocab, batch, seq, args.rank, args.alpha)
         out = {"machine": machine_info(), "tiny": args.tiny, "shape": shape, "rank": args.rank, "alpha": args.alpha, "estimate": est,

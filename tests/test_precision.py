@@ -270,3 +270,61 @@ def test_split_batch_and_loss_items():
     lm = lm_batch(1, rows=4, seq=9)
     assert loss_items(lm) == int((lm["labels"][:, 1:] != -100).sum())  # tokens after the causal shift
     assert len(split_batch(batch, 20)) == 7  # never an empty micro-batch
+
+
+# ----------------------------------------------------------------------------- memory-lean bases
+def test_per_shape_bases_are_held_once_per_shape_and_survive_moves_copies_and_reloads(tmp_path):
+    import copy
+
+    from peft import PeftModel, get_peft_model
+
+    from florg.adapters import FLoRGConfig, florg_layers
+    from florg.core import make_bases
+
+    def base():
+        return llama(torch.bfloat16)
+
+    cfg = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_scale=0.3)
+    model = get_peft_model(base(), FLoRGConfig(**cfg, bases="per-shape"))
+    layers = florg_layers(model)
+    pairs = {n: layer.basis_pair("default") for n, layer in layers.items()}
+    assert len(layers) == 4 and len({id(p[0]) for p in pairs.values()}) == 2  # q_proj 32x32, v_proj 16x32
+    ref_l, ref_r = make_bases(32, 32, seed=0, layer_name="shape/32x32", dtype=torch.bfloat16)
+    q = pairs["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(q[0], ref_l) and torch.equal(q[1], ref_r)
+    bases_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "florg_" in n)
+    per_layer = get_peft_model(base(), FLoRGConfig(**cfg))
+    assert bases_bytes * 2 == sum(b.numel() * b.element_size() for n, b in per_layer.named_buffers() if "florg_" in n)
+    # A0 stays per layer
+    a0 = [layer.florg_A["default"] for layer in layers.values()]
+    assert not torch.equal(a0[0], a0[2])
+
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        clone = copy.deepcopy(model)
+        assert len({id(layer.basis_pair("default")[0]) for layer in florg_layers(clone).values()}) == 2
+        assert torch.equal(clone(input_ids=ids).logits, out)
+        clone.to(torch.float32)  # a move converts each shared pair once
+        assert len({layer.basis_pair("default")[0].data_ptr() for layer in florg_layers(clone).values()}) == 2
+        assert next(iter(florg_layers(clone).values())).basis_pair("default")[0].dtype == torch.float32
+        model.save_pretrained(tmp_path / "adapter")
+        again = PeftModel.from_pretrained(base(), tmp_path / "adapter")
+        assert torch.equal(again(input_ids=ids).logits, out)
+
+
+def test_per_shape_bases_through_the_method_option_train_and_aggregate_exactly():
+    from florg.adapters import florg_layers
+
+    cfg, method, model = build("florg", bert(dropout=0.0), TARGETS, ("classifier",), "method.florg.bases=per-shape")
+    layers = florg_layers(model)
+    assert len({id(layer.basis_pair("default")[0]) for layer in layers.values()}) == 1  # query, value: 32 x 32
+    state = method.initial_global(model)
+    uploads = []
+    for pid in range(3):
+        method.client_load(model, wire_state(state), ClientInfo(pid, 1), {})
+        opt = make_optimizer(model.parameters(), cfg.train, 1e-2)
+        train_steps(model, iter([cls_batch(pid)]), opt, 1)
+        uploads.append(method.client_upload(model, ClientInfo(pid, 1), {}))
+    new, diag = method.aggregate(uploads, [1, 2, 3], state)
+    assert diag["agg_rel_error_max"] < 1e-6  # the Gram aggregate is exact with shared bases as well

@@ -35,6 +35,9 @@ class FLoRGOptions:
     compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the "
                                           "pretrained model.")
     eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
+    bases: str = option("per-layer", "Bases L, R: 'per-layer' (drawn per layer, as in the paper) or 'per-shape' "
+                                     "(memory-lean: one pair per layer shape, held once; docs/gpu.md).",
+                        choices=("per-layer", "per-shape"))
 
     def check(self, prefix: str) -> None:
         need(self.init_scale > 0, f"{prefix}.init_scale", "must be > 0 (A = 0 never trains)")
@@ -75,6 +78,7 @@ class FLoRGMethod(FederatedMethod):
             seed=self.cfg.seed,
             init_scale=o.init_scale,
             compensate_init=o.compensate_init,
+            bases=o.bases,
         )
         return get_peft_model(model, config)
 

@@ -22,7 +22,7 @@ from ...core.bases import init_factor
 from .stored_bases import get_bases
 from .config import FLoRGConfig, scaling_for
 
-__all__ = ["FLoRGLayer", "Linear", "clean_module_name"]
+__all__ = ["FLoRGLayer", "Linear", "SharedBases", "clean_module_name"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -87,6 +87,28 @@ class _EffectiveFactors(torch.autograd.Function):
         return grad, None, None
 
 
+class SharedBases(nn.Module):
+    """The bases of ``FLoRGConfig(bases="per-shape")``: one ``(L, R)`` per layer shape, held once.
+
+    A submodule of the tuner (so ``model.to(...)`` moves each pair once); the layers keep a plain
+    reference to it, not a registered one, and look their pair up by key.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = BufferDict({}, persistent=False)
+        self.right = BufferDict({}, persistent=False)
+
+    @staticmethod
+    def key(seed: int, d_out: int, d_in: int, dtype: torch.dtype) -> str:
+        return f"s{int(seed)}_{int(d_out)}x{int(d_in)}_{str(dtype).removeprefix('torch.')}"
+
+
+def shape_basis_name(d_out: int, d_in: int) -> str:
+    """The name per-shape bases are seeded with (in place of a layer's module path)."""
+    return f"shape/{int(d_out)}x{int(d_in)}"
+
+
 class FLoRGLayer(BaseTunerLayer):
     """Mixin holding the FLoRG state of one adapted layer.
 
@@ -94,7 +116,9 @@ class FLoRGLayer(BaseTunerLayer):
 
     * ``florg_A`` (``nn.ParameterDict``): the trainable ``r x k`` factor ``A``.
     * ``florg_L`` / ``florg_R`` (non-persistent ``BufferDict``): the fixed bases, stored once in
-      the base weight's dtype and never saved (they are regenerated from the seed).
+      the base weight's dtype and never saved (they are regenerated from the seed). With
+      ``bases="per-shape"`` they live in the tuner's :class:`SharedBases` instead, under
+      ``florg_basis_key[adapter]`` (:meth:`basis_pair` returns them either way).
     * ``r``, ``lora_alpha``, ``scaling``, ``florg_seed``, ``florg_init_scale``,
       ``florg_compensated`` and the dropout modules ``florg_dropout``.
 
@@ -112,9 +136,11 @@ class FLoRGLayer(BaseTunerLayer):
         "florg_seed",
         "florg_init_scale",
         "florg_compensated",
+        "florg_basis_key",
     )
 
-    def __init__(self, base_layer: nn.Module, layer_name: str, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, layer_name: str, shared_bases: SharedBases | None = None,
+                 **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.layer_name = clean_module_name(layer_name)
         self.florg_A = nn.ParameterDict({})
@@ -127,6 +153,9 @@ class FLoRGLayer(BaseTunerLayer):
         self.florg_seed: dict[str, int] = {}
         self.florg_init_scale: dict[str, float] = {}
         self.florg_compensated: dict[str, bool] = {}
+        self.florg_basis_key: dict[str, str] = {}
+        # a plain reference (not a submodule): the tuner owns the shared bases and moves them once
+        self.__dict__["_florg_shared_bases"] = shared_bases
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -181,10 +210,18 @@ class FLoRGLayer(BaseTunerLayer):
         on_meta = device.type == "meta"
         buf_device = torch.device("cpu") if on_meta else device
 
-        left, right = get_bases(
-            self.out_features, self.in_features, seed=config.seed, layer_name=self.layer_name,
-            dtype=base_dtype, device=buf_device,
-        )  # fmt: skip (make_bases, or the active basis_store's copy of it)
+        per_shape = getattr(config, "bases", "per-layer") == "per-shape"
+        shared = self.__dict__.get("_florg_shared_bases")
+        if per_shape and shared is None:
+            raise ValueError(f"layer {self.layer_name!r}: bases='per-shape' needs the tuner's shared bases")
+        key = SharedBases.key(config.seed, self.out_features, self.in_features, base_dtype) if per_shape else ""
+        if not per_shape or key not in shared.left:
+            left, right = get_bases(
+                self.out_features, self.in_features, seed=config.seed, dtype=base_dtype, device=buf_device,
+                layer_name=shape_basis_name(self.out_features, self.in_features) if per_shape else self.layer_name,
+            )  # fmt: skip (make_bases, or the active basis_store's copy of it)
+            if per_shape:
+                shared.left[key], shared.right[key] = left, right
         a0 = init_factor(
             r, k, seed=config.seed, layer_name=self.layer_name, scale=config.init_scale,
             dtype=_adapter_dtype_for(base_dtype), device=buf_device,
@@ -195,8 +232,11 @@ class FLoRGLayer(BaseTunerLayer):
         self.scaling[adapter_name] = scaling_for(config.lora_alpha, r, config.use_rslora)
         self.florg_seed[adapter_name] = int(config.seed)
         self.florg_init_scale[adapter_name] = float(config.init_scale)
-        self.florg_L[adapter_name] = left
-        self.florg_R[adapter_name] = right
+        if per_shape:
+            self.florg_basis_key[adapter_name] = key
+        else:
+            self.florg_L[adapter_name] = left
+            self.florg_R[adapter_name] = right
         self.florg_A[adapter_name] = nn.Parameter(a0)
         self.florg_dropout[adapter_name] = (
             nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -265,14 +305,22 @@ class FLoRGLayer(BaseTunerLayer):
         a = self.florg_A[adapter_name] if factor is None else factor
         dtype = a.dtype if dtype is None else dtype
         a = a.to(dtype)
-        left = self.florg_L[adapter_name].to(device=a.device)
-        right = self.florg_R[adapter_name].to(device=a.device)
+        left, right = self.basis_pair(adapter_name)
+        left, right = left.to(device=a.device), right.to(device=a.device)
         if _autocast_on(a.device):
             # Under mixed precision the small factors are formed in A's dtype (float32), not autocast's:
             # they are cheap (d x r), and the two products of the forward are cast by autocast anyway.
             with torch.autocast(device_type=a.device.type, enabled=False):
                 return _EffectiveFactors.apply(a, left, right)
         return _EffectiveFactors.apply(a, left, right)
+
+    def basis_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` of ``adapter_name``: the layer's own, or its shape's shared pair (``bases="per-shape"``)."""
+        if adapter_name in self.florg_L:
+            return self.florg_L[adapter_name], self.florg_R[adapter_name]
+        key = self.florg_basis_key[adapter_name]
+        shared = self.__dict__["_florg_shared_bases"]
+        return shared.left[key], shared.right[key]
 
     def _delta_from_factor(self, adapter_name: str, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         b_eff, a_eff = self.lora_factors(adapter_name, dtype=dtype, factor=factor)
@@ -332,10 +380,11 @@ class Linear(nn.Module, FLoRGLayer):
     """FLoRG wrapper around ``torch.nn.Linear`` or transformers' ``Conv1D``."""
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: FLoRGConfig, layer_name: str, **kwargs: Any
+        self, base_layer: nn.Module, adapter_name: str, config: FLoRGConfig, layer_name: str,
+        shared_bases: SharedBases | None = None, **kwargs: Any,
     ) -> None:
         super().__init__()
-        FLoRGLayer.__init__(self, base_layer, layer_name=layer_name, **kwargs)
+        FLoRGLayer.__init__(self, base_layer, layer_name=layer_name, shared_bases=shared_bases, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 

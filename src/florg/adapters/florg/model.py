@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import FLoRGConfig
-from .layer import FLoRGLayer, Linear, _adapter_dtype_for
+from .layer import FLoRGLayer, Linear, SharedBases, _adapter_dtype_for
 
 __all__ = ["FLoRGModel", "florg_layers", "get_florg_factors", "set_florg_factors"]
 
@@ -107,18 +107,31 @@ class FLoRGModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("FLoRG needs the module path (current_key) to seed the layer's bases")
+        shared = self._shared_bases() if peft_config.bases == "per-shape" else None
         if isinstance(target, FLoRGLayer):
+            if shared is not None and target.__dict__.get("_florg_shared_bases") is None:
+                target.__dict__["_florg_shared_bases"] = shared
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = self._create_new_module(peft_config, adapter_name, target, layer_name=current_key)
+        new_module = self._create_new_module(peft_config, adapter_name, target, layer_name=current_key,
+                                             shared_bases=shared)
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _shared_bases(self) -> SharedBases:
+        """The tuner's per-shape bases (created on first use; a submodule, so they move with the model)."""
+        shared = self._modules.get("florg_shared_bases")
+        if shared is None:
+            shared = SharedBases()
+            self.add_module("florg_shared_bases", shared)
+        return shared
+
     @staticmethod
     def _create_new_module(
-        peft_config: FLoRGConfig, adapter_name: str, target: nn.Module, layer_name: str
+        peft_config: FLoRGConfig, adapter_name: str, target: nn.Module, layer_name: str,
+        shared_bases: SharedBases | None = None,
     ) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, Conv1D):
@@ -142,7 +155,7 @@ class FLoRGModel(BaseTuner):
                 f"target module {layer_name!r} of type {type(base).__name__} is not supported; FLoRG supports "
                 "torch.nn.Linear and transformers.pytorch_utils.Conv1D"
             )
-        return Linear(target, adapter_name, config=peft_config, layer_name=layer_name)
+        return Linear(target, adapter_name, config=peft_config, layer_name=layer_name, shared_bases=shared_bases)
 
     # ---------------------------------------------------------------- dtype
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
