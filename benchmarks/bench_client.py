@@ -329,7 +329,7 @@ def meta_estimate(method: str, tiny: bool | str, vocab: int, batch: int, seq: in
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
 
-    def meta_bases(d_out, d_in, *, dtype, **_):  # noqa: ANN001, ANN202 - only the bases' shapes matter here
+    def meta_bases(d_out, d_in, *, dtype, **_):
         k = min(d_out, d_in)
         return torch.empty(d_out, k, dtype=dtype, device="meta"), torch.empty(k, d_in, dtype=dtype, device="meta")
 
@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in (*METHODS, "florg-shape"):
             log(f"meta estimate: {name} ...")
             est[name] = meta_estimate(name, shape, args.vocab, batch, seq, args.rank, args.alpha)
-        out = {"machine": machine_info(), "tiny": args.tiny, "shape": shape, "rank": args.rank, "alpha": args.alpha, "estimate": est,
-               "table": meta_table(est)}
+        out = {"machine": machine_info(), "tiny": args.tiny, "shape": shape, "rank": args.rank, "alpha": args.alpha,
+               "estimate": est, "table": meta_table(est)}
         out["ratio_model_peak_flash"] = est["florg"]["model_peak_flash_bytes"] / est["lora"]["model_peak_flash_bytes"]
         out["ratio_model_peak"] = est["florg"]["model_peak_bytes"] / est["lora"]["model_peak_bytes"]
         default = "results_client_meta" + ("_tiny" if args.tiny else "" if shape == "1b" else f"_{shape}") + ".json"

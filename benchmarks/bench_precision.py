@@ -130,12 +130,14 @@ def markdown(res: dict[str, Any]) -> str:
         "`||L~ Q R~ - L Q R|| / ||L Q R||` of the aggregated update, *aggregate vs mean* = the Gram aggregate against "
         "the mean of the clients' own updates with the same rounded bases (exact up to float64 round-off: rounding "
         "the bases does not break the exact aggregation).", "",
-        "| layer | k | dtype | orthonormality error `||L~^T L~ - I||_2` (max with R~) | update error | norm change | aggregate vs mean |",
+        "| layer | k | dtype | orthonormality error `||L~^T L~ - I||_2` (max with R~) | update error | norm change "
+        "| aggregate vs mean |",
         "|---|---|---|---|---|---|---|",
         *[f"| {r['shape']} | {r['k']} | {r['dtype']} | {r['orthonormality_error']:.1e} | {r['update_rel_error']:.1e} | "
           f"{r['norm_rel_change']:+.1e} | {r['aggregate_vs_mean']:.1e} |" for r in b], "",
         "Effect: the adapter's update is `s L~ A^T A R~` instead of `s L A^T A R`, a fixed perturbation of the bases "
-        "of about the dtype's rounding (bfloat16: ~2e-3 of the update, float16: ~3e-4), the same for every client and round. Training "
+        "of about the dtype's rounding (bfloat16: ~2e-3 of the update, float16: ~3e-4), the same for every client and "
+        "round. Training "
         "adapts `A` to the bases it has, so this is a slightly different (still full-rank, nearly orthonormal) "
         "basis, not an error that grows. Norms are preserved to the same order, which matters for the DP clipping "
         "bound (the singular values of `L~`, `R~` are within about half the orthonormality error of 1, so the "

@@ -365,7 +365,7 @@ def environment(device: torch.device, wall_s: float) -> dict[str, Any]:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    return {"device_name": name, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"device_name": name, "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__, "cuda": torch.version.cuda or "none", "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(), "wall_s": wall_s}
 
@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 title=f"florg device check on {res['env']['device_name']}")
     results.parent.mkdir(parents=True, exist_ok=True)
     update_section(results, SECTION, markdown(res))
-    json_path = Path(args.json) if args.json else results.with_name("results_gpu_check" + ("_dry" if args.dry_run else "") + ".json")
+    default_json = "results_gpu_check" + ("_dry" if args.dry_run else "") + ".json"
+    json_path = Path(args.json) if args.json else results.with_name(default_json)
     json_path.write_text(json.dumps(res, indent=1, default=str))
     log(f"updated {results} (section '{SECTION}') and wrote {json_path}")
     return res

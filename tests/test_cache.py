@@ -9,11 +9,11 @@ from florg.config import load_config
 from florg.core import make_bases
 from florg.run import cache as cache_mod
 from florg.run.experiment import build_experiment
+from helpers import TINY_OVERRIDES
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-TINY = ["data.num_clients=3", "data.max_train_examples=150", "data.max_test_examples=30", "model.max_length=16",
-        "data.validation_fraction=0.2", "federation.min_train_nodes=2", "federation.min_available_nodes=2"]
+TINY = [*TINY_OVERRIDES, "data.max_train_examples=150", "data.max_test_examples=30", "data.validation_fraction=0.2"]
 
 
 def _cfg(tmp_path, *extra, enabled=True):

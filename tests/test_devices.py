@@ -118,20 +118,19 @@ def test_model_dtype_accepts_float16_and_every_method_accepts_half_bases():
 
 # ----------------------------------------------------------------------------- running out of memory
 def test_out_of_memory_becomes_one_line_naming_the_settings():
-    with pytest.raises(DeviceMemoryError) as err:
-        with memory_guard(torch.device("cpu"), "training", TRAIN_MEMORY_FIX):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
+    with pytest.raises(DeviceMemoryError) as err, memory_guard(torch.device("cpu"), "training", TRAIN_MEMORY_FIX):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
     text = str(err.value)
     assert "\n" not in text and text.startswith("config key 'train.batch_size': out of memory on cpu during training")
     assert "Tried to allocate 2.00 GiB" in text
     assert "train.grad_accum" in text and "train.gradient_checkpointing=true" in text
     assert isinstance(err.value, ConfigError)
-    with pytest.raises(DeviceMemoryError, match="config key 'eval.batch_size'.*lower eval.batch_size"):
-        with memory_guard(torch.device("cpu"), "evaluation", EVAL_MEMORY_FIX):
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
-    with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
-        with memory_guard(torch.device("cpu"), "training", TRAIN_MEMORY_FIX):
-            raise ValueError("unrelated")
+    with pytest.raises(DeviceMemoryError, match="config key 'eval.batch_size'.*lower eval.batch_size"), \
+            memory_guard(torch.device("cpu"), "evaluation", EVAL_MEMORY_FIX):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+    with pytest.raises(ValueError, match="unrelated"), \
+            memory_guard(torch.device("cpu"), "training", TRAIN_MEMORY_FIX):  # other errors pass through unchanged
+        raise ValueError("unrelated")
 
 
 # ----------------------------------------------------------------------------- simulation and GPUs

@@ -48,9 +48,9 @@ class ModelConfig:
     name: str = _f("minilm", "Model: 'minilm' (offline MiniLM), 'smollm2' (offline SmolLM2-135M), a hub id or a local path.")
     target_modules: list[str] = _f([], "Modules to adapt; empty = the architecture's default (query/value or q_proj/v_proj).")
     max_length: int = _f(32, "Maximum tokenised sequence length.")
-    dtype: str = _f("float32", "Dtype of the frozen base weights: float32, bfloat16 or float16 (float16: CUDA only). The trainable "
-                               "factors, the head and the optimizer stay in float32; with bfloat16/float16 the forward runs "
-                               "under autocast (docs/gpu.md).", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _f("float32", "Dtype of the frozen base weights: float32, bfloat16 or float16 (float16: CUDA only). The "
+                               "trainable factors, the head and the optimizer stay in float32; with bfloat16/float16 the "
+                               "forward runs under autocast (docs/gpu.md).", choices=("float32", "bfloat16", "float16"))
 
 
 @dataclass

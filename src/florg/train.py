@@ -113,12 +113,12 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
         raise ConfigError("config key 'model.dtype': 'float16' needs a CUDA device (float16 training on the CPU is "
                           "slow, partly unsupported and needs a loss scaler that only CUDA has); on the CPU use "
                           "'bfloat16' or 'float32'")
-    if dtype is torch.bfloat16 and device.type == "cuda":  # GPU-only path
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            name = torch.cuda.get_device_name(device)
-            major, minor = torch.cuda.get_device_capability(device)
-            raise ConfigError(f"config key 'model.dtype': 'bfloat16' is not supported by {name} (compute capability "
-                              f"{major}.{minor}; bfloat16 needs 8.0 or newer); use 'float16' or 'float32'")
+    # GPU-only path
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"config key 'model.dtype': 'bfloat16' is not supported by {name} (compute capability "
+                          f"{major}.{minor}; bfloat16 needs 8.0 or newer); use 'float16' or 'float32'")
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

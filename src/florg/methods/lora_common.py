@@ -46,7 +46,7 @@ from torch import nn
 from .base import SERVER_PREFIX, FederatedMethod, Tensors, normalised_weights, summarise_layers, weighted_mean
 
 if TYPE_CHECKING:
-    from florg.config import RunConfig
+    pass
 
 __all__ = [
     "A_SUFFIX",

@@ -1,9 +1,9 @@
 """The FLoRG tuner in PEFT's layout: config, layers and the ``BaseTuner``."""
 
-from .stored_bases import BasisStore, basis_store, get_bases
 from .config import FLORG_PEFT_TYPE, FLoRGConfig
 from .layer import FLoRGLayer, Linear, clean_module_name
 from .model import FLoRGModel, florg_layers, get_florg_factors, set_florg_factors
+from .stored_bases import BasisStore, basis_store, get_bases
 
 __all__ = [
     "BasisStore",

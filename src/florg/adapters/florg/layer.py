@@ -19,8 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...core.bases import init_factor
-from .stored_bases import get_bases
 from .config import FLoRGConfig, scaling_for
+from .stored_bases import get_bases
 
 __all__ = ["FLoRGLayer", "Linear", "SharedBases", "clean_module_name"]
 

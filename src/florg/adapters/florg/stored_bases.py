@@ -52,7 +52,7 @@ class BasisStore:
 
     def get(self, d_out: int, d_in: int, *, seed: int, layer_name: str, dtype: torch.dtype,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``make_bases(d_out, d_in, seed=seed, layer_name=layer_name, dtype=dtype, device=device)``, from the file if it has them."""
+        """:func:`florg.core.make_bases` of these arguments, from the file if it has them."""
         key = _key(seed, layer_name, d_out, d_in, dtype)
         names = [self._stored_name(key + "/L"), self._stored_name(key + "/R")]
         if all(names):
