@@ -8,11 +8,14 @@
 #
 # Needs only a stock CUDA PyTorch image: python with torch, transformers, peft, accelerate,
 # safetensors and numpy (no hub downloads, no Flower/Ray/datasets; florg is imported from src/).
-# Interpreter: $PYTHON, else the repository's .venv, else python3. Extra wheels: none are needed
-# when the image has transformers >= 5 and peft 0.21; otherwise put the pinned wheels in a folder
-# (peft-0.21.2, transformers-5.24.0, huggingface_hub-1.33.0, tokenizers-0.23.3, safetensors-0.8.0:
-# about 18 MiB together, `pip download --no-deps` them) and pass GPU_CHECK_WHEELS=<folder>; they are
-# installed into a temporary folder for this run only, never into the image.
+# Interpreter: $PYTHON, else the repository's .venv, else python3.
+# Extra wheels: none when the image has transformers 5.x and peft 0.21 (other versions work with a
+# warning as long as PEFT's internals fit). Otherwise download, on a machine with PyPI access,
+#   pip download --no-deps -d wheels peft==0.21.2 transformers==5.24.0 huggingface_hub==1.33.0 #       tokenizers==0.23.3 safetensors==0.8.0                                   # 18.3 MiB
+# plus, if the image lacks what huggingface_hub 1.x imports,
+#   pip download --no-deps -d wheels httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0 #       hf-xet==1.8.0 typer==0.20.1 click==8.5.1 shellingham==1.5.4              # 4.6 MiB
+# (23 MiB in all, the versions of requirements.lock), copy the folder over and pass
+# GPU_CHECK_WHEELS=<folder>: they go into a temporary folder for this run only, never into the image.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
