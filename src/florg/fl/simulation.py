@@ -157,6 +157,7 @@ def run_simulation_engine(
     flwr_logger = logging.getLogger("flwr")
     quiet = _QuietFlower(verbose)
     flwr_logger.addFilter(quiet)
+    failure: Exception | None = None
     try:
         run_simulation(
             server_app=server_app,
@@ -165,9 +166,12 @@ def run_simulation_engine(
             backend_config=backend_config(cfg),
             verbose_logging=verbose,
         )
+    except Exception as exc:  # noqa: BLE001 - the server's error, already recorded in status.json by run_server
+        failure = exc
     finally:
         flwr_logger.removeFilter(quiet)
     if "summary" not in holder:
-        error = run_dir.status().get("error") or "the simulation ended without finishing the run"
-        raise RunFailed(f"{error} (run directory {run_dir.path}; status.json says 'failed')")
+        error = run_dir.status().get("error") or (
+            f"{type(failure).__name__}: {failure}" if failure else "the simulation ended without finishing the run")
+        raise RunFailed(f"{error} (run directory {run_dir.path}; status.json says 'failed')") from failure
     return holder["summary"]
