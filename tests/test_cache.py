@@ -127,3 +127,34 @@ def test_basis_store_is_bit_identical_to_make_bases(tmp_path):
     assert other[0].dtype == torch.float32 and reopened.hits == 2
     reopened.save()
     assert len(BasisStore(path)._names) == 6  # both files' bases kept
+
+
+def test_instruction_family_is_cached_and_a_changed_data_file_is_a_new_entry(tmp_path, monkeypatch):
+    import json
+
+    from florg.tasks import get_family
+    from florg.tasks.instruction import InstructionFamily
+    from helpers import save_tiny_llama
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Name the number {i}", "input": "", "output": f"number {i}"} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = [f"data.task=instruct:{data}", f"model.name={llama}", "data.num_clients=3", "model.max_length=32"]
+    uncached = build_experiment(_cfg(tmp_path, *extra, enabled=False))
+    build_experiment(_cfg(tmp_path, *extra))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(InstructionFamily, "load_data", forbidden)
+        m.setattr(InstructionFamily, "encode", forbidden)
+        warm = build_experiment(_cfg(tmp_path, *extra))
+    _same_experiment(uncached, warm)
+    assert "reference" in warm.test.column_names  # the held-out split keeps the text generation needs
+
+    cfg = _cfg(tmp_path, *extra)
+    before = cache_mod.DataCache(cfg, get_family(cfg)).key
+    data.write_text(data.read_text() + json.dumps({"instruction": "one more", "input": "", "output": "x"}) + "\n")
+    assert cache_mod.DataCache(cfg, get_family(cfg)).key != before  # an edited data file is not served stale

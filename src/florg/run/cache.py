@@ -11,6 +11,7 @@ With ``cache.enabled`` (the default) the first process stores, and every later o
   the files into memory instead of reading them), plus ``meta.json`` (class names, the
   partition summary). Keyed by a hash of everything the data depends on: the seed, the
   ``data.*`` settings, the model name (its tokenizer) and ``model.max_length``, the task family,
+  the size and modification time of the local files the data and the tokenizer are read from,
   the versions of florg, ``datasets``, ``transformers`` and ``tokenizers``, and the source code
   of florg's data, task and model modules.
 * **bases** (``bases-<hash>.safetensors``): FLoRG's ``(L, R)`` per layer in the base dtype
@@ -93,6 +94,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _local_files(cfg: RunConfig) -> list[list[Any]]:
+    """``[path, size, mtime_ns]`` of every local file the data and the tokenizer come from.
+
+    The data folder (``data.data_dir``), a path in ``data.task`` (``local:<path>``,
+    ``instruct:<path>``, a bare path) and a model folder (its tokenizer): editing any of them
+    changes the key. Hub ids and the built-in tasks have no local files here (their versions are
+    part of the key through the library versions and florg's code).
+    """
+    candidates = [cfg.data.data_dir, cfg.data.task.split(":", 1)[-1] if ":" in cfg.data.task else cfg.data.task,
+                  cfg.model.name]
+    out: list[list[Any]] = []
+    for value in candidates:
+        if not value or value.startswith("hub:"):
+            continue
+        path = Path(value).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.endswith((".safetensors", ".bin")))
+        else:
+            continue
+        for f in files:
+            st = f.stat()
+            out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -126,6 +154,7 @@ class DataCache:
             "data": d["data"],
             "model": {"name": cfg.model.name, "max_length": cfg.model.max_length},
             "family": family.name,
+            "files": _local_files(cfg),
             "versions": _versions(),
             "code": _source_digest(),
         }

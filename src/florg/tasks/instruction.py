@@ -94,6 +94,7 @@ class InstructionFamily(TaskFamily):
     peft_task_type = "CAUSAL_LM"
     metrics = ("loss", "perplexity")
     higher_is_better = False
+    cache_encoded = True  # encode returns datasets; load_data and encode keep no state on the family
 
     @classmethod
     def accepts(cls, task: str) -> bool:
