@@ -126,7 +126,7 @@ def run(
     try:
         exp = get_experiment(cfg)  # validates data, model and targets before anything is written
         exp.use_device(resolve_device(cfg.train.device))  # the device exists and can compute in model.dtype
-        check_gpu_settings(cfg)
+        check_gpu_settings(cfg, warn=False)  # run_simulation_engine checks again and warns
     except (ConfigError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
         _fail(_one_line(exc))
         return

@@ -62,7 +62,7 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def check_gpu_settings(cfg: RunConfig) -> None:
+def check_gpu_settings(cfg: RunConfig, *, warn: bool = True) -> None:
     """Refuse (:class:`ConfigError`) GPU settings the simulated clients cannot run with; warn about idle GPUs."""
     from florg.train import resolve_device
 
@@ -82,7 +82,7 @@ def check_gpu_settings(cfg: RunConfig) -> None:
     if device.startswith("cuda:") and device != "cuda:0" and gpus > 0:
         raise ConfigError(f"config key 'train.device': {device!r} picks a GPU, but in the simulation Ray assigns each "
                           "client its GPU (it sees it as cuda:0); set train.device='cuda' or 'auto'")
-    if device == "auto" and gpus == 0 and visible > 0:
+    if warn and device == "auto" and gpus == 0 and visible > 0:
         from flwr.common.logger import log
 
         log(WARNING, "this machine has %d GPU(s) but federation.client_gpus=0: the simulated clients train on the "
