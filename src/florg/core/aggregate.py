@@ -185,6 +185,26 @@ class _ThinSpectrum:
         return self._w
 
 
+def _small_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of small ``m x m`` matrices (``m = sum r_n``; batched or not), on the host.
+
+    cuSOLVER solves a batch of 80 x 80 problems one matrix at a time at about a millisecond each,
+    LAPACK in a fraction of that, so on a GPU the Gram matrices ``G = M M^T`` go to the host, are
+    decomposed there and their eigenpairs come back; the ``m x k`` products stay on the device.
+    The result is the CPU path's, bit for bit.
+    """
+    if g.device.type == "cpu":
+        return torch.linalg.eigh(g)
+    lam, u = torch.linalg.eigh(g.cpu())
+    return lam.to(g.device), u.to(g.device)
+
+
+def _rotation(x: torch.Tensor) -> torch.Tensor:
+    """``U V^T`` from the SVD of the small ``r x r`` matrix ``x`` (on the host, like :func:`_small_eigh`)."""
+    u, _, vh = torch.linalg.svd(x.cpu() if x.device.type != "cpu" else x, full_matrices=False)
+    return (u @ vh).to(x.device)
+
+
 def _thin_from_eigh(
     m: torch.Tensor, lam_asc: torch.Tensor, u_asc: torch.Tensor, eig_rtol: float
 ) -> tuple[GramFactor, _ThinSpectrum]:
@@ -294,7 +314,7 @@ def _eigen(
         stacked = _stack(factors, p)
         _check_finite(stacked, [(layer, factors)])
         g = stacked @ stacked.T
-        lam, u = torch.linalg.eigh(g)
+        lam, u = _small_eigh(g)
         gf, spectrum = _thin_from_eigh(stacked, lam, u, eig_rtol)
         spectrum.g = g
         return gf, spectrum
@@ -368,14 +388,12 @@ def _align(
         return out, coeff
     prev = previous.to(dtype=_F64, device=device)
     if variant == "paper":
-        u, _, vh = torch.linalg.svd(factor.cross(prev), full_matrices=False)
-        coeff = (u @ vh) @ factor.coeff  # as in GramFactor.left_mul
+        coeff = _rotation(factor.cross(prev)) @ factor.coeff  # as in GramFactor.left_mul
         return coeff @ factor.base, coeff
     if variant == "top-r":
         cross = torch.zeros(rank, rank, dtype=_F64, device=device)
         cross[:, :top] = factor.cross(prev, rows=top)
-        u, _, vh = torch.linalg.svd(cross, full_matrices=False)
-        rot = u @ vh  # r x r orthogonal
+        rot = _rotation(cross)  # r x r orthogonal
         coeff = rot[:, :top] @ factor.coeff[:top]
         return coeff @ factor.base, coeff
     raise AssertionError("unreachable: variant was validated by the caller")
@@ -655,7 +673,7 @@ def aggregate_model(
                 stacked = _stack(uploads[name], meta[name][2], scales[key])
                 _check_finite(stacked, every_layer)
                 grams.append(stacked @ stacked.T)
-            lam_b, u_b = torch.linalg.eigh(torch.stack(grams))
+            lam_b, u_b = _small_eigh(torch.stack(grams))
             spectra[key] = (grams, lam_b, u_b)
 
     results: dict[str, AggregationResult] = {}
