@@ -391,7 +391,7 @@ def test_sent_rel_error_matches_dense_when_truncating(variant, path):
 
 
 @pytest.mark.parametrize("variant", ["paper", "top-r"])
-def test_drift_and_delta_proc(variant):
+def test_drift_and_align_gain(variant):
     factors, _, _ = case_random()
     prev = randn(4, 64, seed=9)
     res = aggregate(factors, previous=prev, rank=4, variant=variant)
@@ -399,25 +399,83 @@ def test_drift_and_delta_proc(variant):
     d_new = float(torch.linalg.matrix_norm(res.factor - prev))
     d_raw = float(torch.linalg.matrix_norm(raw.factor - prev))
     assert abs(res.diagnostics["drift"] - d_new) <= 1e-12 * d_new
-    assert abs(res.diagnostics["delta_proc"] - (d_raw**2 - d_new**2)) <= 1e-10 * d_raw**2
-    assert raw.diagnostics["delta_proc"] == 0.0
+    assert abs(res.diagnostics["align_gain"] - (d_raw**2 - d_new**2)) <= 1e-10 * d_raw**2
+    assert raw.diagnostics["align_gain"] == 0.0
     assert abs(raw.diagnostics["drift"] - d_raw) <= 1e-12 * d_raw
     # No previous factor: no drift diagnostics.
     assert "drift" not in aggregate(factors, rank=4).diagnostics
+    assert "round_rel_error" not in aggregate(factors, rank=4).diagnostics
 
 
-def test_delta_proc_nonnegative_top_r():
-    """The top-r rotation is the exact Frobenius minimiser, so Delta_proc >= 0 for every input."""
+def _best_rotation_distance(x: torch.Tensor, prev: torch.Tensor) -> float:
+    """``min_O ||O x - prev||_F^2`` over orthogonal ``O``, by the classical Procrustes SVD."""
+    u, _, vh = torch.linalg.svd(prev @ x.T)
+    return float(torch.linalg.matrix_norm(u @ vh @ x - prev)) ** 2
+
+
+def test_delta_proc_is_the_papers_definition_on_a_constructed_case():
+    """Delta_proc = ||S A~ - A_prev||^2 - ||S* A~ - A_prev||^2 for the SAME factor A~ (same Gram).
+
+    Constructed case: Q has rank r' = r = 3, so every alignment sends a factor O A~ of the same
+    Gram; A_prev is a known rotation of A~ plus a small perturbation. The unaligned factor is A~
+    itself (S = I), the aligned one S* A~.
+    """
+    k, r = 20, 3
+    a_tilde = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=F64)) @ orthonormal_rows(r, k, seed=1)
+    rot = random_orthogonal(r, seed=2)
+    prev = rot @ a_tilde + 0.01 * randn(r, k, seed=3)
+    factors = [a_tilde]  # one client: Q = A~^T A~ exactly, r' = 3
+    for variant in ("paper", "top-r"):
+        aligned = aggregate(factors, previous=prev, rank=r, variant=variant)
+        unaligned = aggregate(factors, previous=prev, rank=r, variant=variant, align=False)
+        x = unaligned.factor
+        assert rel(gram_of(x), gram_of(a_tilde)) < 1e-12 and rel(gram_of(aligned.factor), gram_of(x)) < 1e-12
+        expected = float(torch.linalg.matrix_norm(x - prev)) ** 2 - _best_rotation_distance(x, prev)
+        assert expected > 1.0  # the random rotation is far from the identity
+        assert unaligned.diagnostics["delta_proc"] == pytest.approx(expected, rel=1e-10)
+        # The aligned factor IS the optimal rotation: no extra distance, and nothing beats it.
+        assert abs(aligned.diagnostics["delta_proc"]) < 1e-10
+        assert float(torch.linalg.matrix_norm(aligned.factor - prev)) ** 2 == pytest.approx(
+            _best_rotation_distance(x, prev), rel=1e-10)
+        for seed in range(5):
+            o = random_orthogonal(r, seed=10 + seed)
+            assert float(torch.linalg.matrix_norm(o @ x - prev)) ** 2 >= _best_rotation_distance(x, prev) - 1e-9
+
+
+def test_delta_proc_nonnegative_and_zero_when_aligned():
+    """Delta_proc >= 0 for every input; zero for both aligned variants, positive without alignment."""
     values = []
     for trial in range(25):
         n = 1 + trial % 5
         factors = [randn(4, 40, seed=1000 + 10 * trial + i) for i in range(n)]
         prev = randn(4, 40, seed=2000 + trial) * (0.1 + trial)
         for path in ("thin", "gram"):
-            res = aggregate(factors, previous=prev, rank=4, variant="top-r", path=path)
-            values.append(res.diagnostics["delta_proc"])
-            assert res.diagnostics["delta_proc"] >= -1e-9
-    assert max(values) > 1e-3  # alignment actually moved something
+            for variant in ("paper", "top-r"):
+                res = aggregate(factors, previous=prev, rank=4, variant=variant, path=path)
+                assert abs(res.diagnostics["delta_proc"]) <= 1e-9 * (1 + float(prev.square().sum()))
+                assert res.diagnostics["align_gain"] >= -1e-9 or variant == "paper"
+            raw = aggregate(factors, previous=prev, rank=4, align=False, path=path)
+            assert raw.diagnostics["delta_proc"] >= -1e-9
+            values.append(raw.diagnostics["delta_proc"])
+    assert max(values) > 1e-3  # without alignment the sent factor is not the best rotation
+
+
+@pytest.mark.parametrize("path", ["thin", "gram"])
+@pytest.mark.parametrize("variant", ["paper", "top-r"])
+def test_round_rel_error_against_a_dense_computation(path, variant):
+    """round_rel_error = ||s L (A_s^T A_s - Q) R|| / ||s L (Q - A_prev^T A_prev) R||, formed densely in d-space."""
+    factors, _, _ = case_random()
+    k = factors[0].shape[1]
+    left, right = make_bases(96, k, seed=4, layer_name="l", dtype=F64)  # k = min(96, 64) = 64
+    prev = randn(4, k, seed=9) * 0.5
+    res = aggregate(factors, COUNTS[: len(factors)], previous=prev, rank=4, variant=variant, path=path)
+    s = 4.0
+    exact = s * dense_delta_w(factors, COUNTS[: len(factors)], left, right)
+    sent = s * (left @ res.factor.to(F64).T) @ (res.factor.to(F64) @ right)
+    before = s * (left @ prev.T) @ (prev @ right)
+    expected = float(torch.linalg.matrix_norm(sent - exact) / torch.linalg.matrix_norm(exact - before))
+    assert expected > 1e-3  # the rank-4 truncation of a rank > 4 aggregate is visible
+    assert res.diagnostics["round_rel_error"] == pytest.approx(expected, rel=1e-8)
 
 
 def test_tail_energy_matches_dense_eigendecomposition():
@@ -487,3 +545,51 @@ def test_procrustes_align_matches_aggregate():
         direct = procrustes_align(prev, gram_eigen(factors), 4, variant=variant)
         assert direct.dtype == F64 and direct.shape == (4, 64)
         assert rel(direct, res.factor) <= 1e-12
+
+
+# --------------------------------------------------------------------------- heterogeneous client ranks
+
+
+def _mixed_rank_case():
+    ranks = [2, 4, 8, 2, 4, 8]
+    return [randn(r, 48, seed=300 + i) for i, r in enumerate(ranks)], ranks
+
+
+@pytest.mark.parametrize("path", ["thin", "gram"])
+@pytest.mark.parametrize("variant", ["paper", "top-r"])
+def test_mixed_ranks_q_is_exact_and_leading_rows_are_the_top_eigen_factor(path, variant):
+    factors, ranks = _mixed_rank_case()
+    q = dense_q(factors, COUNTS)
+    prev = randn(8, 48, seed=7)
+    res = aggregate(factors, COUNTS, previous=prev, rank=8, variant=variant, path=path, blocks=(2, 4, 8))
+    assert res.diagnostics["agg_rel_error"] < 1e-12  # Q = sum p_n A_n^T A_n whatever each client's rank
+    assert res.rank_q == 28  # sum of the ranks: 2+4+8+2+4+8
+    a = res.factor.to(F64)
+    for r_n in (2, 4):  # a client of rank r_n receives rows 0:r_n: the best rank-r_n approximation of Q
+        assert rel(gram_of(a[:r_n]), top_r_truncation(q, r_n)) < 1e-10
+    if variant == "top-r":
+        assert rel(gram_of(a), top_r_truncation(q, 8)) < 1e-10
+    # Each block is the optimal rotation of its own eigen-rows: no block-wise Procrustes gap.
+    assert abs(res.diagnostics["delta_proc"]) < 1e-9
+    assert res.diagnostics["sent_rel_error"] > 1e-3  # r' = 28 > 8: truncation reported
+    # Each block is closer to the same rows of prev than the raw eigen-rows are.
+    raw = aggregate(factors, COUNTS, previous=prev, rank=8, variant=variant, path=path, align=False).factor.to(F64)
+    for lo, hi in ((0, 2), (2, 4)):
+        assert rel(gram_of(a[lo:hi]), gram_of(raw[lo:hi])) < 1e-10  # same eigen-rows, rotated
+        assert torch.linalg.matrix_norm(a[lo:hi] - prev[lo:hi]) <= torch.linalg.matrix_norm(raw[lo:hi] - prev[lo:hi])
+
+
+def test_one_block_is_the_plain_alignment_and_bad_blocks_are_refused():
+    factors, _ = _mixed_rank_case()
+    prev = randn(8, 48, seed=7)
+    for variant in ("paper", "top-r"):
+        plain = aggregate(factors, previous=prev, rank=8, variant=variant)
+        one = aggregate(factors, previous=prev, rank=8, variant=variant, blocks=(8,))
+        assert torch.equal(plain.factor, one.factor)
+    for bad in ((2, 4), (4, 2, 8), (0, 8), ()):
+        with pytest.raises(ValueError, match="blocks"):
+            aggregate(factors, previous=prev, rank=8, blocks=bad)
+    model = aggregate_model({"l0": factors, "l1": factors}, previous={"l0": prev, "l1": prev}, rank=8,
+                            variant="top-r", blocks=(2, 4, 8))
+    single = aggregate(factors, previous=prev, rank=8, variant="top-r", blocks=(2, 4, 8))
+    assert torch.allclose(model["l0"].factor, single.factor, atol=1e-12)

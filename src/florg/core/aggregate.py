@@ -29,6 +29,14 @@ The factor is then aligned to last round's global ``A_prev`` (``r x k``):
 * ``align=False``: the raw top-r eigen-factor (zero-padded when ``r' < r``), the paper's
   "w/o alignment" ablation.
 
+Clients of different ranks (``blocks``): ``Q`` is ``k x k`` whatever each ``r_n``, so the Gram
+aggregate stays exact. To serve a client of rank ``r_n`` the top-``r_n`` rows of the sent factor
+must be meaningful, so the factor is aligned block by block: with the distinct ranks
+``c_1 < ... < c_b = r`` the rows ``c_{j-1}:c_j`` are the eigen-rows ``c_{j-1}:c_j`` of ``A~``
+(decreasing eigenvalues) rotated by their own Procrustes rotation against the same rows of
+``A_prev`` (the last block by ``variant``). The leading ``c_j`` rows therefore span the top-``c_j``
+eigenspace: a client of rank ``c_j`` receives the best rank-``c_j`` approximation of ``Q``.
+
 The case ``r' < r``: both variants return an ``r x k`` factor of rank ``r'`` with
 ``A_new^T A_new = Q`` exactly. Note that under plain gradient descent such a factor can not
 regain rank (``A (I - eta G)`` has rank ``<= r'``); adaptive optimisers (Adam) can.
@@ -365,13 +373,18 @@ def procrustes_align(
 
 
 def _align(
-    previous: torch.Tensor | None, factor: GramFactor, rank: int, variant: Variant, align: bool
+    previous: torch.Tensor | None, factor: GramFactor, rank: int, variant: Variant, align: bool,
+    blocks: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The factor to send down, dense (``rank x k``), and as coefficients ``C`` on ``factor.base``.
 
     ``dense = C @ factor.base`` up to rounding; ``C`` is ``rank x m`` (``m = factor.base.shape[0]``).
-    Inputs are assumed validated (see :func:`procrustes_align`).
+    ``blocks`` (row boundaries ``c_1 < ... < c_b = rank``, see :func:`aggregate`) aligns block by
+    block; ``None`` or one block is the plain alignment. Inputs are assumed validated (see
+    :func:`procrustes_align`).
     """
+    if blocks is not None and len(blocks) > 1 and align and previous is not None and factor.rank > 0:
+        return _align_blocks(previous, factor, rank, variant, list(blocks))
     k = factor.k
     r_prime = factor.rank
     device = factor.base.device
@@ -399,6 +412,37 @@ def _align(
     raise AssertionError("unreachable: variant was validated by the caller")
 
 
+def _align_blocks(
+    previous: torch.Tensor, factor: GramFactor, rank: int, variant: Variant, blocks: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise alignment for clients of different ranks (``blocks`` = the distinct ranks, ascending).
+
+    Rows ``c_{j-1}:c_j`` of the result are eigen-rows ``c_{j-1}:c_j`` of ``A~`` (decreasing
+    eigenvalue order) rotated by their own ``b x b`` orthogonal Procrustes against the same rows
+    of ``previous``, so the leading ``c_j`` rows always span the top-``c_j`` eigenspace of ``Q``:
+    a client of rank ``c_j`` that receives them holds the best rank-``c_j`` approximation of ``Q``.
+    The last block follows ``variant``: ``"top-r"`` rotates eigen-rows ``c_{b-1}:rank``,
+    ``"paper"`` projects all remaining eigen-rows ``c_{b-1}:r'`` with a semi-orthogonal ``S*``.
+    """
+    m = int(factor.base.shape[0])
+    device = factor.base.device
+    prev = previous.to(dtype=_F64, device=device)
+    r_prime = factor.rank
+    coeff = torch.zeros(rank, m, dtype=_F64, device=device)
+    lo = 0
+    for j, hi in enumerate(blocks):
+        last = j == len(blocks) - 1
+        stop = r_prime if (last and variant == "paper") else min(hi, r_prime)
+        if stop > lo:
+            t = factor.coeff[lo:stop]  # eigen-rows lo:stop of A~, as coefficients on M
+            cross = torch.zeros(hi - lo, max(hi - lo, stop - lo), dtype=_F64, device=device)
+            cross[:, : stop - lo] = (prev[lo:hi] @ factor.base.T) @ t.T
+            u, _, vh = torch.linalg.svd(cross, full_matrices=False)
+            coeff[lo:hi] = (u @ vh)[:, : stop - lo] @ t
+        lo = hi
+    return coeff @ factor.base, coeff
+
+
 def _gram_diff_norm(x: torch.Tensor, coeff: torch.Tensor, target: GramFactor, thin: _ThinSpectrum | None) -> float:
     """``|| x^T x - Q ||_F`` for ``x = coeff @ target.base``, never forming a k x k matrix on the thin path.
 
@@ -416,6 +460,40 @@ def _gram_diff_norm(x: torch.Tensor, coeff: torch.Tensor, target: GramFactor, th
     w, wtw = thin.root()
     cx = coeff @ w
     return float(torch.linalg.matrix_norm(cx.T @ cx - wtw))
+
+
+def _update_norm(target: GramFactor, thin: _ThinSpectrum | None, prev: torch.Tensor) -> float:
+    """``|| Q - A_prev^T A_prev ||_F`` (the round's exact mean update in ``k x k`` coordinates).
+
+    Gram path: dense. Thin path: with ``Z = [M; A_prev]`` and ``D = diag(1 (m times), -1 (r times))``,
+    ``Q - A_prev^T A_prev = Z^T D Z``; a thin QR ``Z^T = V T`` gives ``||Z^T D Z||_F = ||T D T^T||_F``,
+    so no ``k x k`` matrix is formed.
+    """
+    if target.gram is not None:
+        return float(torch.linalg.matrix_norm(target.gram - prev.T @ prev))
+    assert thin is not None
+    z = torch.cat([target.base, prev], dim=0)
+    sign = torch.ones(z.shape[0], dtype=_F64, device=z.device)
+    sign[target.base.shape[0]:] = -1.0
+    _, t = torch.linalg.qr(z.T, mode="reduced")
+    return float(torch.linalg.matrix_norm((t * sign) @ t.T))
+
+
+def _procrustes_gap(x: torch.Tensor, prev: torch.Tensor, blocks: Sequence[int] | None) -> float:
+    """``||X - A_prev||_F^2 - min_O ||O X - A_prev||_F^2`` over the rotations ``O`` that keep ``X``'s Gram.
+
+    ``O`` ranges over ``r x r`` orthogonal matrices (block-diagonal ones with ``blocks``). The
+    minimum has the closed form ``||X||^2 + ||A_prev||^2 - 2 ||X A_prev^T||_*`` (nuclear norm), so
+    the gap is ``2 (||X A_prev^T||_* - tr(X A_prev^T))`` summed over blocks: zero exactly when ``X``
+    is already the optimally rotated factor, positive otherwise.
+    """
+    bounds = list(blocks) if blocks else [int(x.shape[0])]
+    gap, lo = 0.0, 0
+    for hi in bounds:
+        c = x[lo:hi] @ prev[lo:hi].T
+        gap += 2.0 * (float(torch.linalg.svdvals(c).sum()) - float(torch.diagonal(c).sum()))
+        lo = hi
+    return gap
 
 
 def _q_norm(target: GramFactor, thin: _ThinSpectrum | None) -> float:
@@ -437,9 +515,19 @@ class AggregationResult:
       aggregate, zero up to rounding (and the eigenvalues dropped as round-off);
     * ``sent_rel_error``: the same for the rank-r factor actually sent down, which also carries
       the truncation to rank r when ``r' > r``;
+    * ``round_rel_error``: ``||A_new^T A_new - Q||_F / ||Q - A_prev^T A_prev||_F``, the error of
+      the update actually sent relative to the round's exact mean update (``L``, ``R`` orthonormal:
+      the same ratio as ``||dW_sent - dW_exact|| / ||dW_exact - dW_prev||``);
     * ``drift``: ``||A_new - A_prev||_F``;
-    * ``delta_proc``: the paper's ``Delta_proc = ||A_unaligned - A_prev||_F^2 - ||A_new - A_prev||_F^2``
-      with ``A_unaligned`` the raw top-r eigen-factor (zero when ``align=False``);
+    * ``delta_proc``: the paper's ``Delta_proc = ||S A~ - A_prev||_F^2 - ||S* A~ - A_prev||_F^2`` for
+      the factor actually sent (``S A~ = A_new``) against the optimal rotation of the same factor
+      (same Gram matrix): ``||A_new - A_prev||^2 - min_O ||O A_new - A_prev||^2`` over orthogonal
+      ``r x r`` ``O`` (block-diagonal with ``blocks``). Zero (up to rounding) when the factor was
+      aligned, positive for the unaligned ablation;
+    * ``align_gain``: ``||A_raw - A_prev||_F^2 - ||A_new - A_prev||_F^2`` with ``A_raw`` the raw
+      top-r eigen-factor: how much closer alignment brought the sent factor (zero when
+      ``align=False``). For the paper variant with ``r' > r`` the two factors have different Gram
+      matrices, so this is not a distance between factors of the same ``Q``;
     * ``tail_energy``: share of ``trace(Q)`` outside the top-r eigenpairs.
 
     Because ``L`` has orthonormal columns and ``R`` orthonormal rows, ``||L X R||_F = ||X||_F``,
@@ -464,27 +552,32 @@ def _finish(
     align: bool,
     diagnostics: bool,
     out_dtype: torch.dtype,
+    blocks: Sequence[int] | None = None,
 ) -> AggregationResult:
     """Align, cast and (optionally) diagnose one layer. Inputs were validated by the caller."""
-    new, new_coeff = _align(previous, gf, rank, variant, align)
+    new, new_coeff = _align(previous, gf, rank, variant, align, blocks)
     diag: dict[str, float] = {}
     if diagnostics:
         q_norm = _q_norm(gf, thin)
         denom = q_norm if q_norm > 0 else 1.0
         agg = gf.dense() if thin is None else None  # the thin path works on coefficients only
         diag["agg_rel_error"] = _gram_diff_norm(agg, gf.coeff, gf, thin) / denom
-        diag["sent_rel_error"] = _gram_diff_norm(new, new_coeff, gf, thin) / denom
+        sent_err = _gram_diff_norm(new, new_coeff, gf, thin)
+        diag["sent_rel_error"] = sent_err / denom
         # All eigenvalues in decreasing order: the kept ones, then those dropped as round-off.
         spectrum = torch.cat([gf.eigenvalues, gf.dropped])
         trace = float(spectrum.sum())
         diag["tail_energy"] = float(spectrum[rank:].sum()) / trace if trace > 0 else 0.0
         if previous is not None:
             prev = previous.to(dtype=_F64, device=new.device)
+            upd = _update_norm(gf, thin, prev)
+            diag["round_rel_error"] = sent_err / (upd if upd > 0 else 1.0)
             d_new = float(torch.linalg.matrix_norm(new - prev))
             raw = new if not align else _align(None, gf, rank, variant, False)[0]
             d_raw = float(torch.linalg.matrix_norm(raw - prev))
             diag["drift"] = d_new
-            diag["delta_proc"] = d_raw**2 - d_new**2
+            diag["delta_proc"] = _procrustes_gap(new, prev, blocks)
+            diag["align_gain"] = d_raw**2 - d_new**2
     return AggregationResult(
         layer=layer,
         factor=new.to(out_dtype),
@@ -512,6 +605,17 @@ def _check_previous(previous: torch.Tensor | None, rank: int, k: int, layer: str
         raise ValueError(f"layer {layer!r}: previous global factor contains NaN or Inf")
 
 
+def _check_blocks(blocks: Sequence[int] | None, rank: int, layer: str) -> None:
+    if blocks is None:
+        return
+    b = list(blocks)
+    if not b or any(not isinstance(x, int) or x < 1 for x in b) or any(x >= y for x, y in zip(b, b[1:])) \
+            or b[-1] != rank:
+        raise ValueError(
+            f"layer {layer!r}: blocks must be increasing positive ranks ending at the rank {rank}, got {b!r}"
+        )
+
+
 def _default_rank(previous: torch.Tensor | None, factors: Sequence[torch.Tensor], k: int, layer: str) -> int:
     """``previous.shape[0]`` when a (2-D) previous factor is given, else the largest client rank."""
     if previous is None:
@@ -536,10 +640,18 @@ def aggregate(
     eig_rtol: float = DEFAULT_EIG_RTOL,
     diagnostics: bool = True,
     layer: str = "<layer>",
+    blocks: Sequence[int] | None = None,
 ) -> AggregationResult:
     """Aggregate one layer's client factors into the next global ``A`` (``rank x k``).
 
     ``rank`` defaults to ``previous.shape[0]``, else to the largest client rank.
+
+    ``blocks`` serves clients of different ranks: the distinct client ranks in increasing order,
+    the last one equal to ``rank`` (e.g. ``(2, 4, 8)``). The factor is then aligned block by block
+    (rows ``0:2``, ``2:4``, ``4:8``, each with its own Procrustes rotation against the same rows of
+    ``previous``), so that its leading ``r_n`` rows are the aligned top-``r_n`` eigen-factor of
+    ``Q``: a client of rank ``r_n`` receives rows ``0:r_n``. ``None`` (or one block) is the usual
+    single alignment.
     """
     if variant not in ("paper", "top-r"):
         raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
@@ -548,6 +660,7 @@ def aggregate(
         if rank is None:
             rank = _default_rank(previous, factors, k, layer)
         _check_previous(previous, rank, k, layer)
+        _check_blocks(blocks, rank, layer)
         p = normalise_weights(weights, len(factors), layer=layer)
         total = sum(int(a.shape[0]) for a in factors)
         chosen = _choose_path(path, total, k, layer)
@@ -558,7 +671,7 @@ def aggregate(
         check_factors(factors, layer=layer)  # a NaN/Inf upload is reported first, as check order demands
         raise
     gf, thin = _eigen(factors, p, chosen, k, eig_rtol, layer)  # thin path: finiteness checked on M
-    return _finish(layer, gf, thin, previous, rank, variant, align, diagnostics, factors[0].dtype)
+    return _finish(layer, gf, thin, previous, rank, variant, align, diagnostics, factors[0].dtype, blocks)
 
 
 def aggregate_gram(
@@ -572,6 +685,7 @@ def aggregate_gram(
     diagnostics: bool = True,
     layer: str = "<layer>",
     out_dtype: torch.dtype = torch.float32,
+    blocks: Sequence[int] | None = None,
 ) -> AggregationResult:
     """Aggregate one layer from a given symmetric ``k x k`` matrix ``Q`` (the Gram path).
 
@@ -587,10 +701,11 @@ def aggregate_gram(
     if variant not in ("paper", "top-r"):
         raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
     _check_previous(previous, rank, int(q.shape[0]), layer)
+    _check_blocks(blocks, rank, layer)
     _check_eig_rtol(eig_rtol, layer)
     q = q.to(dtype=_F64)
     gf = _gram_path_eigen(0.5 * (q + q.T), eig_rtol)
-    return _finish(layer, gf, None, previous, rank, variant, align, diagnostics, out_dtype)
+    return _finish(layer, gf, None, previous, rank, variant, align, diagnostics, out_dtype, blocks)
 
 
 def aggregate_model(
@@ -604,8 +719,9 @@ def aggregate_model(
     path: Path = "auto",
     eig_rtol: float = DEFAULT_EIG_RTOL,
     diagnostics: bool = True,
+    blocks: Sequence[int] | None = None,
 ) -> dict[str, AggregationResult]:
-    """Aggregate every adapted layer of a model in one call.
+    """Aggregate every adapted layer of a model in one call (``blocks``: see :func:`aggregate`).
 
     ``uploads[layer]`` holds the clients' factors for that layer, in the same client order
     for every layer (``weights`` apply to clients). Layers on the thin path that share a
@@ -641,6 +757,7 @@ def aggregate_model(
             if r is None:
                 r = _default_rank(prev, factors, k, name)
             _check_previous(prev, int(r), k, name)
+            _check_blocks(blocks, int(r), name)
             meta[name] = (k, int(r), p)
             total = sum(int(a.shape[0]) for a in factors)
             chosen = _choose_path(path, total, k, name)
@@ -683,7 +800,7 @@ def aggregate_model(
             k, r, _ = meta[name]
             results[name] = aggregate(
                 uploads[name], weights, previous=previous.get(name), rank=r, variant=variant,
-                align=align, path="gram", eig_rtol=eig_rtol, diagnostics=diagnostics, layer=name,
+                align=align, path="gram", eig_rtol=eig_rtol, diagnostics=diagnostics, layer=name, blocks=blocks,
             )
             continue
         grams, lam_b, u_b = spectra[key]
@@ -693,6 +810,6 @@ def aggregate_model(
             thin.g = grams[i]
             results[name] = _finish(
                 name, gf, thin, previous.get(name), r, variant, align, diagnostics,
-                uploads[name][0].dtype,
+                uploads[name][0].dtype, blocks,
             )
     return {name: results[name] for name in uploads}
