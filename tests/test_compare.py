@@ -7,6 +7,7 @@ import pytest
 
 import florg.fl.simulation as simulation
 from florg.config import ConfigError, load_config
+from florg.methods.registry import compare_rows
 from florg.run.compare import (
     COMPARE_DEFAULTS,
     METHOD_ORDER,
@@ -40,14 +41,22 @@ def test_parse_methods():
 def test_runs_share_one_config_and_only_the_method_differs(tmp_path):
     base = compare_config(["train.rounds=3", "method.florg.procrustes=top-r"])
     specs = plan_runs(base, tmp_path, METHOD_ORDER, seeds=2)
-    assert [s.name for s in specs[:2]] == ["florg-seed0", "fedit-seed0"] and specs[-1].name == "florg-noalign-seed1"
+    assert [s.name for s in specs[:2]] == ["florg-seed0", "fedit-seed0"] and specs[-1].name == f"{METHOD_ORDER[-1]}-seed1"
+    rows = {row.label: row for row in compare_rows()}
     shared = []
     for s in specs:
         d = s.cfg.to_dict()
         assert d["out_dir"] == str(tmp_path / "runs") and d["name"] == s.name
-        meth = d["method"]
-        assert (meth.pop("name"), meth["florg"].pop("procrustes")) == {
-            "florg": ("florg", "top-r"), "florg-noalign": ("florg", "none")}.get(s.label, (s.label, "top-r"))
+        meth, row = d["method"], rows[s.label]
+        assert (meth.pop("name"), meth["florg"]["procrustes"]) == (
+            row.method, "none" if s.label == "florg-noalign" else "top-r")
+        assert all(meth[row.method][k] == v for k, v in row.options.items())  # the row's own options
+        assert all(meth[k] == v for k, v in row.shared.items())
+        for other in rows.values():  # everything no row sets is shared
+            for key in other.options:
+                meth[other.method].pop(key, None)
+            for key in other.shared:
+                meth.pop(key, None)
         for key in ("out_dir", "name", "seed"):
             d.pop(key)
         shared.append(json.dumps(d, sort_keys=True))

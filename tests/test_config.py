@@ -1,5 +1,6 @@
 """Run config: TOML + overrides, unknown keys, value checks, JSON round trip."""
 
+import math
 import re
 
 import pytest
@@ -46,10 +47,10 @@ def test_moved_method_options_say_where_they_went(old, new):
 
 def test_each_method_has_its_own_section_in_toml(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text('[method]\nname = "federa"\n[method.federa]\nmode = "init_only_fedavg"\n'
+    p.write_text('[method]\nname = "federa"\n[method.federa]\nmode = "product_svd"\n'
                  '[method.fedsa-lora]\npersonal_eval_examples = 7\n[method.florg]\ninit_scale = 0.03\n')
     cfg = load_config(p)
-    assert cfg.method.federa.mode == "init_only_fedavg" and cfg.method.options("fedsa-lora").personal_eval_examples == 7
+    assert cfg.method.federa.mode == "product_svd" and cfg.method.options("fedsa-lora").personal_eval_examples == 7
     assert cfg.method.florg.init_scale == 0.03 and cfg.method.florg.procrustes == "paper"
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # the resolved config reloads (hyphenated section names)
     assert "fedsa-lora" in cfg.to_dict()["method"]
@@ -123,7 +124,13 @@ def test_json_round_trip_and_keys_have_help():
 def test_round_lr_schedules():
     cfg = load_config(None, ["train.lr=0.01", "train.rounds=5", "train.lr_schedule=cosine", "train.lr_min=0.001"])
     lrs = [round_lr(cfg.train, r) for r in range(1, 6)]
-    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    # progress (t - 1) / R: the last round still trains above lr_min (lr_min is reached at round R + 1)
+    expected = [0.001 + 0.5 * 0.009 * (1 + math.cos(math.pi * (t - 1) / 5)) for t in range(1, 6)]
+    assert lrs == pytest.approx(expected) and lrs[-1] > 0.001 + 1e-4
+    zero_min = load_config(None, ["train.lr=0.01", "train.rounds=4", "train.lr_schedule=cosine", "train.lr_min=0"])
+    last = round_lr(zero_min.train, 4)
+    assert last == pytest.approx(0.01 * 0.5 * (1 + math.cos(0.75 * math.pi))) and last > 1e-3
+    assert round_lr(load_config(None, ["train.rounds=1", "train.lr_schedule=cosine"]).train, 1) == 5e-3
     const = load_config(None, ["train.lr=0.02"])
     assert {round_lr(const.train, r) for r in range(1, 9)} == {0.02}

@@ -16,6 +16,7 @@ FedIT's variable mix-up, FLoRA's stacking scale), and that the bytes of the real
 ``ArrayRecord`` payloads equal the communication formula plus a fixed per-array overhead.
 """
 
+import json
 import warnings
 
 import numpy as np
@@ -25,7 +26,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from florg.config import ConfigError, load_config
 from florg.fl.records import to_record
-from florg.methods import METHODS, get_method
+from florg.methods import METHODS, compare_rows, get_method
 from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval, wire_state
 from florg.methods.flora import stack_uploads
 from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
@@ -41,7 +42,12 @@ P = [n / sum(EXAMPLES) for n in EXAMPLES]
 ALPHA, RANK = 8.0, 4
 ALL = ["florg", "fedit", "federa", "ffa-lora", "fedsa-lora", "fedex-lora", "flora"]
 EXTRA = {"flora-hetero": ("flora", ["method.client_ranks=[1,2,4]"]),
-         "federa-fedavg": ("federa", ["method.federa.mode=init_only_fedavg"])}
+         "flora-dense": ("flora", ["method.flora.downlink=dense"]),
+         "flora-dense-hetero": ("flora", ["method.flora.downlink=dense", "method.client_ranks=[1,2,4]"]),
+         "federa-svd": ("federa", ["method.federa.mode=product_svd"]),
+         "florg-hetero": ("florg", ["method.client_ranks=[1,2,4]"]),
+         "florg-noalign": ("florg", ["method.florg.procrustes=none"])}
+ROWS = ALL + list(EXTRA)  # every method and every relabelled server rule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,24 +164,29 @@ def run_rounds(label, rounds=2, overrides=(), family="classification"):
     """Two federated rounds on one shared model; returns the last round's data."""
     cfg, method, model = setup(label, *overrides, family=family)
     state = method.initial_global(model)
+    method.load_global(model, state)
+    global_delta = deltas(model, family)
     local = {pid: {} for pid in range(3)}
     for rnd in range(1, rounds + 1):
-        uploads, client_deltas = [], []
+        uploads, client_deltas, received = [], [], []
         for pid in range(3):
             info = ClientInfo(partition_id=pid, server_round=rnd)
-            method.client_load(model, wire_state(state), info, local[pid])
+            down = method.client_downlink(wire_state(state), pid)
+            received.append(down)
+            method.client_load(model, down, info, local[pid])
             local_train(model, seed=100 * rnd + pid, family=family)
             client_deltas.append(deltas(model, family))
             up = method.client_upload(model, info, local[pid])
             assert method.check_upload(up, state, 1e4) == []
             uploads.append(up)
-        previous = state
+        previous, previous_delta = state, global_delta
         state, diag = method.aggregate(uploads, EXAMPLES, state)
         method.load_global(model, state)  # the server's view of the new global model
         global_delta = deltas(model, family)
     target = {n: sum(p * d[n] for p, d in zip(P, client_deltas)) for n in global_delta}
     return dict(cfg=cfg, method=method, model=model, state=state, previous=previous, uploads=uploads,
-                diag=diag, target=target, global_delta=global_delta, local=local)
+                diag=diag, target=target, global_delta=global_delta, previous_delta=previous_delta, local=local,
+                received=received)
 
 
 def rel(a, b):
@@ -187,16 +198,36 @@ def _measured_sent_error(r):
     return max(rel(r["global_delta"][n], r["target"][n]) for n in r["target"])
 
 
+def _measured_round_errors(r):
+    """Per layer ``||G - T|| / ||T - G_prev||``: the update sent against the exact mean update, dense."""
+    return [rel(r["global_delta"][n], r["target"][n]) * float(torch.linalg.matrix_norm(r["target"][n]))
+            / float(torch.linalg.matrix_norm(r["target"][n] - r["previous_delta"][n])) for n in r["target"]]
+
+
 def _assert_diagnostics_match(r):
     """The reported sent_rel_error_max is what the model actually shows."""
     assert r["diag"]["sent_rel_error_max"] == pytest.approx(_measured_sent_error(r), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("label", ROWS)
+def test_round_rel_error_of_every_method_against_a_dense_computation(label):
+    """Every method (FLoRG included) reports round_rel_error (max and mean over layers): the error of the
+    update actually sent relative to the round's exact mean update, here read off forward passes."""
+    r = run_rounds(label)
+    measured = _measured_round_errors(r)
+    assert r["diag"]["round_rel_error_max"] == pytest.approx(max(measured), rel=1e-4, abs=1e-6)
+    assert r["diag"]["round_rel_error_mean"] == pytest.approx(sum(measured) / len(measured), rel=1e-4, abs=1e-6)
+    _assert_diagnostics_match(r)
+    exact = label in ("ffa-lora", "fedex-lora", "flora", "flora-hetero", "flora-dense", "flora-dense-hetero")
+    assert (r["diag"]["round_rel_error_max"] < 1e-5) == exact, r["diag"]["round_rel_error_max"]
 
 
 # ----------------------------------------------------------------------------- exactness matrix
 
 
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))
-@pytest.mark.parametrize("label", ["ffa-lora", "fedex-lora", "flora", "flora-hetero"])
+@pytest.mark.parametrize("label", ["ffa-lora", "fedex-lora", "flora", "flora-hetero", "flora-dense",
+                                   "flora-dense-hetero"])
 def test_exact_methods_global_update_is_the_weighted_mean(label, family):
     r = run_rounds(label, family=family)
     for name in r["target"]:
@@ -204,10 +235,12 @@ def test_exact_methods_global_update_is_the_weighted_mean(label, family):
     assert r["diag"]["agg_rel_error_max"] < 1e-6 and r["diag"]["sent_rel_error_max"] < 1e-6
 
 
-def test_florg_gram_aggregate_is_exact_and_truncation_is_reported():
+@pytest.mark.parametrize("label", ["florg", "florg-hetero"])
+def test_florg_gram_aggregate_is_exact_and_truncation_is_reported(label):
+    """Q = sum p_n A_n^T A_n is exact, also with clients of ranks 1, 2 and 4 (r_n x k uploads)."""
     from florg.adapters import florg_layers
 
-    r = run_rounds("florg")
+    r = run_rounds(label)
     layers = florg_layers(r["model"])
     for name, target in r["target"].items():
         layer = layers[name]
@@ -247,7 +280,7 @@ def test_fedit_averages_every_client_not_only_the_first():
         assert not torch.allclose(new[key].double(), P[0] * uploads[0][key].double(), atol=1e-3)
 
 
-@pytest.mark.parametrize("label", ["federa", "federa-fedavg"])
+@pytest.mark.parametrize("label", ["federa", "federa-svd"])
 def test_federa(label):
     r = run_rounds(label)
     s = ALPHA / RANK
@@ -255,7 +288,7 @@ def test_federa(label):
         a0 = r["state"]["server/" + name + ".init_A"].double()
         b0 = r["state"]["server/" + name + ".init_B"].double()
         principal = s * b0 @ a0
-        if label == "federa":  # global update + P0 = best rank-r approximation of (target + P0)
+        if label == "federa-svd":  # global update + P0 = best rank-r approximation of (target + P0)
             u, sig, vh = torch.linalg.svd(target + principal)
             best = u[:, :RANK] @ torch.diag(sig[:RANK]) @ vh[:RANK]
             assert rel(r["global_delta"][name] + principal, best) < 1e-5, name
@@ -263,7 +296,7 @@ def test_federa(label):
             a = sum(p * u[name + ".lora_A.weight"].double() for p, u in zip(P, r["uploads"]))
             b = sum(p * u[name + ".lora_B.weight"].double() for p, u in zip(P, r["uploads"]))
             assert rel(r["global_delta"][name] + principal, s * b @ a) < 1e-5, name
-    if label == "federa":
+    if label == "federa-svd":
         assert r["diag"]["agg_rel_error_max"] < 1e-6  # the product aggregate itself is exact
         assert r["diag"]["sent_rel_error_max"] > 1e-3  # the rank-r tail is dropped
     _assert_diagnostics_match(r)
@@ -332,26 +365,47 @@ def test_every_method_trains_and_averages_the_qa_span_head(label):
 # ----------------------------------------------------------------------------- FedSA-LoRA
 
 
-def test_fedsa_global_model_and_personal_B_stay_per_client():
+def _head_params(model):
+    return {HEAD_PREFIX + n: p.detach().clone() for n, p in model.named_parameters() if "classifier" in n and p.requires_grad}
+
+
+def test_fedsa_global_model_and_personal_B_and_head_stay_per_client():
     r = run_rounds("fedsa-lora")
     method, model, s = r["method"], r["model"], ALPHA / RANK
-    for name in r["target"]:  # the named global model: W0 + s B_bar A_bar
+    for name in r["target"]:  # the constructed global model: W0 + s B_bar A_bar
         a = sum(p * u[name + ".lora_A.weight"].double() for p, u in zip(P, r["uploads"]))
         b = sum(p * u[EVAL_PREFIX + name + ".lora_B.weight"].double() for p, u in zip(P, r["uploads"]))
         assert rel(r["global_delta"][name], s * b @ a) < 1e-5
     _assert_diagnostics_match(r)
-    # Each client's next model is its OWN B with the global A, although all share one model object.
+    # The protocol carries A only, both ways: no B, no head (the reference keeps lora_B and the classifier local).
     down = wire_state(r["state"])
-    assert not any(k.startswith("server/") or ".lora_B." in k for k in down)
+    assert all(k.endswith(".lora_A.weight") for k in down)
+    assert all(k.endswith(".lora_A.weight") or k.startswith(EVAL_PREFIX) for k in r["uploads"][0])
+    assert not any(k.startswith(HEAD_PREFIX) for k in r["state"])  # the head is never aggregated by the protocol
+    # The constructed global head (server-only) is the example-weighted mean of the evaluation-only heads.
+    heads = {k[len("server/"):]: v for k, v in r["state"].items() if k.startswith("server/" + HEAD_PREFIX)}
+    assert heads and heads.keys() == _head_params(model).keys()
+    for key, value in heads.items():
+        mean = sum(p * u[EVAL_PREFIX + key].double() for p, u in zip(P, r["uploads"]))
+        assert torch.allclose(value.double(), mean, atol=1e-6)
+        assert torch.equal(_head_params(model)[key], value)  # the server's global model uses it
+    # Each client's next model is its OWN B and head with the global A, although all share one model object.
     for pid in (2, 0, 1):
         method.client_load(model, down, ClientInfo(pid, 3), r["local"][pid])
         for name, layer in lora_layers(model).items():
             assert torch.equal(layer.lora_B["default"].weight, r["local"][pid][name + ".lora_B.weight"])
             assert torch.equal(layer.lora_A["default"].weight, down[name + ".lora_A.weight"])
+        for key, value in _head_params(model).items():
+            assert torch.equal(value, r["local"][pid][key])
     assert not torch.equal(r["local"][0][name + ".lora_B.weight"], r["local"][1][name + ".lora_B.weight"])
+    head_key = next(iter(heads))
+    assert not torch.equal(r["local"][0][head_key], r["local"][1][head_key])  # personal heads differ
     fresh = {}
-    method.client_load(model, down, ClientInfo(7, 3), fresh)  # a client's first round starts from B = 0
+    method.client_load(model, down, ClientInfo(7, 3), fresh)  # a first round: B = 0 and the initial head
     assert all(float(layer.lora_B["default"].weight.detach().abs().max()) == 0.0 for layer in lora_layers(model).values())
+    _, _, same_seed = setup("fedsa-lora")  # every process builds the same initial head from the seed
+    assert all(torch.equal(v, _head_params(same_seed)[k]) for k, v in _head_params(model).items())
+    assert method.headline == "personal" and not method.shares_head
 
 
 def test_label_weighted_accuracy():
@@ -466,10 +520,11 @@ def _layer_dims(model):
     return {name: (m.out_features, m.in_features) for name, m in _target_modules(model).items()}
 
 
-def _formula(method, dims, r, rk=None):
+def _formula(method, dims, r, rk=None, round_ranks=None):
     """Numbers per client per round (up, down): the method's own declared formula, summed over layers."""
-    per = [method.wire_numel(m, n, r, rk) for m, n in dims.values()]
-    return sum(u for u, _ in per), sum(d for _, d in per)
+    per = [method.wire_numel(m, n, r, rk, round_ranks) for m, n in dims.values()]
+    extra_up, extra_down = method.wire_extra_numel()
+    return sum(u for u, _ in per) + extra_up, sum(d for _, d in per) + extra_down
 
 
 def test_declared_formulas_are_the_published_ones():
@@ -483,9 +538,18 @@ def test_declared_formulas_are_the_published_ones():
         "ffa-lora": (r * m, r * m),
         "fedsa-lora": (r * n, r * n),
         "fedex-lora": (r * (m + n), r * (m + n) + m * n),
-        "flora": (2 * (m + n), m * n),
+        "flora": (2 * (m + n), (m + n) * (2 + 4 + 8)),  # the stacked pair of ranks 2, 4, 8
     }
-    assert {name: cls.wire_numel(m, n, r, 2 if name == "flora" else None) for name, cls in METHODS.items()} == published
+    methods = {name: get_method(load_config(None, [f"method.name={name}"])) for name in METHODS}
+    assert {name: meth.wire_numel(m, n, r, 2 if name == "flora" else None, [2, 4, 8])
+            for name, meth in methods.items()} == published
+    dense = get_method(load_config(None, ["method.name=flora", "method.flora.downlink=dense"]))
+    assert dense.wire_numel(m, n, r, 2, [2, 4, 8]) == (2 * (m + n), m * n)
+    assert methods["flora"].wire_numel(m, n, r, 2, []) == (2 * (m + n), 0)  # round 1: nothing stacked yet
+    florg_hetero = get_method(load_config(None, ["method.name=florg", "method.client_ranks=[2,4,8]"]))
+    assert [florg_hetero.wire_numel(m, n, 8, rk) for rk in (2, 4, 8)] == [(rk * k, rk * k) for rk in (2, 4, 8)]
+    assert {name: meth.wire_extra_numel() for name, meth in methods.items()} == {
+        name: (0, 1 if name == "flora" else 0) for name in METHODS}  # FLoRA's stack/round counter
 
 
 def _payload_bytes(state):
@@ -497,38 +561,51 @@ def _payload_bytes(state):
     return rec.count_bytes(), overhead
 
 
+def _rank_of(method, pid):
+    return method.client_rank(pid) if hasattr(method, "client_rank") and method.cfg.method.client_ranks else None
+
+
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))
-@pytest.mark.parametrize("label", ALL + ["flora-hetero"])
+@pytest.mark.parametrize("label", ROWS)
 def test_communication_measured_equals_formula(label, family):
+    """Bytes of the real Flower payloads, every client, rounds 1 and 2, against the declared formula."""
     cfg, method, model = setup(label, family=family)
-    name = cfg.method.name
     dims = _layer_dims(model)
     n_layers = len(dims)
-    # head weight + bias (2 arrays: 3 classes, or the QA span head's start and end), both directions, every
-    # method; the causal LM has no head
+    # head weight + bias (2 arrays: 3 classes, or the QA span head's start and end), both directions, for every
+    # method that shares the head; the causal LM has no head
+    has_head = bool(FAMILY_MODELS[family][2])
     outputs = {"classification": 3, "extractive-qa": 2}.get(family, 0)
-    head_elems, head_arrays = (outputs * 32 + outputs, 2) if FAMILY_MODELS[family][2] else (0, 0)
+    head_numel = outputs * 32 + outputs if has_head else 0
+    head_elems, head_arrays = (head_numel, 2) if has_head and method.shares_head else (0, 0)
+    extra_arrays = tuple(int(x > 0) for x in method.wire_extra_numel())
     state = method.initial_global(model)
-    down = wire_state(state)
-    for pid in range(3):
-        rk = method.client_rank(pid) if name == "flora" else None
-        method.client_load(model, down, ClientInfo(pid, 1), {})
-        up_protocol, up_eval = split_eval(method.client_upload(model, ClientInfo(pid, 1), {}))
-        f_up, f_down = _formula(method, dims, RANK, rk)
-        up_bytes, up_over = _payload_bytes(up_protocol)
-        down_bytes, down_over = _payload_bytes(down)
-        assert up_bytes == 4 * (f_up + head_elems) + up_over
-        assert down_bytes == 4 * (f_down + head_elems) + down_over
-        # arrays per layer as the method declares them (so the overhead is fixed too), plus the head's
-        per_layer_up, per_layer_down = method.arrays_per_layer
-        assert len(up_protocol) == per_layer_up * n_layers + head_arrays
-        assert len(down) == per_layer_down * n_layers + head_arrays
-        if name == "fedsa-lora":  # evaluation-only B, counted apart from the protocol
-            assert sum(v.numel() for v in up_eval.values()) == sum(RANK * m for m, _ in dims.values())
-        else:
-            assert up_eval == {}
-    assert all(k.startswith(HEAD_PREFIX) for k in down if "classifier" in k or "qa_outputs" in k)
-    assert any(k.startswith(HEAD_PREFIX) for k in down) == bool(FAMILY_MODELS[family][2])
+    local = {pid: {} for pid in range(3)}
+    round_ranks = []  # ranks of the uploads the downlink carries (FLoRA's stacked pair): none in round 1
+    for rnd in (1, 2):
+        uploads = []
+        for pid in range(3):
+            rk = _rank_of(method, pid)
+            down = method.client_downlink(wire_state(state), pid)
+            method.client_load(model, down, ClientInfo(pid, rnd), local[pid])
+            up_protocol, up_eval = split_eval(method.client_upload(model, ClientInfo(pid, rnd), local[pid]))
+            uploads.append({**up_protocol, **up_eval})
+            f_up, f_down = _formula(method, dims, RANK, rk, round_ranks)
+            up_bytes, up_over = _payload_bytes(up_protocol)
+            down_bytes, down_over = _payload_bytes(down)
+            assert up_bytes == 4 * (f_up + head_elems) + up_over
+            assert down_bytes == 4 * (f_down + head_elems) + down_over
+            # arrays per layer as the method declares them (so the overhead is fixed too), plus the head's
+            per_layer_up, per_layer_down = method.arrays_per_layer
+            assert len(up_protocol) == per_layer_up * n_layers + head_arrays + extra_arrays[0]
+            assert len(down) == per_layer_down * n_layers + head_arrays + extra_arrays[1]
+            if cfg.method.name == "fedsa-lora":  # evaluation-only B and head, counted apart from the protocol
+                assert sum(v.numel() for v in up_eval.values()) == sum(RANK * m for m, _ in dims.values()) + head_numel
+            else:
+                assert up_eval == {}
+            assert any(k.startswith(HEAD_PREFIX) for k in down) == (has_head and method.shares_head)
+        round_ranks = [_rank_of(method, pid) or RANK for pid in range(3)]
+        state, _ = method.aggregate(uploads, EXAMPLES, state)
 
 
 @pytest.mark.parametrize("label", ALL + list(EXTRA))
@@ -552,11 +629,12 @@ def test_every_method_trains_a_headless_causal_lm(label):
 # ----------------------------------------------------------------------------- settings a method cannot honour
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n != "flora"])
-def test_heterogeneous_ranks_are_refused_except_by_flora(name):
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("flora", "florg")])
+def test_heterogeneous_ranks_are_refused_except_by_flora_and_florg(name):
     with pytest.raises(ConfigError, match="method.client_ranks"):
         get_method(load_config(None, [f"method.name={name}", "method.client_ranks=[2,4]"]))
     get_method(load_config(None, ["method.name=flora", "method.client_ranks=[2,4]"]))
+    get_method(load_config(None, ["method.name=florg", "method.client_ranks=[2,4]"]))
 
 
 @pytest.mark.parametrize("name", ["federa", "fedex-lora", "flora"])
@@ -573,5 +651,144 @@ def test_other_refusals():
         get_method(load_config(None, ["method.name=fedavg"]))
     with pytest.raises(ConfigError, match="method.federa.mode"):
         load_config(None, ["method.federa.mode=svd"])
+    with pytest.raises(ConfigError, match="'init_only_fedavg' was renamed 'fedavg'"):
+        load_config(None, ["method.federa.mode=init_only_fedavg"])
     with pytest.raises(ValueError, match="rank 40 is larger"):
         setup("fedit", "method.rank=40")
+    # FLoRA's stacked downlink needs every client every round, and a lossless wire
+    with pytest.raises(ConfigError, match=r"federation.fraction_train.*downlink='dense'"):
+        get_method(load_config(None, ["method.name=flora", "federation.fraction_train=0.5"]))
+    with pytest.raises(ConfigError, match=r"federation.wire_dtype.*downlink='dense'"):
+        get_method(load_config(None, ["method.name=flora", "federation.wire_dtype=bfloat16"]))
+    get_method(load_config(None, ["method.name=flora", "method.flora.downlink=dense", "federation.fraction_train=0.5"]))
+    with pytest.raises(ConfigError, match="method.client_ranks"):
+        get_method(load_config(None, ["method.name=florg", "method.client_ranks=[2,4]", "privacy.mode=local"]))
+
+
+def test_registry_rows_name_the_relabelled_baselines():
+    rows = {row.label: row for row in compare_rows()}
+    assert get_method(load_config(None, ["method.name=federa"])).options.mode == "fedavg"  # the published rule
+    assert (rows["federa"].display_name, rows["federa"].options) == ("FeDeRA", {})
+    assert (rows["federa-svd"].display_name, rows["federa-svd"].options) == ("FeDeRA init + FlexLoRA SVD",
+                                                                             {"mode": "product_svd"})
+    assert get_method(load_config(None, ["method.name=flora"])).options.downlink == "stacked"  # FLoRA's protocol
+    assert (rows["flora-dense"].display_name, rows["flora-dense"].options) == ("FLoRA (dense downlink)",
+                                                                               {"downlink": "dense"})
+    assert rows["florg-hetero"].shared == rows["flora-hetero"].shared == {"client_ranks": [2, 4, 8]}
+    assert get_method(load_config(None, ["method.name=fedsa-lora"])).headline == "personal"
+    assert {get_method(load_config(None, [f"method.name={n}"])).headline for n in ALL if n != "fedsa-lora"} == {"global"}
+
+
+# ----------------------------------------------------------------------------- FLoRA's stacked downlink
+
+
+def test_flora_stacked_clients_rebuild_the_servers_correction():
+    r = run_rounds("flora-hetero")
+    prev, state = r["previous"], r["state"]
+    assert int(state["stack/round"][0]) == 2 and int(prev["stack/round"][0]) == 1
+    down = r["received"][0]  # round 2's downlink: round 1's stacked pair, ranks 1 + 2 + 4
+    names = [k[: -len(".stack_A")] for k in down if k.endswith(".stack_A")]
+    assert names and not any(k.endswith(".w0_delta") or k.startswith("server/") for k in down)
+    for name in names:
+        assert down[name + ".stack_A"].shape[0] == down[name + ".stack_B"].shape[1] == 7
+        for pid in range(3):  # every client merged pair 1 into its own C: the server's C after round 1
+            assert torch.equal(r["local"][pid][w0_key(name)], prev["server/" + w0_key(name)])
+        c_new = state["server/" + w0_key(name)].double()
+        merged = prev["server/" + w0_key(name)].double() + state[name + ".stack_B"].double() @ state[name + ".stack_A"].double()
+        assert torch.allclose(c_new, merged, atol=1e-6)  # C <- C + B_stack A_stack, with the pair it sends
+    assert all(int(r["local"][pid]["flora/merged"][0]) == 1 for pid in range(3))
+
+
+def test_flora_stacked_run_refuses_to_resume(tmp_path):
+    """``florg run --resume`` restores the server, not the clients' W0 corrections: refused, run marked failed."""
+    from types import SimpleNamespace
+
+    from florg.fl.server_app import _resume
+    from florg.run.checkpoint import save_checkpoint
+    from florg.run.rundir import RunDir
+
+    for downlink, refused in (("stacked", True), ("dense", False)):
+        cfg, method, model = setup("flora", f"method.flora.downlink={downlink}", f"out_dir={tmp_path}",
+                                   f"name={downlink}")
+        run_dir = RunDir.create(cfg)
+        state = method.initial_global(model)
+        save_checkpoint(run_dir.path, {"round": 1, "state": state, "cumulative": {"bytes_up": 0, "bytes_down": 0},
+                                       "node_partition": {}, "config": cfg.to_dict(), "privacy": None})
+        exp = SimpleNamespace(method=method, initial_state=state)
+        if refused:
+            with pytest.raises(ConfigError, match=r"--resume.*downlink='dense'"):
+                _resume(run_dir, exp, True)
+            assert json.loads((run_dir.path / "status.json").read_text())["status"] == "failed"
+        else:
+            assert _resume(run_dir, exp, True).done == 1
+
+
+def test_flora_stacked_client_merges_each_pair_once_and_refuses_a_gap():
+    r = run_rounds("flora")
+    method, model = r["method"], r["model"]
+    down = method.client_downlink(wire_state(r["state"]), 0)  # pair 2
+    local = {k: v.clone() for k, v in r["local"][0].items()}  # has merged pair 1
+    method.client_load(model, down, ClientInfo(0, 3), local)
+    once = {k: v.clone() for k, v in local.items()}
+    method.client_load(model, down, ClientInfo(0, 4), local)  # the same pair again (e.g. after a failed round)
+    assert all(torch.equal(once[k], local[k]) for k in once) and int(local["flora/merged"][0]) == 2
+    for name, layer in lora_layers(model).items():  # W0 = W0_pretrained + the server's C
+        assert torch.allclose(method.base_delta(layer), r["state"]["server/" + w0_key(name)], atol=1e-6)
+    with pytest.raises(ValueError, match="missed a round's downlink.*downlink='dense'"):
+        method.client_load(model, down, ClientInfo(5, 3), {})  # a client that never saw pair 1
+
+
+# ----------------------------------------------------------------------------- optimizer state across rounds
+
+
+@pytest.mark.parametrize("label", ROWS)
+def test_optimizer_state_carried_across_rounds_works_or_is_refused(label):
+    """``train.reset_optimizer = false``: each client's AdamW state goes into its own state and comes back
+    next round (as the ClientApp does); FLoRA, whose LoRA is fresh every round, refuses it."""
+    from florg.fl.client_app import _load_optimizer, _save_optimizer
+    from florg.fl.records import from_record
+    from florg.train import make_optimizer
+
+    name, extra = EXTRA.get(label, (label, []))
+    if name == "flora":
+        with pytest.raises(ConfigError, match="train.reset_optimizer"):
+            get_method(load_config(None, [f"method.name={name}", *extra, "train.reset_optimizer=false"]))
+        return
+    cfg, method, model = setup(label, "train.reset_optimizer=false")
+    state = method.initial_global(model)
+    local, saved = {pid: {} for pid in range(3)}, {}
+    for rnd in (1, 2):
+        uploads = []
+        for pid in range(3):
+            info = ClientInfo(pid, rnd)
+            method.client_load(model, method.client_downlink(wire_state(state), pid), info, local[pid])
+            opt = make_optimizer(model.parameters(), cfg.train, 0.05)
+            if pid in saved:
+                _load_optimizer(opt, saved[pid], 0.05)
+            gen = torch.Generator().manual_seed(10 * rnd + pid)
+            model.train()
+            for _ in range(3):
+                batch = {"input_ids": torch.randint(1, 97, (8, 10), generator=gen),
+                         "labels": torch.randint(0, 3, (8,), generator=gen)}
+                opt.zero_grad()
+                model(**batch).loss.backward()
+                opt.step()
+            model.eval()
+            saved[pid] = _save_optimizer(opt)
+            up = method.client_upload(model, info, local[pid])
+            assert method.check_upload(up, state, 1e4) == []
+            uploads.append(up)
+        state, diag = method.aggregate(uploads, EXAMPLES, state)
+        assert all(np.isfinite(v) for v in diag.values())
+    for pid in range(3):  # the moments were carried: AdamW counted the steps of both rounds
+        steps = {float(v) for k, v in from_record(saved[pid]).items() if k.endswith(".step")}
+        assert steps == {6.0}, steps
+
+
+def test_florg_align_initial_marker_is_server_only():
+    _, method, model = setup("florg", "method.florg.align_initial=false")
+    state = method.initial_global(model)
+    assert "server/florg.initial" in state and "server/florg.initial" not in wire_state(state)
+    method.load_global(model, state)  # the server's own evaluation model ignores it
+    _, default, model2 = setup("florg")
+    assert not any(k.startswith("server/") for k in default.initial_global(model2))  # unchanged by default

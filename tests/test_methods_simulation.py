@@ -1,10 +1,11 @@
-"""Two baselines through the real Flower simulation (3 clients, 2 rounds each).
+"""Methods with client state or per-client payloads through the real Flower simulation (3 clients, 2 rounds).
 
-FedSA-LoRA exercises the client's persistent state (its own B in ``Context.state``), the
+FedSA-LoRA exercises the client's persistent state (its own B and head in ``Context.state``), the
 client-side personalised evaluation and the evaluation-only uplink; FLoRA with heterogeneous
-ranks exercises stateless clients rebuilding W0 from the message (dense downlink) and exact
-stacking. The byte counts in ``metrics.jsonl`` are checked against the payloads the method builds
-in this process (the matrix test ties those to the formulas). FedSA-LoRA also runs on the
+ranks exercises its stacked downlink (each client merging every pair into its own W0 correction,
+kept in ``Context.state``) and exact stacking; FLoRG with heterogeneous ranks exercises per-client
+downlinks (each client receives its own r_n rows). The byte counts in ``metrics.jsonl`` are
+checked against the payloads the method builds in this process and against the formulas. FedSA-LoRA also runs on the
 extractive-QA family (WordNet QA, a tiny BERT encoder with a fresh span head): its personalised
 evaluation scores each client's own model by F1 weighted with the client's label shares.
 """
@@ -51,6 +52,11 @@ def flora(tmp_path_factory, tiny_overrides):
     return _run(tiny_overrides, tmp_path_factory.mktemp("flora"), "flora", ["method.name=flora", "method.client_ranks=[2,4,8]"])
 
 
+@pytest.fixture(scope="module")
+def florg_hetero(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("florg"), "florg", ["method.name=florg", "method.client_ranks=[2,4,8]"])
+
+
 def test_fedsa_lora_personalised_and_global(fedsa):
     cfg, run_dir, summary = fedsa
     assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
@@ -66,7 +72,9 @@ def test_fedsa_lora_personalised_and_global(fedsa):
         assert 0.0 <= r["personal_accuracy_min"] <= r["personal_accuracy"] <= r["personal_accuracy_max"] <= 1.0
         assert r["bytes_up"] == 3 * up and r["bytes_up_eval"] == 3 * up_eval  # A only; B apart
         assert r["bytes_down"] == 3 * down and r["bytes_down_eval"] == 3 * down
-        assert 0.0 < r["sent_rel_error_max"] < 1.0  # the named global model is not exact
+        assert r["bytes_down_head"] == 0 and r["bytes_up_head"] == 0  # every client keeps its own head
+        assert 0.0 < r["sent_rel_error_max"] < 1.0  # the constructed global model is not exact
+        assert "test_accuracy" in r and r["round_rel_error_max"] > 0
     assert summary["personal_accuracy_after"] == rows[-1]["personal_accuracy"]
     assert not any(".lora_B." in k for k in wire_state(exp.initial_state))
     assert (run_dir.path / "adapter" / "adapter_config.json").is_file()
@@ -79,7 +87,8 @@ def test_fedsa_lora_personalised_evaluation_on_extractive_qa(fedsa_qa):
     assert [r["round"] for r in rows] == [0, 1, 2] and "personal_f1" not in rows[0]
     exp = get_experiment(cfg)
     protocol, eval_only = split_eval(exp.method.upload(exp.model))
-    assert any("qa_outputs" in k for k in protocol)  # the span head goes up with the protocol's A
+    # the span head stays with the client (it goes up for evaluation only, like B)
+    assert not any("qa_outputs" in k for k in protocol) and any("qa_outputs" in k for k in eval_only)
     up, up_eval = to_record(protocol).count_bytes(), to_record(eval_only).count_bytes()
     for r in rows:
         assert 0.0 <= r["test_exact_match"] <= r["test_f1"] <= 1.0 and "test_accuracy" not in r
@@ -101,20 +110,28 @@ def test_fedsa_lora_personalised_evaluation_on_extractive_qa(fedsa_qa):
     assert sum(res["label_total"].values()) == 40 and sum(res["label_f1"].values()) == pytest.approx(40 * res["f1"])
 
 
-def test_flora_heterogeneous_ranks_stateless_clients(flora):
+def _overhead(state):
+    return sum(128 + len(k) for k in state)
+
+
+def test_flora_heterogeneous_ranks_stacked_downlink(flora):
     cfg, run_dir, summary = flora
     assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
     rows = run_dir.read_metrics()
     exp = get_experiment(cfg)
-    down = to_record(wire_state(exp.initial_state)).count_bytes()  # the dense W0 correction (+ head)
+    wire = wire_state(exp.initial_state)  # round 1: empty stacked pairs, the counter and the head
     up = 0
     for pid in range(3):
-        exp.method.client_load(exp.model, wire_state(exp.initial_state), ClientInfo(pid, 1), {})
+        exp.method.client_load(exp.model, wire, ClientInfo(pid, 1), {})
         up += to_record(exp.method.upload(exp.model)).count_bytes()
-    for r in rows[1:]:
+    dims = [(v.shape[0], v.shape[1]) for k, v in exp.initial_state.items() if k.endswith(".w0_delta")]
+    head = sum(v.numel() for k, v in wire.items() if k.startswith("head/"))
+    for r, ranks in zip(rows[1:], ([], [2, 4, 8])):  # round 2 carries round 1's pair: sum r_j = 14
+        pair = sum(exp.method.wire_numel(m, n, 4, None, ranks)[1] for m, n in dims)
         assert r["participants"] == 3 and r["stacked_rank"] == 2 + 4 + 8
         assert r["agg_rel_error_max"] < 1e-6 and r["sent_rel_error_max"] < 1e-6  # exact
-        assert r["bytes_down"] == 3 * down and r["bytes_up"] == up
+        assert r["round_rel_error_max"] < 1e-5
+        assert r["bytes_down"] == 3 * (4 * (pair + 1 + head) + _overhead(wire)) and r["bytes_up"] == up
     from safetensors.torch import load_file
 
     deltas = load_file(str(run_dir.path / "base_delta.safetensors"))
@@ -157,3 +174,22 @@ def test_fedsa_lora_instruction_tuning_reports_loss_everywhere(fedsa_instruct):
     assert len(gens) == 3 and all({"before", "after", "reference", "prompt"} <= set(g) for g in gens)
     assert (run_dir.path / "plots" / "loss_vs_round.png").is_file()
     assert (run_dir.path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_florg_heterogeneous_ranks_per_client_downlinks(florg_hetero):
+    cfg, run_dir, summary = florg_hetero
+    assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
+    rows = run_dir.read_metrics()
+    exp = get_experiment(cfg)
+    wire = wire_state(exp.initial_state)
+    assert all(v.shape[0] == 8 for k, v in wire.items() if k.startswith("A/"))  # the global factor: r_max rows
+    downs = [exp.method.client_downlink(wire, pid) for pid in range(3)]
+    for pid, down in enumerate(downs):  # client pid has rank (2, 4, 8)[pid]: it receives that many rows
+        assert {tuple(v.shape) for k, v in down.items() if k.startswith("A/")} == {((2, 4, 8)[pid], 384)}
+    expected_down = sum(to_record(d).count_bytes() for d in downs)
+    for r in rows[1:]:
+        assert r["participants"] == 3 and r["rank_q_mean"] == 2 + 4 + 8  # Q from r_n x k uploads, all kept
+        assert r["agg_rel_error_max"] < 1e-6  # exact Gram aggregate with mixed ranks
+        assert r["bytes_down"] == expected_down and r["bytes_up"] == expected_down  # r_n k each way, + head
+        assert 0 < r["round_rel_error_max"] < 1 and abs(r["delta_proc_mean"]) < 1e-6
+    assert rows[-1]["test_accuracy"] >= 0.0

@@ -1,5 +1,7 @@
 """Strategy logic without a Flower runtime: the FLoRG method's server rule and client sampling."""
 
+import math
+
 import pytest
 import torch
 from flwr.app import ConfigRecord
@@ -52,7 +54,31 @@ def test_uniform_weighting_and_no_alignment():
     ref = aggregate_model({"A/l0": [u["A/l0"] for u in ups]}, None, previous={"A/l0": current["A/l0"]}, rank=4,
                           align=False)
     assert torch.equal(new["A/l0"], ref["A/l0"].factor)
-    assert abs(metrics["delta_proc_mean"]) < 1e-12  # no alignment => no alignment gain
+    assert abs(metrics["align_gain_mean"]) < 1e-12  # no alignment => no alignment gain
+    assert metrics["delta_proc_mean"] > 0  # ... and the sent factor is not the best rotation (the paper's Delta_proc)
+
+
+def test_align_initial_false_skips_only_the_alignment_to_the_random_a0():
+    from florg.methods.florg import INITIAL_KEY
+
+    ups, a0 = _uploads(seed=2)
+    layers = {k: [u[k] for u in ups] for k in ("A/l0", "A/l1")}
+    ones = [1.0] * len(ups)
+    for variant in ("paper", "top-r"):
+        method = FLoRGMethod(load_config(None, ["method.florg.align_initial=false", f"method.florg.procrustes={variant}",
+                                                "method.weighting=uniform"]))
+        first, _ = method.aggregate(ups, [1] * 4, {**a0, INITIAL_KEY: torch.ones(1)})  # the initial state
+        unaligned = aggregate_model(layers, ones, rank=4, variant=variant)  # no reference: raw top eigen-factor
+        assert all(torch.equal(first[k], unaligned[k].factor) for k in layers) and INITIAL_KEY not in first
+        second, _ = method.aggregate(ups, [1] * 4, first)  # from round 2 on: aligned to the last global A
+        aligned = aggregate_model(layers, ones, previous={k: first[k] for k in layers}, rank=4, variant=variant)
+        assert all(torch.equal(second[k], aligned[k].factor) for k in layers)
+        # the default (today's behaviour): round 1 aligns to A0, marker or not
+        default = FLoRGMethod(load_config(None, [f"method.florg.procrustes={variant}", "method.weighting=uniform"]))
+        to_a0 = aggregate_model(layers, ones, previous={k: a0[k] for k in layers}, rank=4, variant=variant)
+        got, _ = default.aggregate(ups, [1] * 4, a0)
+        assert all(torch.equal(got[k], to_a0[k].factor) for k in layers)
+        assert not torch.equal(to_a0["A/l0"].factor, unaligned["A/l0"].factor)
 
 
 def test_records_round_trip_is_bit_exact():
@@ -111,7 +137,7 @@ def test_florg_strategy_is_a_fedavg_drop_in_with_its_options():
     m = s.config.method
     assert (m.name, m.rank, m.alpha, m.florg.procrustes, m.weighting) == ("florg", 2, 8.0, "top-r", "uniform")
     assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (0.5, 3, 4)
-    assert s.lr_fn(1) == pytest.approx(1e-2) and s.lr_fn(5) == pytest.approx(1e-3)
+    assert s.lr_fn(1) == pytest.approx(1e-2) and s.lr_fn(5) == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(0.8 * math.pi)))
     assert s.method.name == "florg"
     with pytest.raises(ValueError, match="method.florg.procrustes"):
         FLoRG(procrustes="sideways")

@@ -55,13 +55,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _f("wordnet", "Task. Classification: 'wordnet' (embedded), glue/rte, glue/mrpc, glue/qnli, glue/mnli, "
-                              "glue/wnli, glue/sst2, local:<path>. Instruction tuning (causal LM): 'wordnet-define' "
-                              "(embedded), instruct:<path> (Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>. "
-                              "Extractive QA: 'wordnet-qa' (embedded), 'squad' (SQuAD v1.1 from data.data_dir, else the Hub), "
-                              "squad:<path> (a SQuAD v1.1 JSON file or folder).")
-    data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-define / wordnet-qa, GLUE files / a "
-                           "save_to_disk folder, or a SQuAD v1.1 folder).")
+    task: str = _f("wordnet", "Task. Classification: 'wordnet' (embedded, 4 classes), 'wordnet-nouns' (embedded, 12 "
+                              "balanced classes), glue/rte, glue/mrpc, glue/qnli, glue/mnli, glue/wnli, glue/sst2, "
+                              "local:<path>. Instruction tuning (causal LM): 'wordnet-define' (embedded), instruct:<path> "
+                              "(Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>. Extractive QA: 'wordnet-qa' "
+                              "(embedded), 'squad' (SQuAD v1.1 from data.data_dir, else the Hub), squad:<path> (a SQuAD "
+                              "v1.1 JSON file or folder).")
+    data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-nouns / wordnet-define / "
+                           "wordnet-qa, GLUE files / a save_to_disk folder, or a SQuAD v1.1 folder).")
     num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).")
     partition: str = _f("dirichlet", "Partitioning: dirichlet, iid or pathological.",
                         choices=("dirichlet", "iid", "pathological"))
@@ -381,7 +382,9 @@ def validate(cfg: RunConfig) -> None:
         choices = f.metadata.get("choices")
         if choices is not None:
             val = getattr(obj, attr)
-            need(val in choices, key, f"{val!r} is not one of {', '.join(map(repr, choices))}")
+            renamed = f.metadata.get("renamed", {}).get(val)  # an old name of a choice
+            need(val in choices, key, f"{val!r} is not one of {', '.join(map(repr, choices))}"
+                 + (f" ({val!r} was renamed {renamed!r})" if renamed else ""))
     need(cfg.method.rank >= 1, "method.rank", f"must be >= 1, got {cfg.method.rank}")
     need(cfg.method.alpha > 0, "method.alpha", f"must be > 0, got {cfg.method.alpha}")
     need(0.0 <= cfg.method.dropout < 1.0, "method.dropout", "must be in [0, 1)")

@@ -181,10 +181,15 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
 
 # --------------------------------------------------------------------------------------- optimisation
 def round_lr(train: TrainConfig, server_round: int) -> float:
-    """Learning rate for ``server_round`` (1-based): constant, or cosine from ``lr`` to ``lr_min``."""
-    if train.lr_schedule == "constant" or train.rounds <= 1:
+    """Learning rate for ``server_round`` (1-based): constant, or cosine from ``lr`` towards ``lr_min``.
+
+    Cosine: ``lr_min + (lr - lr_min) (1 + cos(pi (t - 1) / R)) / 2`` for round ``t`` of ``R``: round 1
+    trains at ``lr`` and every round, the last included, at more than ``lr_min`` (the schedule
+    would reach ``lr_min`` only at round ``R + 1``), so no round is wasted at ``lr_min = 0``.
+    """
+    if train.lr_schedule == "constant":
         return train.lr
-    progress = (server_round - 1) / (train.rounds - 1)
+    progress = (server_round - 1) / train.rounds
     return train.lr_min + 0.5 * (train.lr - train.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 

@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.config import RunConfig, load_config
+from florg.config import ConfigError, RunConfig, load_config
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
@@ -106,6 +106,10 @@ def _resume(run_dir: RunDir, exp: Experiment, resume: bool) -> _Progress:
             run_dir.rewrite_metrics([])
             run_dir.set_status("running")
         return _Progress(0, initial, [], {"bytes_up": 0, "bytes_down": 0})
+    if (problem := exp.method.resume_problem) is not None:
+        error = ConfigError(f"--resume: method '{exp.method.name}' cannot continue this run: {problem}")
+        run_dir.set_status("failed", error=str(error))
+        raise error
     done = int(ckpt["round"])
     restore_rng(ckpt)
     rows = [r for r in run_dir.read_metrics() if r["round"] <= done]

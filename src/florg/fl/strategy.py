@@ -208,21 +208,38 @@ class AdapterStrategy(FedAvg):
         config["server-round"] = server_round
         config["lr"] = lr
         config[CONFIG_KEY] = self.run_config_json
-        wire = self._downlink(arrays)
-        content = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
+        sends = self._downlinks(arrays, grid, node_ids)
         self.round_log.update(
             server_round,
             lr=lr,
-            sampled=len(node_ids),
-            bytes_down=wire.count_bytes() * len(node_ids),
-            bytes_down_head=_head_bytes(wire) * len(node_ids),
+            sampled=len(sends),
+            bytes_down=sum(w.count_bytes() for _, w in sends),
+            bytes_down_head=sum(_head_bytes(w) for _, w in sends),
         )
-        log(INFO, "configure_train: round %d, %d clients, lr %.3g", server_round, len(node_ids), lr)
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+        log(INFO, "configure_train: round %d, %d clients, lr %.3g", server_round, len(sends), lr)
+        return [Message(content=RecordDict({self.arrayrecord_key: w, self.configrecord_key: config}),
+                        message_type=MessageType.TRAIN, dst_node_id=n) for n, w in sends]
 
     def _downlink(self, arrays: ArrayRecord) -> ArrayRecord:
         """What is sent down: the global state in the wire dtype, without its server-only (``server/``) arrays."""
         return to_record(from_record(_wire(arrays)), self.wire_dtype)
+
+    def _downlinks(self, arrays: ArrayRecord, grid: Grid, node_ids: list[int]) -> list[tuple[int, ArrayRecord]]:
+        """``(node, downlink)`` pairs: the same record for every node, or each client's own part when the
+        method sends clients different downlinks (:meth:`FederatedMethod.client_downlink`); a node
+        whose partition id is unknown then gets nothing this round (logged)."""
+        if not self.method.per_client_downlink:
+            wire = self._downlink(arrays)
+            return [(n, wire) for n in node_ids]
+        state = from_record(_wire(arrays))
+        pids = self._partition_ids(grid, node_ids)
+        sends = []
+        for n in node_ids:
+            if n not in self._node_partition:
+                log(WARNING, "node %d did not report its partition id; it gets no message this round", n)
+                continue
+            sends.append((n, to_record(self.method.client_downlink(state, pids[n]), self.wire_dtype)))
+        return sends
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(
@@ -337,10 +354,10 @@ class AdapterStrategy(FedAvg):
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config[CONFIG_KEY] = self.run_config_json
-        wire = self._downlink(arrays)
-        self.round_log.update(server_round, bytes_down_eval=wire.count_bytes() * len(node_ids))
-        content = RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config})
-        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
+        sends = self._downlinks(arrays, grid, node_ids)
+        self.round_log.update(server_round, bytes_down_eval=sum(w.count_bytes() for _, w in sends))
+        return [Message(content=RecordDict({self.arrayrecord_key: w, self.configrecord_key: config}),
+                        message_type=MessageType.EVALUATE, dst_node_id=n) for n, w in sends]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' own scores -> ``personal_<metric>`` in the round row

@@ -4,7 +4,8 @@ A method turns a plain transformers model into the client model (``build``), say
 global state is (``initial_global``), how a client applies it (``load_global``), what a client
 uploads (``upload``) and how the server combines uploads (``aggregate``). Tensors travel as flat
 ``{key: tensor}`` dicts; keys under ``head/`` are the classification head, which every method
-trains and FedAvgs the same way (weighted mean), and which is counted separately on the wire.
+trains and, unless it keeps the head local (``shares_head = False``), FedAvgs the same way
+(weighted mean); it is counted separately on the wire.
 
 Two more key prefixes have a fixed meaning for the Flower glue:
 
@@ -206,6 +207,12 @@ class FederatedMethod(ABC):
     variants: ClassVar[dict[str, Variant]] = {}
     #: arrays per adapted layer on the wire (uplink, downlink), besides the head's
     arrays_per_layer: ClassVar[tuple[int, int]] = (2, 2)
+    #: whether the classification head travels through the protocol (FedAvg of ``head/`` keys);
+    #: False: every client keeps its own head (FedSA-LoRA), which then never crosses the wire
+    shares_head: ClassVar[bool] = True
+    #: the method's own accuracy: ``"global"`` (``test_<metric>``, the global model on the test split)
+    #: or ``"personal"`` (``personal_accuracy``, the clients' own models; needs ``client_evaluation``)
+    headline: ClassVar[str] = "global"
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -216,15 +223,37 @@ class FederatedMethod(ABC):
         """This method's own options (``cfg.method.<name>``; None if it declares none)."""
         return self.cfg.method.options(self.name)
 
-    @classmethod
-    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+    def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
+                   round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         """Numbers sent per adapted ``d_out x d_in`` layer, per client and round: ``(uplink, downlink)``.
 
         The protocol's own formula (baselines.md section 3, method.md section 5.2), without the head
-        (which every method sends both ways) and without Flower's fixed per-array overhead.
-        ``client_rank`` is the uploading client's rank where ranks differ (``method.client_ranks``).
+        (which methods that share it send both ways) and without Flower's fixed per-array overhead.
+        ``client_rank`` is this client's rank where ranks differ (``method.client_ranks``);
+        ``round_ranks`` the ranks of the uploads that this round's downlink carries, for a downlink
+        that depends on them (FLoRA's stacked pair: the previous round's participants; empty in
+        round 1).
         """
-        raise TypeError(f"method {cls.__name__} declares no byte formula (wire_numel)")
+        raise TypeError(f"method {type(self).__name__} declares no byte formula (wire_numel)")
+
+    def wire_extra_numel(self) -> tuple[int, int]:
+        """Numbers per message ``(uplink, downlink)`` besides the adapted layers and the head (default none)."""
+        return 0, 0
+
+    @property
+    def resume_problem(self) -> str | None:
+        """Why a run of this method cannot resume from a checkpoint (None: it can). ``florg run --resume``
+        restores the server's state, not the clients' ``Context.state``."""
+        return None
+
+    @property
+    def per_client_downlink(self) -> bool:
+        """Whether clients receive different downlinks (:meth:`client_downlink`; e.g. FLoRG with mixed ranks)."""
+        return False
+
+    def client_downlink(self, wire: Tensors, partition_id: int) -> Tensors:
+        """What client ``partition_id`` receives of the downlink ``wire`` (default: all of it)."""
+        return wire
 
     def check_config(self, cfg: RunConfig) -> None:
         """Raise :class:`florg.config.ConfigError` for settings this method cannot honour.

@@ -1,4 +1,4 @@
-"""FeDeRA (Yan et al., 2024) as the FLoRG paper uses it: SVD-of-W0 init, product aggregation, rank-r re-split.
+"""FeDeRA (Yan et al., 2024): SVD-of-W0 initialisation, then FedAvg of ``A`` and ``B``.
 
 Client shape: PEFT LoRA initialised with PEFT's ``init_lora_weights="pissa"``: the top-r SVD
 ``W0 = U S V^T`` gives ``B0 = U_r (S_r/s)^(1/2)`` and ``A0 = (S_r/s)^(1/2) V_r^T``, and the
@@ -11,15 +11,18 @@ Upload and download: ``A`` (``r x d_in``) and ``B`` (``d_out x r``) per adapted 
 
 Server rule (``method.federa.mode``):
 
-* ``"product_svd"`` (default; FLoRG's "aggregate the product, then decompose" reading): form
-  ``P = sum_n p_n s B_n A_n`` exactly as ``X Y`` with ``X = [B_1, ..., B_N]`` and
-  ``Y = [s p_1 A_1; ...; s p_N A_N]``, take its SVD (:func:`florg.methods.lora_common.product_svd`:
-  thin QRs of the stacked factors and an SVD of the ``Nr x Nr`` core when ``Nr < min(d_out, d_in)``,
-  otherwise a dense SVD) and re-split the top r: ``B = U_r (S_r/s)^(1/2)``,
-  ``A = (S_r/s)^(1/2) V_r^T``. Exact only when ``rank(P) <= r``; the tail is dropped
-  (``sent_rel_error``). Singular vectors keep the SVD's own signs and rotations, with no
-  alignment between rounds: this is the decomposition drift FLoRG's Procrustes step removes.
-* ``"init_only_fedavg"`` (the FeDeRA paper's own rule): FedAvg of ``A`` and of ``B``, as FedIT.
+* ``"fedavg"`` (default; the FeDeRA paper's own rule): ``A = sum_n p_n A_n``, ``B = sum_n p_n B_n``,
+  as FedIT. Not exact.
+* ``"product_svd"`` (the compare row ``federa-svd``, "FeDeRA init + FlexLoRA SVD": FlexLoRA's
+  server rule on this initialisation, the "aggregate the product, then decompose" reading of the
+  FLoRG paper): form ``P = sum_n p_n s B_n A_n`` exactly as ``X Y`` with ``X = [B_1, ..., B_N]``
+  and ``Y = [s p_1 A_1; ...; s p_N A_N]``, take its SVD
+  (:func:`florg.methods.lora_common.product_svd`: thin QRs of the stacked factors and an SVD of
+  the ``Nr x Nr`` core when ``Nr < min(d_out, d_in)``, otherwise a dense SVD) and re-split the
+  top r: ``B = U_r (S_r/s)^(1/2)``, ``A = (S_r/s)^(1/2) V_r^T``. Exact only when
+  ``rank(P) <= r``; the tail is dropped (``sent_rel_error``). Singular vectors keep the SVD's own
+  signs and rotations, with no alignment between rounds: this is the decomposition drift FLoRG's
+  Procrustes step removes.
 
 The server keeps the init factors under ``server/`` keys (never sent) to report the errors of the
 update relative to the pretrained weight, ``s B A - s B0 A0``.
@@ -27,6 +30,7 @@ update relative to the pretrained weight, ``s B A - s B0 A0``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,20 +38,24 @@ from torch import nn
 
 from florg.config import option
 
-from .base import SERVER_PREFIX, Tensors
+from .base import SERVER_PREFIX, Tensors, Variant
 from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors, product_svd
 
 INIT_A = ".init_A"
 INIT_B = ".init_B"
 
 
+#: the modes' names before the published rule became the default
+_RENAMED = {"init_only_fedavg": "fedavg"}
+
+
 @dataclass
 class FeDeRAOptions:
     """``method.federa.*``."""
 
-    mode: str = option("product_svd", "FeDeRA server rule: 'product_svd' (aggregate sum p_n s B_n A_n exactly, re-split "
-                                      "by a rank-r SVD) or 'init_only_fedavg' (FedAvg of A and B).",
-                       choices=("product_svd", "init_only_fedavg"))
+    mode: str = option("fedavg", "FeDeRA server rule: 'fedavg' (the paper's: FedAvg of A and B) or 'product_svd' "
+                                 "(aggregate sum p_n s B_n A_n exactly, re-split by a rank-r SVD: FlexLoRA's rule).",
+                       choices=("fedavg", "product_svd"), renamed=_RENAMED)
 
 
 class FeDeRAMethod(LoRAMethod):
@@ -56,9 +64,10 @@ class FeDeRAMethod(LoRAMethod):
     init_lora_weights = "pissa"
     modifies_base = True  # W0 -> W_res once, at build
     options_class = FeDeRAOptions
+    variants = {"federa-svd": Variant("FeDeRA init + FlexLoRA SVD", {"mode": "product_svd"})}
 
-    @classmethod
-    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+    def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
+                   round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         return rank * (d_out + d_in), rank * (d_out + d_in)  # A and B both ways
 
     def adapter_state(self, model: nn.Module) -> Tensors:
@@ -87,7 +96,7 @@ class FeDeRAMethod(LoRAMethod):
             root = (sig[:r] / s).clamp_min(0.0).sqrt()
             b_new = (u[:, :r] * root).to(dtype)
             a_new = (root[:, None] * v[:, :r].T).to(dtype)
-        else:  # "init_only_fedavg"
+        else:  # "fedavg"
             a_new, b_new = layer.a_mean, layer.b_mean
         new[a_key(name)], new[b_key(name)] = a_new, b_new
         return layer_errors(

@@ -20,6 +20,8 @@ orientation and added to the weight without a transpose for ``nn.Linear`` (trans
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -33,8 +35,8 @@ class FedExLoRAMethod(LoRAMethod):
     modifies_base = True
     arrays_per_layer = (2, 3)
 
-    @classmethod
-    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+    def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
+                   round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         return rank * (d_out + d_in), rank * (d_out + d_in) + d_out * d_in  # A, B up; A, B and the dense residual down
 
     def adapter_state(self, model: nn.Module) -> Tensors:

@@ -10,6 +10,8 @@ first client's, a variable mix-up; a test guards against it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from .base import Tensors
@@ -20,8 +22,8 @@ class FedITMethod(LoRAMethod):
     name = "fedit"
     display_name = "FedIT"
 
-    @classmethod
-    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+    def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
+                   round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         return rank * (d_out + d_in), rank * (d_out + d_in)  # A and B both ways
 
     def adapter_state(self, model: nn.Module) -> Tensors:

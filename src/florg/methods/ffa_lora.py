@@ -11,6 +11,8 @@ evaluation model and the diagnostics); they are never sent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from .base import SERVER_PREFIX, Tensors
@@ -23,8 +25,8 @@ class FFALoRAMethod(LoRAMethod):
     train_A = False
     arrays_per_layer = (1, 1)
 
-    @classmethod
-    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+    def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
+                   round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         return rank * d_out, rank * d_out  # B both ways; A never crosses the wire
 
     def adapter_state(self, model: nn.Module) -> Tensors:

@@ -3,12 +3,22 @@
 Client shape: the FLoRG PEFT adapter (``florg.adapters``), ``dW = s L A^T A R`` with fixed bases
 regenerated from the run seed. Upload and download: ``A`` per adapted layer (r*k numbers).
 Server rule: :func:`florg.core.aggregate_model` -- ``Q = sum p_n A_n^T A_n`` (thin path when
-``sum r_n < k``), rank-r factor, Procrustes-aligned to the previous global ``A``.
+``sum r_n < k``), rank-r factor, Procrustes-aligned to the previous global ``A`` (in round 1 the
+random ``A0``, unless ``method.florg.align_initial = false``).
+
+Clients of different ranks (``method.client_ranks``, beyond the paper): ``Q`` is ``k x k`` whatever
+each client's rank, so the aggregate stays exact. The global factor has ``r_max = max(ranks)``
+rows, aligned block by block at the distinct ranks (:func:`florg.core.aggregate`, ``blocks``), so
+that its leading ``r_n`` rows are the aligned top-``r_n`` eigen-factor of ``Q``; client ``n``
+receives exactly those rows (``r_n k`` numbers) and uploads its ``r_n x k`` factor. All clients
+share one scale ``s = alpha / r_max`` (exactness needs one ``s``: ``sum p_n s L A_n^T A_n R = s L Q
+R``). The shared model is built at ``r_max``; a client of rank ``r_n`` zero-pads its rows, which
+get exactly zero gradient (``grad_A = s A (H + H^T)``) and stay zero.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +30,22 @@ from florg.config import RunConfig, need, option
 from florg.core import AggregationResult, aggregate_model
 from florg.core import privacy as dp
 
-from .base import FederatedMethod, Tensors, Variant, normalised_weights, split_head, summarise_layers
+from .base import (
+    SERVER_PREFIX,
+    ClientInfo,
+    FederatedMethod,
+    Tensors,
+    Variant,
+    check_tensors,
+    normalised_weights,
+    split_head,
+    summarise_layers,
+)
 
 A_PREFIX = "A/"
+#: marks the initial global state (server-only; present until the first aggregation) when round 1
+#: must not align to the random A0 (``method.florg.align_initial = false``)
+INITIAL_KEY = "server/florg.initial"
 
 
 @dataclass
@@ -31,6 +54,9 @@ class FLoRGOptions:
 
     procrustes: str = option("paper", "Procrustes alignment: 'paper' (keep all r' eigenpairs), 'top-r', or 'none' (ablation).",
                              choices=("paper", "top-r", "none"))
+    align_initial: bool = option(True, "Align round 1's factor to the random initial A0 (true, the paper's rule read "
+                                       "literally); false: round 1 sends the unaligned top eigen-factor and alignment "
+                                       "starts in round 2.")
     init_scale: float = option(0.01, "A0 = init_scale * N(0, 1) from the seed (A must start non-zero).")
     compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the "
                                           "pretrained model.")
@@ -49,19 +75,54 @@ class FLoRGMethod(FederatedMethod):
     display_name = "FLoRG"
     adapter_param_marker = "florg_A"
     supports_privacy = True
+    supports_client_ranks = True
     options_class = FLoRGOptions
-    variants = {"florg-noalign": Variant("FLoRG w/o alignment", {"procrustes": "none"}, ablation=True)}
+    variants = {
+        "florg-noalign": Variant("FLoRG w/o alignment", {"procrustes": "none"}, ablation=True),
+        "florg-hetero": Variant("FLoRG, ranks 2/4/8", shared={"client_ranks": [2, 4, 8]}, ablation=True),
+    }
     arrays_per_layer = (1, 1)
 
-    @classmethod
-    def wire_numel(cls, d_out: int, d_in: int, rank: int, client_rank: int | None = None) -> tuple[int, int]:
+    def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
+                   round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         k = min(d_out, d_in)
-        return rank * k, rank * k  # A (r x k) both ways
+        r = client_rank or rank
+        return r * k, r * k  # A (r_n x k) both ways
 
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
+        from florg.config import ConfigError
+
         if cfg.privacy.mode != "off":
+            if cfg.method.client_ranks:
+                raise ConfigError(
+                    "config key 'method.client_ranks': FLoRG's differential privacy is calibrated for one rank "
+                    f"(method.rank); heterogeneous ranks {list(cfg.method.client_ranks)} with privacy.mode="
+                    f"{cfg.privacy.mode!r} are not supported; set method.client_ranks=[] or privacy.mode=off"
+                )
             dp.check_accounting_available()
+
+    # ---- ranks: one for every client (method.rank), or method.client_ranks ---------------
+    def client_rank(self, partition_id: int) -> int:
+        ranks = list(self.cfg.method.client_ranks)
+        return int(ranks[partition_id % len(ranks)]) if ranks else int(self.cfg.method.rank)
+
+    def build_rank(self) -> int:
+        """Rows of the global factor: ``max(method.client_ranks)``, or ``method.rank``."""
+        return max([int(r) for r in self.cfg.method.client_ranks] or [int(self.cfg.method.rank)])
+
+    def _blocks(self) -> list[int] | None:
+        ranks = sorted({int(r) for r in self.cfg.method.client_ranks})
+        return ranks if len(ranks) > 1 else None
+
+    @property
+    def per_client_downlink(self) -> bool:
+        return bool(self.cfg.method.client_ranks)
+
+    def client_downlink(self, wire: Tensors, partition_id: int) -> Tensors:
+        """The leading ``r_n`` rows of every layer's factor (the aligned top-``r_n`` eigen-factor), and the head."""
+        r_n = self.client_rank(partition_id)
+        return {k: v[:r_n].contiguous() if k.startswith(A_PREFIX) else v for k, v in wire.items()}
 
     def build(self, model: nn.Module, target_modules: list[str], head_modules: list[str]) -> nn.Module:
         from peft import get_peft_model
@@ -70,7 +131,7 @@ class FLoRGMethod(FederatedMethod):
 
         m, o = self.cfg.method, self.options
         config = FLoRGConfig(
-            r=m.rank,
+            r=self.build_rank(),
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
             target_modules=list(target_modules),
@@ -87,12 +148,20 @@ class FLoRGMethod(FederatedMethod):
 
         return {A_PREFIX + name: layer.florg_A["default"].detach().clone() for name, layer in florg_layers(model).items()}
 
+    def initial_global(self, model: nn.Module) -> Tensors:
+        state = super().initial_global(model)
+        if not self.options.align_initial:
+            state[INITIAL_KEY] = torch.ones(1)
+        return state
+
     def load_adapter_state(self, model: nn.Module, state: Tensors) -> None:
         from florg.adapters import florg_layers
 
         layers = florg_layers(model)
         with torch.no_grad():
             for key, value in state.items():
+                if key.startswith(SERVER_PREFIX):
+                    continue  # bookkeeping (INITIAL_KEY)
                 name = key[len(A_PREFIX):]
                 if not key.startswith(A_PREFIX) or name not in layers:
                     raise KeyError(f"'{key}' is not an adapted layer of this model")
@@ -101,6 +170,42 @@ class FLoRGMethod(FederatedMethod):
                     raise ValueError(f"layer '{name}': global A has shape {tuple(value.shape)}, "
                                      f"the model expects {tuple(param.shape)}")
                 param.copy_(value.to(param.dtype))
+
+    # ---- clients of different ranks ---------------------------------------------------
+    def client_load(self, model: nn.Module, state: Tensors, info: ClientInfo, local: Tensors) -> None:
+        """Apply the downlink; with ``method.client_ranks`` the client's ``r_n`` rows, zero-padded to ``r_max``."""
+        if self.cfg.method.client_ranks:
+            r_n, r_max = self.client_rank(info.partition_id), self.build_rank()
+            padded = {}
+            for key, value in state.items():
+                if key.startswith(A_PREFIX):
+                    full = torch.zeros(r_max, value.shape[1], dtype=value.dtype)
+                    full[: min(r_n, value.shape[0])] = value[:r_n]
+                    value = full
+                padded[key] = value
+            state = padded
+        self.load_global(model, state)
+
+    def client_upload(self, model: nn.Module, info: ClientInfo, local: Tensors) -> Tensors:
+        up = self.upload(model)
+        if self.cfg.method.client_ranks:
+            r_n = self.client_rank(info.partition_id)
+            up = {k: v[:r_n].contiguous() if k.startswith(A_PREFIX) else v for k, v in up.items()}
+        return up
+
+    def check_upload(self, upload: Tensors, current: Tensors, max_norm: float = 0.0) -> list[str]:
+        """The default check; with ``method.client_ranks`` each factor has as many rows as the client's rank
+        (read from the upload: one of the configured ranks, the same for every layer)."""
+        if not self.cfg.method.client_ranks:
+            return super().check_upload(upload, current, max_norm)
+        allowed = sorted({int(r) for r in self.cfg.method.client_ranks})
+        names = [k for k in current if k.startswith(A_PREFIX)]
+        first = upload.get(names[0]) if names else None
+        r_n = int(first.shape[0]) if first is not None and first.ndim == 2 else allowed[0]
+        problems = [] if r_n in allowed else [f"client rank {r_n} is not one of the configured ranks {allowed}"]
+        expected = {k: ((r_n, int(v.shape[1])) if k.startswith(A_PREFIX) else tuple(v.shape))
+                    for k, v in current.items() if not k.startswith(SERVER_PREFIX)}
+        return problems + check_tensors(upload, expected, max_norm)
 
     def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
         """``adapter/`` (FLoRG PEFT format) and ``adapter_lora/`` (the same adapter as a plain LoRA)."""
@@ -112,21 +217,29 @@ class FLoRGMethod(FederatedMethod):
     def aggregate_adapter(
         self, uploads: list[Tensors], weights: list[float] | None, current: Tensors
     ) -> tuple[Tensors, dict[str, Any]]:
-        keys = list(current)
+        keys = [key for key in current if not key.startswith(SERVER_PREFIX)]
         per_layer = {key: [u[key] for u in uploads] for key in keys}
+        previous = self._reference(current)
         pv = self.cfg.privacy
         if pv.mode == "local" and pv.debias:
             # Local DP: remove the noise's expected Gram contribution sum_n p_n r_n (sigma C)^2 I.
             p = normalised_weights(weights, len(uploads))
             ranks = [int(u[keys[0]].shape[0]) for u in uploads]
             shift = dp.noise_bias(ranks, p, pv.noise_multiplier * pv.clip_norm)
-            results = dp.dp_aggregate_layers(per_layer, p, previous=current, rank=self.cfg.method.rank, shift=shift,
+            results = dp.dp_aggregate_layers(per_layer, p, previous=previous, rank=self.cfg.method.rank, shift=shift,
                                              **self._align_kw())
             return {key: res.factor for key, res in results.items()}, {**_summary(results.values()),
                                                                        "dp_debias_shift": shift}
-        results = aggregate_model(per_layer, weights, previous=current, rank=self.cfg.method.rank, **self._align_kw())
+        results = aggregate_model(per_layer, weights, previous=previous, rank=self.build_rank(),
+                                  blocks=self._blocks(), **self._align_kw())
         new_state = {key: res.factor for key, res in results.items()}
         return new_state, _summary(results.values())
+
+    def _reference(self, current: Tensors) -> Tensors:
+        """The factors to align to: last round's global ``A`` (none in round 1 without ``align_initial``)."""
+        if INITIAL_KEY in current and not self.options.align_initial:
+            return {}
+        return {key: value for key, value in current.items() if not key.startswith(SERVER_PREFIX)}
 
     def _align_kw(self) -> dict[str, Any]:
         o = self.options
@@ -179,8 +292,9 @@ class FLoRGMethod(FederatedMethod):
                 head_updates.append(dp.clip_joint({k: v.double() - cur_head[k].double() for k, v in head.items()}, c_head)[0])
         p = [1.0 / denominator] * len(uploads)
         std = dp.central_gram_std(pv.clip_norm, pv.noise_multiplier, denominator)
-        per_layer = {key: [c[key] for c in clipped] for key in cur_adapter}
-        results = dp.dp_aggregate_layers(per_layer, p, previous=cur_adapter, rank=m.rank, noise_std=std,
+        previous = self._reference(cur_adapter)
+        per_layer = {key: [c[key] for c in clipped] for key in cur_adapter if not key.startswith(SERVER_PREFIX)}
+        results = dp.dp_aggregate_layers(per_layer, p, previous=previous, rank=m.rank, noise_std=std,
                                          generator=generator, **self._align_kw())
         new_state: Tensors = {key: res.factor for key, res in results.items()}
         if head_updates:
