@@ -9,9 +9,12 @@ import pytest
 
 from florg.data import (
     DEFAULT_CLASSES,
+    NOUN_CLASSES,
+    NOUN_PER_CLASS,
     WORDNET_LEXNAMES,
     DataUnavailableError,
     WordNetNotFoundError,
+    available_tasks,
     clean_gloss,
     format_partition_stats,
     load_task,
@@ -188,6 +191,28 @@ def test_wordnet_task_seed_and_caps(wn_task):
     assert len(fixed.test) == 300
     with pytest.raises(ValueError, match="test_fraction"):
         load_task("wordnet", test_fraction=1.5)
+
+
+def test_wordnet_nouns_is_a_balanced_twelve_class_benchmark():
+    t = load_task("wordnet-nouns", seed=0)
+    assert t.name == "wordnet-nouns" and t.label_names == list(NOUN_CLASSES) and t.num_labels == 12
+    assert all(c.startswith("noun.") for c in NOUN_CLASSES) and len(set(NOUN_CLASSES)) == 12
+    assert len(t.train) + len(t.test) == 12 * NOUN_PER_CLASS == 30000 and len(t.test) == 3000
+    everything = Counter(t.train["label"]) + Counter(t.test["label"])
+    assert set(everything.values()) == {NOUN_PER_CLASS}  # exactly balanced: a majority-class model scores 1/12
+    assert set(Counter(t.test["label"]).values()) == {250}
+    assert not set(t.train["text"]) & set(t.test["text"])
+    # every example is a real, de-duplicated definition of its class
+    full = load_wordnet(WN_DIR, NOUN_CLASSES)
+    by_text = dict(zip(full["text"], full["label"]))
+    assert all(by_text[x] == y for x, y in zip(t.test["text"], t.test["label"]))
+    # the pool of 30,000 is fixed; the seed only moves the hold-out (and the caps)
+    other = load_task("wordnet-nouns", seed=3, max_train_examples=4000, max_test_examples=2000)
+    assert set(other.train["text"]) | set(other.test["text"]) <= set(t.train["text"]) | set(t.test["text"])
+    assert len(other.train) == 4000 and len(other.test) == 2000
+    with pytest.raises(ValueError, match="fixed class list.*data.classes"):
+        load_task("wordnet-nouns", classes=["noun.animal", "noun.plant"])
+    assert "wordnet-nouns" in available_tasks()
 
 
 def _rte_rows(n, offset=0):

@@ -1,6 +1,7 @@
 """florg.data: offline-first text classification tasks and their federated partitioning.
 
-* :func:`load_task` -- ``wordnet`` (default, offline), ``glue/<task>`` (local files or Hub),
+* :func:`load_task` -- ``wordnet`` (default, offline), ``wordnet-nouns`` (12 balanced classes,
+  offline), ``glue/<task>`` (local files or Hub),
   ``local:<path>``; returns a :class:`TaskData` with train/test splits.
 * :func:`load_wordnet` -- WordNet gloss -> lexicographer category.
 * :func:`partition_dataset` -- IID / Dirichlet / pathological client splits via Flower
@@ -15,6 +16,8 @@ from .tasks import GLUE_HUB_ID, GLUE_TASKS, DataUnavailableError, TaskData, avai
 from .wordnet import (
     DEFAULT_CLASSES,
     DEFAULT_WORDNET_DIR,
+    NOUN_CLASSES,
+    NOUN_PER_CLASS,
     WORDNET_LEXNAMES,
     WordNetNotFoundError,
     clean_gloss,
@@ -26,6 +29,8 @@ __all__ = [
     "DEFAULT_WORDNET_DIR",
     "GLUE_HUB_ID",
     "GLUE_TASKS",
+    "NOUN_CLASSES",
+    "NOUN_PER_CLASS",
     "PARTITION_SCHEMES",
     "WORDNET_LEXNAMES",
     "DataUnavailableError",

@@ -5,6 +5,11 @@ Supported names
 ``wordnet`` (default)
     WordNet gloss -> semantic category (see :mod:`florg.data.wordnet`); offline. The global
     test split is a stratified, seed-fixed hold-out (``test_fraction``/``test_size``).
+    Four noun classes by default (``classes`` chooses others).
+``wordnet-nouns``
+    The harder embedded benchmark: the twelve largest WordNet noun categories
+    (:data:`~florg.data.wordnet.NOUN_CLASSES`), 2,500 definitions each (a fixed subset), so the
+    classes are exactly balanced; the same hold-out as ``wordnet``. Its class list is fixed.
 ``glue/<task>`` (also ``glue:<task>`` or the bare ``<task>``)
     ``rte``, ``mrpc``, ``qnli``, ``mnli``, ``wnli``, ``sst2``, ``cola``, ``qqp``. Loaded from
     ``data_dir`` when given, else from the Hugging Face Hub (``nyu-mll/glue``). GLUE's own test
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .wordnet import DEFAULT_CLASSES, load_wordnet
+from .wordnet import DEFAULT_CLASSES, NOUN_CLASSES, NOUN_PER_CLASS, balanced_subset, load_wordnet
 
 if TYPE_CHECKING:
     import numpy as np
@@ -151,7 +156,7 @@ class TaskData:
 
 def available_tasks() -> list[str]:
     """Names accepted by :func:`load_task` (besides ``local:<path>``)."""
-    return ["wordnet", *(f"glue/{t}" for t in GLUE_TASKS)]
+    return ["wordnet", "wordnet-nouns", *(f"glue/{t}" for t in GLUE_TASKS)]
 
 
 def load_task(
@@ -203,6 +208,14 @@ def load_task(
     glue_sub = (low[5:] if low.startswith(("glue/", "glue:")) else low).replace("-", "")
     if low == "wordnet":
         task = _load_wordnet_task(data_dir, classes, dedupe, seed, test_fraction, test_size)
+    elif low == "wordnet-nouns":
+        if classes:
+            raise ValueError(
+                f"task 'wordnet-nouns' has a fixed class list ({', '.join(NOUN_CLASSES)}); data.classes applies to "
+                "task 'wordnet' only: remove data.classes or use data.task=wordnet"
+            )
+        task = _load_wordnet_task(data_dir, NOUN_CLASSES, dedupe, seed, test_fraction, test_size,
+                                  per_class=NOUN_PER_CLASS, name="wordnet-nouns")
     elif glue_sub in GLUE_TASKS:
         task = _load_glue(glue_sub, data_dir, seed=seed, test_fraction=test_fraction, test_size=test_size)
     elif low == "local":
@@ -229,12 +242,14 @@ def load_task(
 
 def _load_wordnet_task(
     data_dir: str | os.PathLike[str] | None, classes: Sequence[str] | None, dedupe: bool, seed: int,
-    test_fraction: float, test_size: int | None,
+    test_fraction: float, test_size: int | None, *, per_class: int = 0, name: str = "wordnet",
 ) -> TaskData:
     ds = load_wordnet(data_dir, tuple(classes) if classes is not None else DEFAULT_CLASSES, dedupe=dedupe)
+    if per_class:
+        ds = balanced_subset(ds, per_class)  # fixed: the same examples whatever the run seed
     train, test = _holdout(ds, seed, test_fraction, test_size)
     names = list(ds.features["label"].names)
-    return TaskData("wordnet", train, test, ("text",), names, source=str(data_dir or "/usr/share/wordnet"))
+    return TaskData(name, train, test, ("text",), names, source=str(data_dir or "/usr/share/wordnet"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_CLASSES",
+    "NOUN_CLASSES",
+    "NOUN_PER_CLASS",
     "DEFAULT_WORDNET_DIR",
     "WORDNET_LEXNAMES",
     "WordNetNotFoundError",
@@ -32,6 +34,7 @@ __all__ = [
     "iter_synsets",
     "load_wordnet",
     "resolve_wordnet_dir",
+    "balanced_subset",
 ]
 
 #: Where Debian/Ubuntu's ``wordnet-base`` installs the WordNet 3.0 database.
@@ -39,6 +42,17 @@ DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 
 #: The four-class noun subset used by the default demo task (29,699 synsets in WordNet 3.0).
 DEFAULT_CLASSES: tuple[str, ...] = ("noun.animal", "noun.plant", "noun.food", "noun.artifact")
+
+#: The 12-class noun benchmark (``data.task = "wordnet-nouns"``): the twelve largest noun categories of
+#: WordNet 3.0 (each has at least 2,620 distinct definitions), concrete and abstract ones mixed.
+NOUN_CLASSES: tuple[str, ...] = (
+    "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.cognition", "noun.communication",
+    "noun.group", "noun.location", "noun.person", "noun.plant", "noun.state", "noun.substance",
+)  # fmt: skip
+
+#: Definitions per class in ``wordnet-nouns``: a fixed (seed-independent) random subset of each class,
+#: so the 12 classes are exactly balanced (30,000 examples; the majority class is 1/12 of any split).
+NOUN_PER_CLASS = 2500
 
 #: The standard WordNet 3.0 lexicographer file names; position = ``lex_filenum``.
 WORDNET_LEXNAMES: tuple[str, ...] = (
@@ -289,3 +303,16 @@ def _dedupe_indices(texts: Sequence[str], labels: Sequence[int]) -> list[int]:
         seen.add(key)
         keep.append(i)
     return keep
+
+
+def balanced_subset(ds: Any, per_class: int, seed: int = 0) -> Any:
+    """At most ``per_class`` rows of every class of ``ds`` (a seeded random subset, kept in ``ds``'s order)."""
+    import numpy as np
+
+    labels = np.asarray(ds["label"])
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        keep.append(idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False))
+    return ds.select(sorted(int(i) for i in np.concatenate(keep)))
