@@ -58,6 +58,9 @@ from .lora_common import (
     weighted_products,
 )
 
+if TYPE_CHECKING:
+    from florg.config import RunConfig
+
 STACK_A = ".stack_A"
 STACK_B = ".stack_B"
 #: the number of aggregations merged so far (the downlink's pair is the ``stack/round``-th), per message
@@ -74,9 +77,6 @@ class FLoRAOptions:
                                       "merged into each client's own W0 correction) or 'dense' (the cumulative "
                                       "d_out x d_in correction; stateless clients, partial participation allowed).",
                            choices=("stacked", "dense"))
-
-if TYPE_CHECKING:
-    from florg.config import RunConfig
 
 
 def stack_uploads(
