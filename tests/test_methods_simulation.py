@@ -53,8 +53,9 @@ def flora(tmp_path_factory, tiny_overrides):
 
 
 @pytest.fixture(scope="module")
-def florg_hetero(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("florg"), "florg", ["method.name=florg", "method.client_ranks=[2,4,8]"])
+def florg_hetero(tmp_path_factory, tiny_overrides):
+    return _run(tiny_overrides, tmp_path_factory.mktemp("florg"), "florg",
+                ["method.name=florg", "method.client_ranks=[2,4,8]"])
 
 
 def test_fedsa_lora_personalised_and_global(fedsa):
