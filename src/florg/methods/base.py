@@ -210,8 +210,8 @@ class FederatedMethod(ABC):
     #: whether the classification head travels through the protocol (FedAvg of ``head/`` keys);
     #: False: every client keeps its own head (FedSA-LoRA), which then never crosses the wire
     shares_head: ClassVar[bool] = True
-    #: the method's own accuracy: ``"global"`` (``test_<metric>``, the global model on the test split)
-    #: or ``"personal"`` (``personal_accuracy``, the clients' own models; needs ``client_evaluation``)
+    #: the method's own score: ``"global"`` (``test_<metric>``, the global model on the test split) or
+    #: ``"personal"`` (``personal_<metric>``, the clients' own models; needs ``client_evaluation``)
     headline: ClassVar[str] = "global"
 
     def __init__(self, cfg: RunConfig) -> None:

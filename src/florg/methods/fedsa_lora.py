@@ -11,12 +11,13 @@ every process builds identically from the seed (so nothing crosses the wire for 
 
 Two accuracies are reported:
 
-* **personalised** (``personal_accuracy``, the method's own metric and its headline): after each
-  round's aggregation every client evaluates its own model ``W0 + s B_n A_bar`` with its own head
-  on a fixed, seeded subset of the global test split, with each class weighted by the client's own
-  training label share (label-skew partitions only move label proportions, so this is the
-  client's expected accuracy on its own distribution), and the server takes the example-weighted
-  mean over clients (see :func:`florg.tasks.classification.label_weighted_accuracy`).
+* **personalised** (``personal_<metric>``, e.g. ``personal_accuracy``; the method's own metric and
+  its headline): after each round's aggregation every client evaluates its own model
+  ``W0 + s B_n A_bar`` with its own head on a fixed, seeded subset of the global test split, with
+  each class weighted by the client's own training label share (label-skew partitions only move
+  label proportions, so this is the client's expected accuracy on its own distribution), and the
+  server takes the example-weighted mean over clients (see
+  :func:`florg.tasks.classification.label_weighted_accuracy`).
 * **global** (``test_<metric>``): a constructed global model ``W0 + s B_bar A_bar`` with
   ``B_bar = sum_n p_n B_n`` and the head ``head_bar = sum_n p_n head_n`` over the round's
   participants (same weights as ``A``). To form it the server needs the ``B_n`` and heads: clients
