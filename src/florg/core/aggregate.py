@@ -437,8 +437,7 @@ def _align_blocks(
             t = factor.coeff[lo:stop]  # eigen-rows lo:stop of A~, as coefficients on M
             cross = torch.zeros(hi - lo, max(hi - lo, stop - lo), dtype=_F64, device=device)
             cross[:, : stop - lo] = (prev[lo:hi] @ factor.base.T) @ t.T
-            u, _, vh = torch.linalg.svd(cross, full_matrices=False)
-            coeff[lo:hi] = (u @ vh)[:, : stop - lo] @ t
+            coeff[lo:hi] = _rotation(cross)[:, : stop - lo] @ t
         lo = hi
     return coeff @ factor.base, coeff
 
