@@ -93,18 +93,22 @@ def test_compare_tables_plots_and_resume(tmp_path, monkeypatch):
     logs = []
     res = run_compare(base, out, methods, seeds=2, target_fraction=0.9, log=logs.append)
     assert len(calls) == 6 and res["failed"] == []
-    per = res["per_method"]
-    assert per["florg"]["final_accuracy"] == pytest.approx([0.80, 0.81])
+    per = res["rows"]
+    assert per["florg"]["final_by_seed"] == pytest.approx({0: 0.80, 1: 0.81})
     # target = 0.9 * best mean final (FLoRG, 0.805); FLoRG reaches it in round 4, FedIT never
-    assert res["target_accuracy"] == pytest.approx(0.9 * 0.805)
-    assert per["florg"]["bytes_to_target"] == [4000, 4000] and per["fedit"]["bytes_to_target_mean"] is None
+    assert res["target"] == pytest.approx(0.9 * 0.805)
+    assert per["florg"]["bytes_to_target"]["by_seed"] == {0: 4000, 1: 4000}
+    assert per["fedit"]["bytes_to_target"]["reached"] == 0
+    # paired by seed against FLoRG: FedIT is 10 points lower on both seeds
+    assert per["fedit"]["vs_florg_final"]["differences"] == pytest.approx([-0.10, -0.10])
     md = (out / "results.md").read_text()
     assert "| Base model | Dataset | FLoRG | FedIT |" in md and "**80.50 ± 0.71**" in md
-    assert "| minilm | FLoRG w/o alignment | 75.50 ± 0.71 |" in md and "| | drop | 5.00 |" in md
-    assert "| FLoRG | 4.00 KB | 1.00× | 2/2 |" in md and "| FedIT | not reached | – | 0/2 |" in md
+    assert "| minilm | FLoRG w/o alignment | 75.50 ± 0.71 |" in md and "| | difference | 5.00 |" in md
+    assert "| FLoRG | 4.00 KB | 4.00 KB – 4.00 KB | 1.00× | 2/2 |" in md and "| FedIT | not reached | – | – | 0/2 |" in md
+    assert "| FedIT | 2 | -10.00 [" in md
     for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert (out / "plots" / name).stat().st_size > 1000
-    assert json.loads((out / "summary.json").read_text())["per_method"]["fedit"]["seeds"] == 2
+    assert json.loads((out / "summary.json").read_text())["rows"]["fedit"]["seeds"] == [0, 1]
 
     # Resume: complete runs are skipped; an incomplete one is run again from scratch.
     (out / "runs" / "fedit-seed1" / "status.json").write_text(json.dumps({"status": "running"}))

@@ -183,6 +183,12 @@ class EvalConfig:
                                     "and after training at the end of a run (generations.jsonl, ROUGE-L in summary.json); "
                                     "0 = none.")
     max_new_tokens: int = _f(32, "Instruction tuning: most tokens generated per answer.")
+    test_rounds: str = _f("all", "Rounds in which the server evaluates the test split: 'all' (every round, from round 0) or "
+                                 "'first-last' (round 0 and the final round only, e.g. for tuning runs).",
+                          choices=("all", "first-last"))
+    validation_rounds: str = _f("all", "Rounds in which the server evaluates the validation split (data.validation_fraction "
+                                       "> 0): 'all', 'last3' (the last 3 rounds) or 'none' (held out but not evaluated).",
+                                choices=("all", "last3", "none"))
 
 
 @dataclass

@@ -28,7 +28,7 @@ from florg.train import autocast, resolve_device
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
 
-__all__ = ["run_server", "app"]
+__all__ = ["run_server", "app", "evaluated_splits"]
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -147,8 +147,9 @@ def _evaluation(
         t0 = time.perf_counter()
         state = from_record(arrays)
         exp.method.load_global(exp.model, state)
-        res = exp.evaluate()
-        val = exp.evaluate(exp.validation) if exp.validation is not None else None
+        test_now, val_now = evaluated_splits(cfg, server_round)
+        res = exp.evaluate() if test_now else None
+        val = exp.evaluate(exp.validation) if val_now and exp.validation is not None else None
         info = strategy.round_log.get(server_round)
         timing = {"eval_seconds": time.perf_counter() - t0, "wall_seconds": time.perf_counter() - t_start}
         if "agg_seconds" in info:
@@ -158,7 +159,7 @@ def _evaluation(
         cumulative["bytes_down"] += down
         row = {
             "round": server_round,
-            **{f"test_{name}": res[name] for name in exp.family.metrics},
+            **({f"test_{name}": res[name] for name in exp.family.metrics} if res is not None else {}),
             **({f"val_{name}": val[name] for name in exp.family.metrics} if val is not None else {}),
             **info,
             "bytes_up": up,
@@ -172,9 +173,18 @@ def _evaluation(
         run_dir.append_metrics(row)  # the row first, then the checkpoint: see florg.run.checkpoint
         _checkpoint(cfg, run_dir, strategy, server_round, state, cumulative)
         reporter(row)
-        return MetricRecord({name: float(res[name]) for name in exp.family.metrics})
+        return MetricRecord({name: float(res[name]) for name in exp.family.metrics}) if res is not None else None
 
     return evaluate_fn
+
+
+def evaluated_splits(cfg: RunConfig, server_round: int) -> tuple[bool, bool]:
+    """Whether round ``server_round`` evaluates the test split and the validation split
+    (``eval.test_rounds``, ``eval.validation_rounds``; round 0 is the untrained model)."""
+    last = cfg.train.rounds
+    test = cfg.eval.test_rounds == "all" or server_round in (0, last)
+    val = {"all": True, "last3": server_round > last - 3 and server_round > 0, "none": False}[cfg.eval.validation_rounds]
+    return test, val
 
 
 def _checkpoint(cfg: RunConfig, run_dir: RunDir, strategy: AdapterStrategy, server_round: int,

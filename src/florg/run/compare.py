@@ -12,8 +12,9 @@ Layout of a compare directory::
     <dir>/runs/<method>-seed<s>/       one ordinary run directory per method and seed
     <dir>/results.md                   the tables (paper layout), rewritten after every run
     <dir>/summary.json                 the same numbers, machine-readable
-    <dir>/plots/accuracy_vs_round.png  mean over seeds, one line per method
-    <dir>/plots/accuracy_vs_bytes.png  accuracy vs cumulative bytes (log x)
+    <dir>/plots/<metric>_vs_round.png  the task's primary metric, mean ± std over seeds, one line per method
+    <dir>/plots/<metric>_vs_bytes.png  the same against cumulative MB (linear, from round 0)
+    <dir>/plots/loss_vs_round.png      the test loss
 
 The score is the task family's primary metric: accuracy for classification (higher is better),
 the held-out loss for instruction tuning (lower is better; plots ``loss_vs_round.png``, ...).
@@ -25,7 +26,6 @@ Resume: running the same compare again skips every run whose ``status.json`` say
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -240,54 +240,18 @@ def _status(path: Path) -> str | None:
 # --------------------------------------------------------------------------------- summaries
 
 
-def bytes_to_target(rows: Sequence[dict[str, Any]], target: float, metric: str = "accuracy",
+def bytes_to_target(rows: Sequence[dict[str, Any]], target: float, key: str = "test_accuracy",
                     higher_is_better: bool = True) -> int | None:
-    """Cumulative bytes (up + down) when the global ``test_<metric>`` first reaches ``target`` (None: never):
-    at or above it when higher is better (accuracy), at or below it otherwise (loss)."""
-    key = f"test_{metric}"
-    for row in rows:
-        if key not in row:
-            continue
-        if (row[key] >= target) if higher_is_better else (row[key] <= target):
-            return int(row.get("bytes_total_cum", 0))
-    return None
+    """Cumulative bytes (up + down) when ``key`` first reaches ``target`` (None: never); see :mod:`florg.run.stats`."""
+    from florg.run.stats import bytes_to_target as _b2t
+
+    return _b2t(rows, key, target, higher_is_better)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+def _headline(method: str) -> str:
+    from florg.methods.registry import METHODS
 
-
-def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
-    if not values:
-        return "–"
-    mean, std = _mean_std(values)
-    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if len(values) > 1 else "")
-
-
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "not reached"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return str(n)
-
-
-def _mean_rows(runs: Sequence[Sequence[dict[str, Any]]], metric: str = "accuracy") -> list[dict[str, Any]]:
-    """Per-round mean of ``test_<metric>`` and cumulative bytes over seeds (rounds present in every run)."""
-    rounds = min(len(r) for r in runs)
-    key = f"test_{metric}"
-    out = []
-    for i in range(rounds):
-        rows = [r[i] for r in runs]
-        out.append({"round": rows[0]["round"],
-                    key: sum(r[key] for r in rows) / len(rows),
-                    "bytes_total_cum": sum(r.get("bytes_total_cum", 0) for r in rows) / len(rows)})
-    return out
+    return str(getattr(METHODS[method], "headline", "global"))
 
 
 def summarise(
@@ -300,95 +264,61 @@ def summarise(
 ) -> dict[str, Any]:
     """Read the complete runs of a compare directory; write ``results.md``, ``summary.json`` and plots.
 
-    The score is the task family's primary metric (``accuracy`` for classification, ``loss`` for
-    instruction tuning), named in the keys (``final_<metric>``, ``target_<metric>``, ...). When lower is
-    better, the best run is the lowest and the bytes-to-target threshold is ``best / target_fraction``.
+    The numbers are those of :func:`florg.run.report.summarise_rows` (the task's own primary metric,
+    mean ± std, 95 % t interval, last-3-rounds mean, paired differences against FLoRG, bytes to target).
     """
+    from florg.run.plots import Series, plot_rows
+    from florg.run.report import MetricInfo, RowRuns, jsonable, majority_rate, summarise_rows
+
     compare_dir = Path(compare_dir)
-    metric, higher = _metric(base)
-    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    rows_by_label = _rows()
+    info = MetricInfo.of_task(base.data.task) if base is not None else MetricInfo(("accuracy", "loss"))
+    rows: list[RowRuns] = []
+    majority = None
     for label in methods:
+        runs = {}
         for i in range(seeds):
             path = compare_dir / "runs" / f"{label}-seed{base_seed + i}"
             if _status(path) == "complete":
-                rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if x.strip()]
-                if rows:
-                    runs.setdefault(label, []).append(rows)
-    per: dict[str, dict[str, Any]] = {}
-    for label, rr in runs.items():
-        finals = [r[-1][f"test_{metric}"] for r in rr]
-        personal = [r[-1][f"personal_{metric}"] for r in rr if f"personal_{metric}" in r[-1]]
-        trained = [[x for x in r if x.get("round", 0) > 0] for r in rr]
-        per[label] = {
-            "seeds": len(rr),
-            f"final_{metric}": finals,
-            f"final_{metric}_mean": _mean_std(finals)[0],
-            f"final_{metric}_std": _mean_std(finals)[1],
-            f"personal_{metric}": personal,
-            "bytes_total": [r[-1].get("bytes_total_cum", 0) for r in rr],
-            "bytes_per_round": _mean_std([sum(x.get("bytes_up", 0) + x.get("bytes_down", 0) for x in t) / max(len(t), 1)
-                                          for t in trained])[0],
-            "bytes_up_per_round": _mean_std([sum(x.get("bytes_up", 0) for x in t) / max(len(t), 1) for t in trained])[0],
-            "bytes_down_per_round": _mean_std([sum(x.get("bytes_down", 0) for x in t) / max(len(t), 1)
-                                               for t in trained])[0],
-            "sent_rel_error": _mean_std([sum(x.get("sent_rel_error_max", 0.0) for x in t) / max(len(t), 1)
-                                         for t in trained])[0],
-            "agg_rel_error": _mean_std([sum(x.get("agg_rel_error_max", 0.0) for x in t) / max(len(t), 1)
-                                        for t in trained])[0],
-        }
-    main = [m for m in methods if m not in ABLATIONS and m in per]
-    best = (max if higher else min)((per[m][f"final_{metric}_mean"] for m in main), default=None)
-    target = (best * target_fraction if higher else best / target_fraction) if best is not None else None
-    for label, rr in runs.items():
-        hits = [bytes_to_target(r, target, metric, higher) for r in rr] if target is not None else []
-        reached = [h for h in hits if h is not None]
-        per[label]["bytes_to_target"] = hits
-        per[label]["bytes_to_target_mean"] = (sum(reached) / len(reached)) if reached else None
-    ref = per.get("florg", {}).get("bytes_to_target_mean")
-    summary = {
-        "methods": list(methods),
-        "seeds": seeds,
-        "target_fraction": target_fraction,
-        "metric": metric,
-        "higher_is_better": higher,
-        f"best_final_{metric}": best,
-        f"target_{metric}": target,
-        "per_method": per,
-    }
+                data = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                if data:
+                    runs[base_seed + i] = data
+                if majority is None and (path / "partitions.json").is_file():
+                    majority = majority_rate(json.loads((path / "partitions.json").read_text()))
+        row = rows_by_label[label]
+        rows.append(RowRuns(label, DISPLAY[label], row.method, runs, headline=_headline(row.method),
+                            ablation=row.ablation, expected_seeds=seeds))
+    summary = summarise_rows(rows, info, reference="florg" if "florg" in methods else None,
+                             target_fraction=target_fraction, majority=majority if info.higher_is_better else None)
+    summary.update(methods=list(methods), seeds=seeds)
     compare_dir.mkdir(parents=True, exist_ok=True)
-    (compare_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    (compare_dir / "results.md").write_text(_markdown(summary, base, ref))
-    if runs:
-        from florg.run.plots import plot_runs
-
+    (compare_dir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2, sort_keys=True))
+    (compare_dir / "results.md").write_text(_markdown(summary, base, info))
+    series = []
+    for r in rows:
+        if r.runs:
+            key = r.key(info)
+            extra = f"test_{info.primary}" if key != f"test_{info.primary}" else None
+            series.append(Series(r.display + (" (personalised)" if extra else ""), list(r.runs.values()), key, extra,
+                                 f"{r.display} (global model)", {"linestyle": ":"} if r.ablation else {}))
+    if series:
         title = f"{base.model.name} on {base.data.task}" if base is not None else ""
-        plot_runs({DISPLAY[m]: _mean_rows(runs[m], metric) for m in methods if m in runs}, compare_dir / "plots",
-                  title=title, metric=metric)
+        plot_rows(series, compare_dir / "plots", metric=info.primary, title=title)
     return summary
 
 
-def _metric(base: RunConfig | None) -> tuple[str, bool]:
-    """``(primary metric, higher_is_better)`` of the task family of ``base`` (accuracy without a config)."""
-    if base is None:
-        return "accuracy", True
-    from florg.tasks import family_class
-
-    cls = family_class(base.data.task)
-    return cls.metrics[0], bool(cls.higher_is_better)
+def _pm(info: Any, s: dict[str, Any]) -> str:
+    return info.fmt(s["mean"]) + (f" ± {info.fmt(s['std'])}" if s["n"] > 1 else "")
 
 
-def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None) -> str:
-    per = summary["per_method"]
-    methods = [m for m in summary["methods"] if m not in ABLATIONS]
+def _markdown(summary: dict[str, Any], base: RunConfig | None, info: Any) -> str:
+    from florg.run.report import markdown_tables
+
+    per = summary["rows"]
+    methods = [m for m in summary["methods"] if not per[m]["ablation"]]
     model = base.model.name if base is not None else "?"
     task = base.data.task if base is not None else "?"
     seeds = summary["seeds"]
-    metric, higher = summary.get("metric", "accuracy"), summary.get("higher_is_better", True)
-    scale, digits, unit = (100.0, 2, " (%)") if metric in PERCENT_METRICS else (1.0, 4, "")
-    pct = " %" if metric in PERCENT_METRICS else ""
-    words = metric.replace("_", " ")
-    fin = f"final_{metric}"
-    best = (max if higher else min)((per[m][f"{fin}_mean"] for m in methods if m in per), default=None)
     lines = [f"# Method comparison: {model} on {task}", ""]
     if base is not None:
         lines += [
@@ -396,72 +326,37 @@ def _markdown(summary: dict[str, Any], base: RunConfig | None, ref: float | None
             f"{base.method.rank}, alpha = {base.method.alpha}, {base.train.rounds} rounds x {base.train.local_steps} "
             f"local steps (batch {base.train.batch_size}, {base.train.optimizer}, lr {base.train.lr:g}, "
             f"{base.train.lr_schedule}), weighting '{base.method.weighting}', head "
-            f"{'FedAvg-ed by every method' if base.method.train_head else 'frozen'}; "
-            f"seeds {base.seed}..{base.seed + seeds - 1}. FeDeRA mode: {base.method.federa.mode}.",
+            f"{'trained' if base.method.train_head else 'frozen'}; seeds {base.seed}..{base.seed + seeds - 1}. "
+            "One shared setting for every method (no tuning; `florg study` tunes each method on a validation split).",
             "",
         ]
-    lines += [f"## Final global test {words}{unit}, mean ± std over seeds ({'higher' if higher else 'lower'} is better)",
-              ""]
-    header = "| Base model | Dataset | " + " | ".join(DISPLAY[m] for m in methods) + " |"
-    lines += [header, "|" + "---|" * (len(methods) + 2)]
+    lines += [f"## Final {info.unit}, mean ± std over seeds", "",
+              "| Base model | Dataset | " + " | ".join(DISPLAY[m] for m in methods) + " |",
+              "|" + "---|" * (len(methods) + 2)]
+    best = summary.get("best_final")
     cells = []
     for m in methods:
-        if m not in per:
+        e = per[m]
+        if "final" not in e:
             cells.append("–")
             continue
-        text = _pm(per[m][fin], scale, digits)
-        cells.append(f"**{text}**" if best is not None and per[m][f"{fin}_mean"] == best else text)
+        f = e["final"]
+        text = _pm(info, f)
+        if e["headline"] == "personal":
+            text += " (personalised)"
+        cells.append(f"**{text}**" if best is not None and e["headline"] == "global" and f["mean"] == best else text)
     lines += [f"| {model} | {task} | " + " | ".join(cells) + " |", ""]
-    done = {m: per[m]["seeds"] for m in summary["methods"] if m in per}
-    if any(n < seeds for n in done.values()) or len(done) < len(summary["methods"]):
-        counts = ", ".join(f"{DISPLAY[m]} {done.get(m, 0)}/{seeds}" for m in summary["methods"])
-        lines += [f"Complete runs per method: {counts}.", ""]
-    if "fedsa-lora" in per:
-        reweighted = " on the test split reweighted to the client's label distribution," if metric == "accuracy" else ""
-        lines += [
-            f"FedSA-LoRA keeps B local: its global {words} is that of the named global model (A_bar with "
-            "B_bar, the example-weighted mean of the round's B_n, uploaded for evaluation only and not counted "
-            f"as protocol traffic). Its personalised {words} (each client's own B_n with A_bar,{reweighted} "
-            f"example-weighted over clients): {_pm(per['fedsa-lora'][f'personal_{metric}'], scale, digits)}{pct}.",
-            "",
-        ]
-    target = summary.get(f"target_{metric}")
-    lines += ["## Communication", ""]
-    if target is not None:
-        rule = (f"{summary['target_fraction']:.0%} of the best final {words}" if higher else
-                f"the best final {words} / {summary['target_fraction']:g}")
-        shown = f"{target * 100:.2f} %" if metric in PERCENT_METRICS else f"{target:.4f}"
-        lines += [f"Target: {rule} = {shown}. "
-                  "Bytes to target = cumulative Flower payload bytes (uplink + downlink, all clients, adapter + "
-                  f"head) when the global {words} first reaches the target (mean over the seeds that reach it).", ""]
-    lines += ["| Method | bytes to target | × FLoRG | seeds reaching | bytes / round (up + down) | up / round | "
-              "down / round | total bytes | agg. error | sent error |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in summary["methods"]:
-        if m not in per:
-            continue
-        d = per[m]
-        b2t = d["bytes_to_target_mean"]
-        ratio = f"{b2t / ref:.2f}×" if (b2t is not None and ref) else "–"
-        reached = sum(h is not None for h in d["bytes_to_target"])
-        total = sum(d["bytes_total"]) / len(d["bytes_total"])
-        lines.append(f"| {DISPLAY[m]} | {_fmt_bytes(b2t)} | {ratio} | {reached}/{d['seeds']} | "
-                     f"{_fmt_bytes(d['bytes_per_round'])} | {_fmt_bytes(d['bytes_up_per_round'])} | "
-                     f"{_fmt_bytes(d['bytes_down_per_round'])} | {_fmt_bytes(total)} | {d['agg_rel_error']:.2e} | "
-                     f"{d['sent_rel_error']:.2e} |")
-    lines += ["", "agg. error / sent error: relative Frobenius error of the new global update against the weighted "
-              "mean of the client updates, before / after any rank-r truncation (max over layers, mean over rounds).",
-              ""]
-    for label in [a for a in ABLATIONS if a in per]:
+    lines += markdown_tables(summary, info)
+    for label in [m for m in summary["methods"] if per[m]["ablation"] and "final" in per[m]]:
         row = _rows()[label]
-        w = per.get(row.method, {}).get(fin, [])
-        wo = per[label][fin]
-        lines += [f"## Ablation: {DISPLAY[label]} (final {words}{unit.replace(' (', ', ').rstrip(')')})", "",
-                  f"| Base | Setting | {task} |", "|---|---|---|",
-                  f"| {model} | {DISPLAY[row.method]} | {_pm(w, scale, digits)} |",
-                  f"| {model} | {DISPLAY[label]} | {_pm(wo, scale, digits)} |"]
-        if w and wo:
-            drop = (_mean_std(w)[0] - _mean_std(wo)[0]) * (1 if higher else -1)
-            lines.append(f"| | drop | {drop * scale:.{digits}f} |")
+        w, wo = per.get(row.method, {}).get("final"), per[label]["final"]
+        lines += [f"## Ablation: {DISPLAY[label]} (final {info.unit})", "", f"| Base | Setting | {task} |", "|---|---|---|"]
+        if w:
+            lines.append(f"| {model} | {DISPLAY[row.method]} | {_pm(info, w)} |")
+        lines.append(f"| {model} | {DISPLAY[label]} | {_pm(info, wo)} |")
+        if w:
+            lines.append(f"| | difference | {info.fmt(w['mean'] - wo['mean'])} |")
         lines.append("")
-    lines += [f"Plots: plots/{metric}_vs_round.png, plots/{metric}_vs_bytes.png (mean over seeds).", ""]
+    lines += [f"Plots: plots/{info.primary}_vs_round.png, plots/{info.primary}_vs_bytes.png (linear MB from round 0)"
+              + (", plots/loss_vs_round.png" if info.primary != "loss" else "") + "; mean ± std over seeds.", ""]
     return "\n".join(lines)

