@@ -176,16 +176,16 @@ def test_compare_of_an_instruction_task_ranks_by_the_lowest_loss(tmp_path, monke
     base = compare_config(["train.rounds=4", "data.task=wordnet-define", "model.name=smollm2"])
     res = run_compare(base, tmp_path, ["florg", "fedit", "florg-noalign"], seeds=2, target_fraction=0.9,
                       log=lambda m: None)
-    per = res["per_method"]
+    per = res["rows"]
     assert res["metric"] == "loss" and res["higher_is_better"] is False
-    assert per["florg"]["final_loss"] == pytest.approx([2.0, 2.1])
-    assert res["best_final_loss"] == pytest.approx(2.05)  # the lowest mean, FLoRG's
-    assert res["target_loss"] == pytest.approx(2.05 / 0.9)  # within 1/0.9 of the best loss
+    assert per["florg"]["final_by_seed"] == pytest.approx({0: 2.0, 1: 2.1})
+    assert res["best_final"] == pytest.approx(2.05)  # the lowest mean, FLoRG's
+    assert res["target"] == pytest.approx(2.05 / 0.9)  # within 1/0.9 of the best loss
     # FLoRG's loss falls by 0.5 per round: 2.5 after round 3 (> 2.278), 2.0 / 2.1 after round 4
-    assert per["florg"]["bytes_to_target"] == [4000, 4000] and per["fedit"]["bytes_to_target_mean"] is None
+    assert per["florg"]["bytes_to_target"]["by_seed"] == {0: 4000, 1: 4000}
+    assert per["fedit"]["bytes_to_target"]["reached"] == 0
     md = (tmp_path / "results.md").read_text()
-    assert "## Final global test loss, mean ± std over seeds (lower is better)" in md
-    assert "**2.0500 ± 0.0707**" in md and "| | drop | 0.2000 |" in md
+    assert "## Final loss, mean ± std over seeds" in md and "**2.0500 ± 0.0707**" in md
     for name in ("loss_vs_round.png", "loss_vs_bytes.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
 
@@ -193,5 +193,5 @@ def test_compare_of_an_instruction_task_ranks_by_the_lowest_loss(tmp_path, monke
 def test_bytes_to_target_lower_is_better():
     rows = [{"round": 0, "test_loss": 4.0, "bytes_total_cum": 0}, {"round": 1, "test_loss": 3.0, "bytes_total_cum": 10},
             {"round": 2, "test_loss": 3.5, "bytes_total_cum": 20}]
-    assert bytes_to_target(rows, 3.2, "loss", higher_is_better=False) == 10
-    assert bytes_to_target(rows, 2.9, "loss", higher_is_better=False) is None
+    assert bytes_to_target(rows, 3.2, "test_loss", higher_is_better=False) == 10
+    assert bytes_to_target(rows, 2.9, "test_loss", higher_is_better=False) is None
