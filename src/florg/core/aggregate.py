@@ -161,14 +161,15 @@ def _check_eig_rtol(eig_rtol: float, layer: str) -> None:
         raise ValueError(f"layer {layer!r}: eig_rtol must be in [0, 1), got {eig_rtol!r}")
 
 
-def _split_eigs(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (into a decreasing ``lam``) of kept and dropped eigenvalues."""
+def _split_eigs(lam: torch.Tensor, eig_rtol: float) -> int:
+    """How many of the decreasing eigenvalues ``lam`` are kept: those ``> eig_rtol * lam[0]``, a prefix.
+
+    A count rather than a boolean mask: slicing a prefix needs no device-to-host copy of the mask.
+    """
     lam_max = float(lam[0]) if lam.numel() else 0.0
     if lam_max <= 0.0:
-        keep = torch.zeros_like(lam, dtype=torch.bool)
-    else:
-        keep = lam > eig_rtol * lam_max
-    return keep, ~keep
+        return 0
+    return int((lam > eig_rtol * lam_max).sum())
 
 
 @dataclass
@@ -218,12 +219,12 @@ def _thin_from_eigh(
 ) -> tuple[GramFactor, _ThinSpectrum]:
     lam = lam_asc.flip(0)
     u = u_asc.flip(1)
-    keep, drop = _split_eigs(lam, eig_rtol)
+    n = _split_eigs(lam, eig_rtol)
     gf = GramFactor(
-        eigenvalues=lam[keep],
-        coeff=u[:, keep].T.contiguous(),
+        eigenvalues=lam[:n],
+        coeff=u[:, :n].T.contiguous(),
         base=m,
-        dropped=lam[drop].clamp_min(0.0),
+        dropped=lam[n:].clamp_min(0.0),
         path="thin",
     )
     return gf, _ThinSpectrum(lam=lam, u=u, g=torch.empty(0))
@@ -233,14 +234,14 @@ def _gram_path_eigen(q: torch.Tensor, eig_rtol: float) -> GramFactor:
     lam_asc, v_asc = torch.linalg.eigh(q)
     lam = lam_asc.flip(0)
     v = v_asc.flip(1)
-    keep, drop = _split_eigs(lam, eig_rtol)
-    lam_k = lam[keep]
-    factor = lam_k.sqrt()[:, None] * v[:, keep].T
+    n = _split_eigs(lam, eig_rtol)
+    lam_k = lam[:n]
+    factor = lam_k.sqrt()[:, None] * v[:, :n].T
     return GramFactor(
         eigenvalues=lam_k,
         coeff=torch.eye(lam_k.numel(), dtype=_F64, device=q.device),
         base=factor,
-        dropped=lam[drop].clamp_min(0.0),
+        dropped=lam[n:].clamp_min(0.0),
         path="gram",
         gram=q,
     )
@@ -302,7 +303,7 @@ def _check_finite(stacked: torch.Tensor, layers: Sequence[tuple[str, Sequence[to
     One reduction instead of one scan per upload: the sum is NaN or infinite whenever an entry
     is. A sum that merely overflows is a false alarm, and :func:`check_factors` then passes.
     """
-    if not bool(torch.isfinite(stacked.sum())):
+    if not bool(torch.isfinite(stacked.sum())):  # also a sum of stacks' sums (one test for many layers)
         for name, factors in layers:
             check_factors(factors, layer=name)
 
@@ -785,10 +786,12 @@ def aggregate_model(
         if key[0] == "thin":
             grams = []
             scales[key] = _row_scales(uploads[names[0]], meta[names[0]][2], uploads[names[0]][0].device)
+            total = None  # one NaN/Inf test per group (one device sync), before any decomposition
             for name in names:
                 stacked = _stack(uploads[name], meta[name][2], scales[key])
-                _check_finite(stacked, every_layer)
+                total = stacked.sum() if total is None else total + stacked.sum()
                 grams.append(stacked @ stacked.T)
+            _check_finite(total, every_layer)
             lam_b, u_b = _small_eigh(torch.stack(grams))
             spectra[key] = (grams, lam_b, u_b)
 
