@@ -515,19 +515,26 @@ def parse_faults(entries: list[str]) -> tuple[dict[int, str], float]:
     return per_client, dropout
 
 
+def read_toml(path: str | Path, what: str, example: str, alternative: str = "", error: type[Exception] = ConfigError
+              ) -> dict[str, Any]:
+    """The parsed TOML file ``path``; one clear ``error`` when it is a folder, missing or not valid TOML."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} '{p}' is a folder; pass a TOML file, e.g. {example}")
+    if not p.is_file():
+        raise error(f"{what} '{p}' does not exist; pass an existing TOML file such as {example}"
+                    + (f" {alternative}" if alternative else ""))
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} '{p}' is not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the TOML file (if any), then ``key=value`` overrides; validated."""
     cfg = RunConfig()
     if path:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"config file '{p}' is a folder; pass a TOML file, e.g. configs/demo.toml")
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pass an existing TOML file or omit --config")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file '{p}' is not valid TOML: {exc}") from None
+        data = read_toml(path, "config file", "configs/demo.toml", "or omit --config")
         _merge(cfg, data, prefix="")
     apply_overrides(cfg, overrides or [])
     validate(cfg)

@@ -628,6 +628,26 @@ def _default_rank(previous: torch.Tensor | None, factors: Sequence[torch.Tensor]
     return int(previous.shape[0])
 
 
+def _check_layer(
+    factors: Sequence[torch.Tensor], k: int, weights: Sequence[float] | None, previous: torch.Tensor | None,
+    rank: int | None, blocks: Sequence[int] | None, path: Path, eig_rtol: float, layer: str,
+) -> tuple[int, list[float], str]:
+    """The checks of one layer after its structure, in the documented order: ``(rank, p, path)``.
+
+    Uploads are scanned for NaN/Inf here on the gram path only; the thin path tests its stacks.
+    """
+    p = normalise_weights(weights, len(factors), layer=layer)
+    if rank is None:
+        rank = _default_rank(previous, factors, k, layer)
+    _check_previous(previous, int(rank), k, layer)
+    _check_blocks(blocks, int(rank), layer)
+    chosen = _choose_path(path, sum(int(a.shape[0]) for a in factors), k, layer)
+    _check_eig_rtol(eig_rtol, layer)
+    if chosen == "gram":
+        check_factors(factors, layer=layer)
+    return int(rank), p, chosen
+
+
 def aggregate(
     factors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
@@ -657,16 +677,7 @@ def aggregate(
         raise ValueError(f"layer {layer!r}: variant must be 'paper' or 'top-r', got {variant!r}")
     k = _check_structure(factors, layer)
     try:
-        if rank is None:
-            rank = _default_rank(previous, factors, k, layer)
-        _check_previous(previous, rank, k, layer)
-        _check_blocks(blocks, rank, layer)
-        p = normalise_weights(weights, len(factors), layer=layer)
-        total = sum(int(a.shape[0]) for a in factors)
-        chosen = _choose_path(path, total, k, layer)
-        _check_eig_rtol(eig_rtol, layer)
-        if chosen == "gram":
-            check_factors(factors, layer=layer)
+        rank, p, chosen = _check_layer(factors, k, weights, previous, rank, blocks, path, eig_rtol, layer)
     except ValueError:
         check_factors(factors, layer=layer)  # a NaN/Inf upload is reported first, as check order demands
         raise
@@ -751,19 +762,9 @@ def aggregate_model(
                 n_clients = len(factors)
             elif len(factors) != n_clients:
                 raise ValueError(f"layer {name!r}: {len(factors)} client factors, other layers have {n_clients}")
-            p = normalise_weights(weights, len(factors), layer=name)
-            prev = previous.get(name)
             r = rank.get(name) if isinstance(rank, Mapping) else rank
-            if r is None:
-                r = _default_rank(prev, factors, k, name)
-            _check_previous(prev, int(r), k, name)
-            _check_blocks(blocks, int(r), name)
-            meta[name] = (k, int(r), p)
-            total = sum(int(a.shape[0]) for a in factors)
-            chosen = _choose_path(path, total, k, name)
-            _check_eig_rtol(eig_rtol, name)
-            if chosen == "gram":
-                check_factors(factors, layer=name)
+            r, p, chosen = _check_layer(factors, k, weights, previous.get(name), r, blocks, path, eig_rtol, name)
+            meta[name] = (k, r, p)
         except ValueError:
             # The NaN/Inf scan of thin layers is deferred to their stacks; report the first
             # failing check in the documented order (layer by layer, uploads first).

@@ -217,13 +217,10 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
 
     ``overrides`` are ``study.<key>=<TOML value>`` strings (e.g. ``study.final_seeds=[0,1]``).
     """
+    from florg.config import read_toml
+
     p = Path(path)
-    if not p.is_file():
-        raise StudyError(f"study file '{p}' does not exist; pass a TOML file such as configs/studies/h12.toml")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyError(f"study file '{p}' is not valid TOML: {exc}") from None
+    data = read_toml(p, "study file", "configs/studies/h12.toml", error=StudyError)
     for item in overrides:
         key, sep, raw = item.partition("=")
         _need(bool(sep) and key.strip().startswith("study.") and key.count(".") == 1, "--set",
@@ -597,10 +594,17 @@ def _variant_for(study: Study, row: StudyRow, fb_sel: dict[str, Any] | None) -> 
 def tune_specs(study: Study, fb_sel: dict[str, Any] | None = None, strict: bool = True) -> list[StudySpec]:
     """The tuning runs (rows with their own sweep). Without ``strict``, rows that wait for the florg-best
     choice are left out instead of raising."""
-    specs = []
+    return [StudySpec("tune", task, row.label, lr, seed, run_config(study, "tune", task, row, lr, seed, variant))
+            for task, row, variant in _rows_with_settings(study, fb_sel, strict, tuned_only=True)
+            for lr in study.grid(row) for seed in study.tune_seeds]
+
+
+def _rows_with_settings(study: Study, fb_sel: dict[str, Any] | None, strict: bool, tuned_only: bool = False):  # noqa: ANN202
+    """``(task, row, florg-best settings)`` for every task and row; without ``strict``, rows that wait for the
+    florg-best choice are skipped instead of raising."""
     for task in study.tasks:
         for row in study.rows.values():
-            if not row.tuned:
+            if tuned_only and not row.tuned:
                 continue
             try:
                 variant = _variant_for(study, row, fb_sel)
@@ -608,11 +612,7 @@ def tune_specs(study: Study, fb_sel: dict[str, Any] | None = None, strict: bool 
                 if strict:
                     raise
                 continue
-            for lr in study.grid(row):
-                for seed in study.tune_seeds:
-                    specs.append(StudySpec("tune", task, row.label, lr, seed,
-                                           run_config(study, "tune", task, row, lr, seed, variant)))
-    return specs
+            yield task, row, variant
 
 
 def select_lrs(study: Study, fb_sel: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -649,24 +649,17 @@ def final_specs(study: Study, fb_sel: dict[str, Any] | None, lrs: Mapping[str, M
     """The final runs: every row at its chosen lr x the final seeds (a ``same_training_as`` row: one run,
     the first final seed). Without ``strict``, rows whose lr is not chosen yet are left out."""
     specs = []
-    for task in study.tasks:
-        for row in study.rows.values():
-            lr = lrs[task][row.label]["chosen"]
-            try:
-                variant = _variant_for(study, row, fb_sel)
-            except StudyError:
-                if strict:
-                    raise
-                continue
-            if lr is None:
-                if strict:
-                    raise StudyError(f"task '{task}', row '{row.label}': no lr chosen yet (its tuning runs are not all "
-                                     "done); run `florg study run FILE --phase tune` first")
-                continue
-            seeds = study.final_seeds[:1] if row.same_training_as else study.final_seeds
-            for seed in seeds:
-                specs.append(StudySpec("final", task, row.label, lr, seed,
-                                       run_config(study, "final", task, row, lr, seed, variant)))
+    for task, row, variant in _rows_with_settings(study, fb_sel, strict):
+        lr = lrs[task][row.label]["chosen"]
+        if lr is None:
+            if strict:
+                raise StudyError(f"task '{task}', row '{row.label}': no lr chosen yet (its tuning runs are not all "
+                                 "done); run `florg study run FILE --phase tune` first")
+            continue
+        seeds = study.final_seeds[:1] if row.same_training_as else study.final_seeds
+        for seed in seeds:
+            specs.append(StudySpec("final", task, row.label, lr, seed,
+                                   run_config(study, "final", task, row, lr, seed, variant)))
     return specs
 
 
