@@ -56,18 +56,6 @@ import torch
 
 from .validation import check_factors, normalise_weights
 
-__all__ = [
-    "AggregationResult",
-    "GramAccumulator",
-    "GramFactor",
-    "aggregate",
-    "aggregate_gram",
-    "aggregate_model",
-    "gram_eigen",
-    "procrustes_align",
-    "DEFAULT_EIG_RTOL",
-]
-
 DEFAULT_EIG_RTOL = 1e-12
 Variant = Literal["paper", "top-r"]
 Path = Literal["auto", "thin", "gram"]

@@ -27,19 +27,13 @@ from torch.utils.data import DataLoader
 
 from florg.config import ConfigError, RunConfig
 from florg.core.seeds import derive_seed
+from florg.env import OFFLINE_ENV
 from florg.methods import FederatedMethod, get_method
 from florg.tasks import TaskFamily
 from florg.train import EVAL_MEMORY_FIX, autocast, base_dtype, check_dtype, memory_guard
 
 __all__ = ["Experiment", "build_experiment", "float32_trainables", "get_experiment", "set_offline_env"]
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
 
 
 def set_offline_env(force: bool = False) -> None:

@@ -15,18 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from florg.env import OFFLINE_ENV
+
 __all__ = ["BASE_ENV", "deployment_env", "find_free_port", "find_free_ports", "pid_alive"]
 
 #: Environment every process of a florg deployment gets.
-BASE_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONUNBUFFERED": "1",
-}
+BASE_ENV = {**OFFLINE_ENV, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 # ----------------------------------------------------------------------------------- ports
