@@ -81,7 +81,12 @@ def _reporter(total_rounds: int) -> Callable[[dict[str, Any]], None]:
 def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own INFO logs.")] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Live progress bars (rounds; clients replied in the round, "
+                     "elapsed, time left). Default: on when the output is a terminal."),
+    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option("--resume", help="Continue an interrupted (or failed) run from its last checkpoint; --set may "
@@ -123,7 +128,7 @@ def run(
     t0 = time.perf_counter()
     console.print(f"[bold]florg run[/]: {cfg.method.name} on {cfg.data.task} with {cfg.model.name}, "
                   f"{cfg.data.num_clients} clients, {cfg.train.rounds} rounds, r={cfg.method.rank}")
-    from florg.fl.simulation import RunFailed, check_gpu_settings, run_simulation_engine
+    from florg.fl.simulation import check_gpu_settings
     from florg.train import resolve_device
 
     try:
@@ -148,12 +153,8 @@ def run(
             _fail(str(exc))
             return
     console.print(f"run directory: {run_dir.path}" + (" (resuming)" if resume is not None else ""))
-    try:
-        summary = run_simulation_engine(cfg, run_dir, reporter=_reporter(cfg.train.rounds), verbose=verbose,
-                                        resume=resume is not None)
-    except RunFailed as exc:
-        _fail(f"{_one_line(exc)}; once the cause is fixed, continue with: florg run --resume {run_dir.path}")
-        return
+    summary = _run_engine(cfg, run_dir, verbose=verbose, resume=resume is not None,
+                          progress=console.is_terminal if progress is None else progress)
     table = Table(title=f"florg run summary ({run_dir.path})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -169,6 +170,45 @@ def run(
     table.add_row("bytes down (total)", _fmt_bytes(summary["bytes_down_total"]))
     table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
     console.print(table)
+
+
+def _run_engine(cfg: RunConfig, run_dir: Any, *, verbose: bool, resume: bool, progress: bool) -> dict[str, Any]:
+    """The simulation with the per-round lines, the live progress display and Ctrl-C/SIGTERM handling."""
+    import contextlib
+    import signal
+
+    from florg.fl.simulation import RunFailed, RunInterrupted, run_simulation_engine
+
+    report = _reporter(cfg.train.rounds)
+    live = None
+    if progress:
+        from florg.cli.live import LiveProgress
+
+        done = max((int(r["round"]) for r in run_dir.read_metrics()), default=0) if resume else 0
+        live = LiveProgress(console, cfg.train.rounds, done)
+
+        def report_row(row: dict[str, Any]) -> None:
+            report(row)
+            live.on_row(row)
+    else:
+        report_row = report
+    try:
+        with live if live is not None else contextlib.nullcontext():
+            return run_simulation_engine(cfg, run_dir, reporter=report_row, verbose=verbose, resume=resume,
+                                         on_progress=live.on_reply if live is not None else None,
+                                         handle_signals=True)
+    except RunInterrupted as exc:
+        err_console.print(f"[bold yellow]interrupted:[/] status.json says 'interrupted'; continue with:\n"
+                          f"  florg run --resume {run_dir.path}")
+        sig = signal.SIGTERM if "SIGTERM" in str(exc) else signal.SIGINT
+        # The run is recorded and its processes are gone; Flower's simulation threads may still be unwinding
+        # (a normal interpreter exit waits for them for seconds), so exit now with the usual signal exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + int(sig))
+    except RunFailed as exc:
+        _fail(f"{_one_line(exc)}; once the cause is fixed, continue with: florg run --resume {run_dir.path}")
+        raise  # unreachable
 
 
 def _one_line(exc: BaseException) -> str:

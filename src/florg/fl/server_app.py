@@ -10,6 +10,7 @@ the Flower run config keys ``config-file`` (a florg TOML file, optional), ``over
 from __future__ import annotations
 
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
 from florg.train import autocast, resolve_device
 
+from .progress import ProgressFn, ProgressGrid, RunInterrupted, log_progress
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
 
@@ -50,12 +52,20 @@ def run_server(
     reporter: Reporter | None = None,
     experiment: Experiment | None = None,
     resume: bool = False,
+    on_progress: ProgressFn | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run all rounds on ``grid``; returns the run summary (also written to ``summary.json``).
 
     With ``resume=True`` the run continues after the last round checkpointed in ``run_dir``.
+    ``on_progress`` receives the replies of each round as they arrive
+    (:class:`florg.fl.progress.ReplyProgress`); once ``stop`` is set the run ends at the next
+    poll with :class:`florg.fl.progress.RunInterrupted`, ``status.json`` saying ``interrupted``
+    (continue it with ``florg run --resume RUN_DIR``).
     """
     t_start = time.perf_counter()
+    if on_progress is not None or stop is not None:
+        grid = ProgressGrid(grid, on_progress, stop)
     exp = _prepare(cfg, run_dir, experiment)
     progress = _resume(run_dir, exp, resume)
     strategy = AdapterStrategy.from_config(exp.method, cfg, round_log=RoundLog(), round_offset=progress.done)
@@ -64,6 +74,9 @@ def run_server(
     try:
         final = _train(grid, cfg, strategy, progress, evaluate_fn)
         return _finish(cfg, exp, run_dir, final, progress, t_start)
+    except RunInterrupted:
+        run_dir.set_status("interrupted", rounds_done=progress.rows[-1]["round"] if progress.rows else 0)
+        raise
     except BaseException as exc:
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -266,5 +279,5 @@ def _deployment_main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(rc.get("overrides", "")))
     cfg = load_config(str(rc.get("config-file", "")) or None, overrides)
     run_dir_path = str(rc.get("run-dir", "")) or None
-    run_server(grid, cfg, RunDir.create(cfg, run_dir_path))
+    run_server(grid, cfg, RunDir.create(cfg, run_dir_path), on_progress=log_progress)
 

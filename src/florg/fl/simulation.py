@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 import warnings
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
@@ -27,13 +30,14 @@ from florg.config import ConfigError, RunConfig
 from florg.run.experiment import set_offline_env
 from florg.run.rundir import RunDir
 
+from .progress import ProgressFn, RunInterrupted
 from .server_app import Reporter, run_server
 
 if TYPE_CHECKING:
     from flwr.app import Context
     from flwr.clientapp import ClientApp
 
-__all__ = ["RunFailed", "backend_config", "check_gpu_settings", "run_simulation_engine"]
+__all__ = ["RunFailed", "RunInterrupted", "backend_config", "check_gpu_settings", "run_simulation_engine"]
 
 
 class RunFailed(RuntimeError):
@@ -46,8 +50,11 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray backend settings sized for this machine (all of its GPUs when the clients reserve GPUs)."""
+def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
+    """Ray backend settings sized for this machine (all of its GPUs when the clients reserve GPUs).
+
+    Ray logs errors only, unless ``verbose`` (then its INFO lines too).
+    """
     cpus = cfg.federation.backend_cpus or os.cpu_count() or 1
     gpus = _visible_gpus() if cfg.federation.client_gpus > 0 else 0
     return {
@@ -56,7 +63,7 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
             "num_cpus": int(cpus),
             "num_gpus": int(gpus),
             "include_dashboard": False,
-            "logging_level": logging.ERROR,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": True,
         },
     }
@@ -117,12 +124,23 @@ def run_simulation_engine(
     verbose: bool = False,
     resume: bool = False,
     client_app: ClientApp | None = None,
+    on_progress: ProgressFn | None = None,
+    handle_signals: bool = False,
 ) -> dict[str, Any]:
     """Run the federated job with ``cfg.data.num_clients`` simulated SuperNodes; returns the summary.
 
     ``client_app`` defaults to florg's production ClientApp; pass ``florg.fl.faults.app`` (test
     only) for ``federation.faults`` to take effect. With ``resume`` the checkpoint is checked
     first (:class:`florg.run.checkpoint.CheckpointError` before anything starts).
+    ``on_progress`` receives each round's replies as they arrive (:mod:`florg.fl.progress`).
+
+    Interruption: a ``KeyboardInterrupt`` (Ctrl-C) or ``SystemExit`` (Ray turns SIGTERM into one)
+    while the simulation runs stops the ServerApp at its next poll, shuts Ray down, ends every
+    process the run started, sets ``status.json`` to ``interrupted`` and raises
+    :class:`RunInterrupted` (continue with ``florg run --resume RUN_DIR``). ``handle_signals``
+    (for command-line programs, main thread only) also turns SIGTERM into that path and arms a
+    watchdog: if the process has not exited :data:`STOP_SECONDS` after the first signal, or a
+    second signal arrives, it ends the run's processes and exits at once.
     """
     set_offline_env()
     from flwr.common.logger import log
@@ -148,30 +166,145 @@ def run_simulation_engine(
                      "never injects faults (fault injection is off on the client); pass "
                      "client_app=florg.fl.faults.app to inject them (tests only)")
     holder: dict[str, Any] = {}
+    stop = threading.Event()
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        holder["summary"] = run_server(grid, cfg, run_dir, reporter, resume=resume)
+        holder["thread"] = threading.current_thread()
+        holder["summary"] = run_server(grid, cfg, run_dir, reporter, resume=resume, on_progress=on_progress,
+                                       stop=stop)
 
     flwr_logger = logging.getLogger("flwr")
     quiet = _QuietFlower(verbose)
     flwr_logger.addFilter(quiet)
     failure: Exception | None = None
+    children_before = _children()
+    guard = _SignalGuard(run_dir, children_before) if handle_signals else None
     try:
+        if guard is not None:
+            guard.install()
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=cfg.data.num_clients,
-            backend_config=backend_config(cfg),
+            backend_config=backend_config(cfg, verbose),
             verbose_logging=verbose,
         )
+    except (KeyboardInterrupt, SystemExit) as exc:
+        stop.set()
+        if guard is not None:
+            guard.arm(guard.signum or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM))
+        _wind_down(holder, run_dir, children_before)
+        raise RunInterrupted(f"the run was interrupted ({_signal_name(exc, guard)}); "
+                             f"continue with: florg run --resume {run_dir.path}") from None
     except Exception as exc:  # noqa: BLE001 - the server's error, already recorded in status.json by run_server
         failure = exc
     finally:
         flwr_logger.removeFilter(quiet)
+        if guard is not None:
+            guard.uninstall()
     if "summary" not in holder:
+        if run_dir.status().get("status") == "interrupted":  # stopped by the caller's stop request
+            raise RunInterrupted(f"the run was interrupted; continue with: florg run --resume {run_dir.path}")
         error = run_dir.status().get("error") or (
             f"{type(failure).__name__}: {failure}" if failure else "the simulation ended without finishing the run")
         raise RunFailed(f"{error} (run directory {run_dir.path}; status.json says 'failed')") from failure
     return holder["summary"]
+
+
+# ------------------------------------------------------------------------------ interruption
+#: seconds from the first SIGINT/SIGTERM to a forced exit, when the orderly stop has not finished by then
+STOP_SECONDS = 8.0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _signal_name(exc: BaseException, guard: _SignalGuard | None) -> str:
+    if guard is not None and guard.signum is not None:
+        return signal.Signals(guard.signum).name
+    return "SIGTERM" if isinstance(exc, (_Terminated, SystemExit)) else "SIGINT"
+
+
+def _children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _reap(children_before: set[int], timeout: float = 1.0) -> None:
+    """End every process this run started (Ray's GCS, raylet and workers) that is still alive."""
+    import psutil
+
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _wind_down(holder: dict[str, Any], run_dir: RunDir, children_before: set[int]) -> None:
+    """After an interruption: let the ServerApp reach its stop check, end leftover processes, mark the run."""
+    thread = holder.get("thread")
+    if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
+        thread.join(timeout=STOP_SECONDS / 2)  # the server stops at its next poll (or after the evaluation it is in)
+    _reap(children_before)
+    if run_dir.status().get("status") in (None, "running"):
+        run_dir.set_status("interrupted")
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM handlers for a command-line run (see :func:`run_simulation_engine`)."""
+
+    def __init__(self, run_dir: RunDir, children_before: set[int]) -> None:
+        self.run_dir = run_dir
+        self.children_before = children_before
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        self.timer: threading.Timer | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            self._force()
+        self.arm(signum)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def arm(self, signum: int) -> None:
+        """Remember the first signal and start the watchdog (once)."""
+        if self.signum is None:
+            self.signum = int(signum)
+        if self.timer is None:
+            self.timer = threading.Timer(STOP_SECONDS, self._force)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _force(self) -> None:
+        try:
+            _reap(self.children_before, timeout=1.0)
+            if self.run_dir.status().get("status") in (None, "running"):
+                self.run_dir.set_status("interrupted")
+            sys.stderr.write(f"florg: interrupted; continue with: florg run --resume {self.run_dir.path}\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(128 + (self.signum or signal.SIGINT))

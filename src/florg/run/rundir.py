@@ -5,7 +5,7 @@ Layout::
     runs/<name>/
       config.toml        the resolved config (re-run with `florg run --config runs/<name>/config.toml`)
       environment.json   seed, package versions, python, platform, command line
-      status.json        {"status": "running" | "complete" | "failed", ...}
+      status.json        {"status": "running" | "complete" | "failed" | "interrupted", ...}
       partitions.json    per-client sizes and label histograms
       metrics.jsonl      one row per round (round 0 = the untrained model); every field except
                          "timing" is deterministic for a fixed config and seed

@@ -1,0 +1,72 @@
+"""The live progress display of ``florg run``: rounds done of all, and inside a round the clients that replied.
+
+Two rich progress bars under the per-round lines: ``rounds`` (i/R, elapsed, estimated time
+left) and the current exchange (``round i train``: m/N clients replied, elapsed, estimated
+time left). They are fed by :class:`florg.fl.progress.ReplyProgress` events (from the
+ServerApp's thread) and by the metrics rows of the run's reporter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from florg.fl.progress import ReplyProgress
+
+__all__ = ["LiveProgress"]
+
+_KIND = {"train": "training", "evaluate": "client evaluation", "query": "asking partition ids"}
+
+
+class LiveProgress:
+    """Context manager: the live display while it is open; :meth:`on_reply` and :meth:`on_row` feed it."""
+
+    def __init__(self, console: Console, total_rounds: int, done_rounds: int = 0) -> None:
+        self.total_rounds = total_rounds
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            speed_estimate_period=24 * 3600.0,  # rounds can take minutes: estimate from the whole run
+        )
+        self.rounds: TaskID = self.progress.add_task("rounds", total=total_rounds, completed=done_rounds,
+                                                     unit="rounds")
+        self.clients: TaskID | None = None
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def on_reply(self, event: ReplyProgress) -> None:
+        """A :class:`ReplyProgress` from the ServerApp: m/N clients replied in the current exchange."""
+        where = f"round {event.server_round}/{self.total_rounds} " if event.server_round is not None else ""
+        description = f"{where}{_KIND.get(event.kind, event.kind)}"
+        if self.clients is None:
+            self.clients = self.progress.add_task(description, total=event.total, unit="clients replied")
+        if event.replied == 0 and not event.done:  # a new exchange: restart the clock and the estimate
+            self.progress.reset(self.clients, total=event.total, completed=0, description=description)
+        else:
+            self.progress.update(self.clients, total=event.total, completed=event.replied, description=description)
+
+    def on_row(self, row: dict[str, Any]) -> None:
+        """A round's metrics row: that round is done."""
+        self.progress.update(self.rounds, completed=int(row["round"]))
