@@ -126,6 +126,7 @@ def run_simulation_engine(
     client_app: ClientApp | None = None,
     on_progress: ProgressFn | None = None,
     handle_signals: bool = False,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run the federated job with ``cfg.data.num_clients`` simulated SuperNodes; returns the summary.
 
@@ -133,6 +134,8 @@ def run_simulation_engine(
     only) for ``federation.faults`` to take effect. With ``resume`` the checkpoint is checked
     first (:class:`florg.run.checkpoint.CheckpointError` before anything starts).
     ``on_progress`` receives each round's replies as they arrive (:mod:`florg.fl.progress`).
+    Setting ``stop`` (from any thread) ends the run at the ServerApp's next poll, ``status.json``
+    saying ``interrupted``, with :class:`RunInterrupted`.
 
     Interruption: a ``KeyboardInterrupt`` (Ctrl-C) or ``SystemExit`` (Ray turns SIGTERM into one)
     while the simulation runs stops the ServerApp at its next poll, shuts Ray down, ends every
@@ -166,7 +169,7 @@ def run_simulation_engine(
                      "never injects faults (fault injection is off on the client); pass "
                      "client_app=florg.fl.faults.app to inject them (tests only)")
     holder: dict[str, Any] = {}
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
     server_app = ServerApp()
 
     @server_app.main()
