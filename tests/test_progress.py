@@ -108,20 +108,35 @@ def test_simulation_reports_replies_and_stops_on_request(tmp_path, tiny_override
 
 
 # ------------------------------------------------------------------ the live display
+def _render(live):
+    out = Console(file=io.StringIO(), width=160, record=True)
+    out.print(live.progress.get_renderable())
+    return out.export_text()
+
+
 def test_live_progress_shows_rounds_and_clients_replied():
     live = LiveProgress(Console(file=io.StringIO()), total_rounds=5, done_rounds=1)
     live.on_row({"round": 2})
     live.on_reply(ReplyProgress("train", 3, 0, 4, 0.0))
     live.on_reply(ReplyProgress("train", 3, 3, 4, 12.0))
-    out = Console(file=io.StringIO(), width=160, record=True)
-    out.print(live.progress.get_renderable())
-    text = out.export_text()
+    text = _render(live)
     assert "rounds" in text and "2/5" in text
     assert "round 3/5 training" in text and "3/4" in text and "clients replied" in text
+    assert "~" not in text  # no earlier round to estimate from
+
+
+def test_live_progress_estimates_a_round_from_the_previous_one():
+    live = LiveProgress(Console(file=io.StringIO()), total_rounds=5)
+    live.on_reply(ReplyProgress("train", 1, 0, 4, 0.0))
+    live.on_reply(ReplyProgress("train", 1, 4, 4, 600.0, done=True))  # round 1 took 10 minutes
+    live.on_reply(ReplyProgress("train", 2, 0, 4, 0.0))
+    text = _render(live)
+    assert "round 2/5 training" in text and "0/4" in text
+    assert "~0:09:" in text or "~0:10:00" in text  # about 10 minutes left (minus the instant elapsed)
 
 
 # ------------------------------------------------------------------ log noise
-_NOISE = ("INFO ", "DEBUG ", "[ROUND", "Starting AdapterStrategy", "configure_train")
+_NOISE = ("INFO ", "DEBUG ", "[ROUND", "Starting AdapterStrategy", "configure_train", "Started a local Ray instance")
 
 
 @pytest.mark.slow
@@ -142,3 +157,4 @@ def test_default_output_is_quiet_and_verbose_shows_flower_and_ray(tmp_path, tiny
     text = loud.stdout + loud.stderr
     assert "[ROUND 1/1]" in text and "configure_train" in text  # Flower's INFO log
     assert "Initialising: RayBackend" in text  # Flower's DEBUG log of the Ray backend
+    assert "Started a local Ray instance" in text  # Ray's own INFO log
