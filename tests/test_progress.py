@@ -135,6 +135,16 @@ def test_live_progress_estimates_a_round_from_the_previous_one():
     assert "~0:09:" in text or "~0:10:00" in text  # about 10 minutes left (minus the instant elapsed)
 
 
+def test_live_progress_estimates_the_rounds_left_from_the_mean_round(monkeypatch):
+    live = LiveProgress(Console(file=io.StringIO()), total_rounds=4)
+    task = live.progress.tasks[0]
+    for server_round, elapsed in ((0, 5.0), (1, 65.0), (2, 125.0)):  # a minute per round after round 0
+        monkeypatch.setattr(type(task), "elapsed", property(lambda self, e=elapsed: e))
+        live.on_row({"round": server_round})
+    text = _render(live)
+    assert "2/4" in text and "~0:02:00" in text  # two rounds left at a minute each
+
+
 # ------------------------------------------------------------------ log noise
 _NOISE = ("INFO ", "DEBUG ", "[ROUND", "Starting AdapterStrategy", "configure_train", "Started a local Ray instance")
 

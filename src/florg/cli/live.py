@@ -30,11 +30,13 @@ from florg.fl.progress import ReplyProgress
 __all__ = ["LiveProgress"]
 
 class _TimeLeft(TimeRemainingColumn):
-    """Rich's estimate from the replies so far; before the first reply, the last exchange's duration minus elapsed."""
+    """Time left: ``expected`` (seconds from the task's start) minus elapsed, where rich has no estimate yet
+    (before a round's first reply) or the task prefers it (``rounds``: the mean round time so far)."""
 
     def render(self, task: Task) -> Text:
         expected = task.fields.get("expected")
-        if task.time_remaining is None and expected is not None and not task.finished:
+        prefer = task.fields.get("prefer_expected", False)
+        if (prefer or task.time_remaining is None) and expected is not None and not task.finished:
             left = max(expected - (task.elapsed or 0.0), 0.0)
             minutes, seconds = divmod(int(left), 60)
             hours, minutes = divmod(minutes, 60)
@@ -63,7 +65,8 @@ class LiveProgress:
             speed_estimate_period=24 * 3600.0,  # rounds can take minutes: estimate from the whole run
         )
         self.rounds: TaskID = self.progress.add_task("rounds", total=total_rounds, completed=done_rounds,
-                                                     unit="rounds")
+                                                     unit="rounds", expected=None, prefer_expected=True)
+        self._first_row: tuple[int, float] | None = None  # (round, elapsed) of the first row seen
         self.clients: TaskID | None = None
         self.durations: dict[str, float] = {}  # the last complete exchange of each kind: the next one's estimate
 
@@ -92,4 +95,12 @@ class LiveProgress:
 
     def on_row(self, row: dict[str, Any]) -> None:
         """A round's metrics row: that round is done."""
-        self.progress.update(self.rounds, completed=int(row["round"]))
+        server_round = int(row["round"])
+        elapsed = next(t for t in self.progress.tasks if t.id == self.rounds).elapsed or 0.0
+        expected = None
+        if self._first_row is None:
+            self._first_row = (server_round, elapsed)
+        elif server_round > self._first_row[0]:  # rounds left x the mean round time since the first row
+            per_round = (elapsed - self._first_row[1]) / (server_round - self._first_row[0])
+            expected = elapsed + per_round * (self.total_rounds - server_round)
+        self.progress.update(self.rounds, completed=server_round, expected=expected)
