@@ -37,7 +37,7 @@ def _check_run_dir(run_dir: Path, rounds: int = 2, metric: str = "accuracy") -> 
 
 
 def _run_and_check(dep: LocalDeployment, run_dir: Path, overrides: list[str], metric: str = "accuracy",
-                   timeout: float = RUN_TIMEOUT) -> None:
+                   timeout: float = RUN_TIMEOUT):
     with dep:
         assert len(dep.pids) == 3  # SuperLink + 2 SuperNodes
         assert all(pid_alive(pid) for pid in dep.pids)
@@ -48,13 +48,15 @@ def _run_and_check(dep: LocalDeployment, run_dir: Path, overrides: list[str], me
         _check_run_dir(run_dir, metric=metric)
         pids = dep.all_pids()
     assert not [pid for pid in pids if pid_alive(pid)]
+    return result
 
 
 def test_deployment_insecure(deployments, tmp_path, tiny_overrides):
     dep = deployments(num_supernodes=2, insecure=True)  # testing only, and only when asked for
     overrides = [*tiny_overrides, "data.num_clients=2", "data.max_train_examples=200", "data.max_test_examples=100",
                  "federation.round_timeout=90"]
-    _run_and_check(dep, tmp_path / "run", overrides)
+    result = _run_and_check(dep, tmp_path / "run", overrides)
+    assert "round 2: train: 2/2 clients replied" in result.output  # the ServerApp's progress log (docs/progress.md)
     config = (dep.flwr_home / "config.toml").read_text()
     assert "insecure = true" in config and dep.address in config
 

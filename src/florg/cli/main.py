@@ -254,6 +254,7 @@ def compare(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
 ) -> None:
     """Run every method (and the FLoRG alignment ablation) on one configuration and tabulate them."""
+    from florg.fl.progress import RunInterrupted
     from florg.run.compare import DISPLAY, compare_config, parse_methods, run_compare
     from florg.run.experiment import set_offline_env
 
@@ -287,6 +288,9 @@ def compare(
     except ConfigError as exc:
         _fail(str(exc))
         return
+    except (KeyboardInterrupt, RunInterrupted):
+        err_console.print(f"[bold yellow]interrupted:[/] re-run the same command to continue the comparison in {out}")
+        raise typer.Exit(code=130) from None
     console.print((out / "results.md").read_text(), markup=False)
     console.print(f"compare directory: {out}")
     if result.get("failed"):

@@ -188,7 +188,7 @@ def run_compare(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a comparison and write its tables and plots; returns :func:`summarise`'s dict."""
-    from florg.fl.simulation import run_simulation_engine
+    from florg.fl.simulation import RunInterrupted, run_simulation_engine
     from florg.run.rundir import RunDir
 
     if not 0.0 < target_fraction <= 1.0:
@@ -219,7 +219,7 @@ def run_compare(
         try:
             run_simulation_engine(spec.cfg, RunDir.create(spec.cfg),
                                   reporter=reporter(spec) if reporter else (lambda row: None), verbose=verbose)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RunInterrupted):  # Ctrl-C stops the comparison (re-running resumes it)
             raise
         except Exception as exc:  # noqa: BLE001 - one failed method must not stop the comparison
             failed.append(spec.name)
