@@ -197,7 +197,9 @@ def _run_engine(cfg: RunConfig, run_dir: Any, *, verbose: bool, resume: bool, pr
             return run_simulation_engine(cfg, run_dir, reporter=report_row, verbose=verbose, resume=resume,
                                          on_progress=live.on_reply if live is not None else None,
                                          handle_signals=True)
-    except RunInterrupted as exc:
+    except (RunInterrupted, KeyboardInterrupt) as exc:  # (KeyboardInterrupt: Ctrl-C before the simulation started)
+        if run_dir.status().get("status") in (None, "running"):
+            run_dir.set_status("interrupted")
         err_console.print(f"[bold yellow]interrupted:[/] status.json says 'interrupted'; continue with:\n"
                           f"  florg run --resume {run_dir.path}")
         sig = signal.SIGTERM if "SIGTERM" in str(exc) else signal.SIGINT
