@@ -135,15 +135,17 @@ def run_simulation_engine(
     first (:class:`florg.run.checkpoint.CheckpointError` before anything starts).
     ``on_progress`` receives each round's replies as they arrive (:mod:`florg.fl.progress`).
     Setting ``stop`` (from any thread) ends the run at the ServerApp's next poll, ``status.json``
-    saying ``interrupted``, with :class:`RunInterrupted`.
+    saying ``interrupted``, with :class:`RunInterrupted`; the simulation engine then lets the
+    clients' tasks under way finish before it returns.
 
     Interruption: a ``KeyboardInterrupt`` (Ctrl-C) or ``SystemExit`` (Ray turns SIGTERM into one)
-    while the simulation runs stops the ServerApp at its next poll, shuts Ray down, ends every
-    process the run started, sets ``status.json`` to ``interrupted`` and raises
-    :class:`RunInterrupted` (continue with ``florg run --resume RUN_DIR``). ``handle_signals``
-    (for command-line programs, main thread only) also turns SIGTERM into that path and arms a
-    watchdog: if the process has not exited :data:`STOP_SECONDS` after the first signal, or a
-    second signal arrives, it ends the run's processes and exits at once.
+    while the simulation runs stops the ServerApp at its next poll, ends every process the run
+    started (Ray's GCS, raylet and client workers, without waiting for their tasks), sets
+    ``status.json`` to ``interrupted`` and raises :class:`RunInterrupted` (continue with
+    ``florg run --resume RUN_DIR``). ``handle_signals`` (for command-line programs, main thread
+    only) also turns SIGTERM into that path and arms a watchdog: if the process has not exited
+    :data:`STOP_SECONDS` after the first signal, or a second signal arrives, it ends the run's
+    processes and exits at once.
     """
     set_offline_env()
     from flwr.common.logger import log
