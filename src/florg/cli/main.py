@@ -32,6 +32,22 @@ SetOpt = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from florg import __version__
+
+        console.print(f"florg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print florg's version and exit.")] = False,
+) -> None:
+    """Federated fine-tuning with FLoRG on Flower."""
+
+
 def _fail(message: str) -> None:
     from rich.markup import escape
 
