@@ -41,8 +41,8 @@ _LAZY = {
     "layer_seed": "florg.core",
     "make_bases": "florg.core",
     "procrustes_align": "florg.core",
-    "predict": "florg.predict",
-    "load_run_model": "florg.predict",
+    "predict": "florg.run.predict",
+    "load_run_model": "florg.run.predict",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
@@ -53,8 +53,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'florg' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    if not (name == "predict" and module == "florg.predict"):  # florg.predict is also the submodule's name
-        globals()[name] = value
+    globals()[name] = value
     return value
 
 

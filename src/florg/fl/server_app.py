@@ -261,6 +261,9 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
     if progress.done:
         summary["resumed_from_round"] = progress.done
     run_dir.write_json("summary.json", summary)
+    from florg.run.outputs import describe_adapters
+
+    describe_adapters(exp, run_dir.path, summary)  # task_type, portable base id, labels, tokenizer, model card
     run_dir.set_status("complete", rounds=len(rows) - 1)
     return summary
 

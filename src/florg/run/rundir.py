@@ -12,7 +12,9 @@ Layout::
       plots/<metric>_vs_round.png, plots/<metric>_vs_bytes.png (linear MB from round 0), plots/loss_vs_round.png
                          (the task's primary metric: accuracy, f1 for extractive QA, loss for instruction tuning)
       adapter/           the final adapter in PEFT format (PeftModel.from_pretrained after `import florg`)
-      adapter_lora/      the same adapter exported as a plain PEFT LoRA (no florg needed to load it)
+      adapter_lora/      the same adapter exported as a plain PEFT LoRA (no florg needed to load it); each
+                         adapter folder also holds its model card README.md, the tokenizer, labels.json
+                         (classification) and PEFT's task_type (florg.run.outputs)
       generations.jsonl  instruction tuning: greedy answers before/after training (florg.tasks.instruction)
       summary.json       the primary metric before/after, total bytes, wall time, the task family's extras
 

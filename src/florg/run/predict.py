@@ -1,0 +1,162 @@
+"""Predictions from a finished run: ``florg.predict(run_dir, texts)`` and ``florg predict RUN_DIR TEXT...``.
+
+:func:`load_run_model` rebuilds the run's model exactly as the run did (the base model from
+``config.toml``'s ``model.name``, resolved offline; the head initialised from the run's seed; the
+base-weight deltas of methods that change them), then applies the final adapter from
+``RUN_DIR/adapter``. :func:`predict` encodes the inputs with the task family's own encoding:
+
+* classification: each text's class, with the probabilities of the ``top_k`` likeliest classes;
+* extractive QA: each text is a question, answered from ``context`` (the best span, as evaluated);
+* instruction tuning: each text is a user turn, answered by greedy generation (``max_new_tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+__all__ = ["RunModel", "load_run_model", "predict"]
+
+
+class RunModel(SimpleNamespace):
+    """What :func:`load_run_model` returns: ``model``, ``tokenizer``, ``cfg``, ``family``, ``labels``."""
+
+    def __iter__(self):  # noqa: ANN204 - model, tokenizer = load_run_model(...)
+        return iter((self.model, self.tokenizer))
+
+
+def _adapter_dir(run_dir: Path) -> Path:
+    folder = run_dir / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        if not (run_dir / "config.toml").is_file():
+            raise FileNotFoundError(f"'{run_dir}' is not a florg run directory (no config.toml)")
+        raise FileNotFoundError(f"'{run_dir}' has no final adapter (adapter/adapter_config.json); the run has not "
+                                "completed: continue it with florg run --resume " + str(run_dir))
+    return folder
+
+
+def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
+    """The final model of the run in ``run_dir`` (eval mode) with its tokenizer, config, task family and labels."""
+    import torch
+    from peft import PeftModel
+
+    import florg.adapters  # noqa: F401 - registers the FLORG PEFT type
+    from florg.config import load_config
+    from florg.run.experiment import float32_trainables, set_offline_env
+    from florg.run.outputs import LABELS_FILE
+    from florg.tasks import get_family
+    from florg.train import base_dtype
+
+    set_offline_env()
+    run_dir = Path(run_dir)
+    adapter = _adapter_dir(run_dir)
+    cfg = load_config(run_dir / "config.toml", [])
+    family = get_family(cfg)
+    labels = None
+    if (adapter / LABELS_FILE).is_file():
+        id2label = json.loads((adapter / LABELS_FILE).read_text(encoding="utf-8"))["id2label"]
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+    torch.manual_seed(cfg.seed)  # the head's initialisation, as in the run (florg.run.experiment)
+    model, tokenizer = family.load_model(SimpleNamespace(num_labels=len(labels or [0, 0]), label_names=labels),
+                                         base_dtype(cfg.model.dtype))
+    model = PeftModel.from_pretrained(model, str(adapter))
+    delta_file = run_dir / "base_delta.safetensors"
+    if delta_file.is_file():
+        from safetensors.torch import load_file
+
+        from florg.methods.lora_common import lora_layers
+
+        deltas = load_file(str(delta_file))
+        with torch.no_grad():
+            for name, layer in lora_layers(model).items():
+                weight = layer.get_base_layer().weight
+                weight.add_(deltas[name + ".weight"].to(weight.dtype))
+    float32_trainables(model)
+    model.eval()
+    if device:
+        model.to(torch.device(device))
+    if labels is not None:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {n: i for i, n in enumerate(labels)}
+    return RunModel(model=model, tokenizer=tokenizer, cfg=cfg, family=family, labels=labels)
+
+
+def predict(run_dir: str | Path | RunModel, texts: Sequence[str], *, context: str | None = None,
+            top_k: int = 3, max_new_tokens: int = 64, device: str | None = None) -> list[dict[str, Any]]:
+    """One prediction per text (see the module docstring); ``run_dir`` may be a loaded :class:`RunModel`.
+
+    Returns dicts: classification ``{"text", "label", "probability", "top": [(label, p), ...]}``;
+    extractive QA ``{"question", "answer"}``; instruction tuning ``{"prompt", "generation"}``.
+    """
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise ValueError("predict needs at least one text")
+    run = run_dir if isinstance(run_dir, RunModel) else load_run_model(run_dir, device=device)
+    kind = run.family.name
+    if kind == "classification":
+        return _classify(run, texts, top_k)
+    if kind == "extractive-qa":
+        if not context:
+            raise ValueError("this run is extractive QA: give the passage to answer from (--context TEXT)")
+        return _answer(run, texts, context)
+    if kind == "instruction":
+        return _generate(run, texts, max_new_tokens)
+    raise ValueError(f"predict does not know the task family {kind!r}")
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _classify(run: RunModel, texts: list[str], top_k: int) -> list[dict[str, Any]]:
+    import datasets
+    import torch
+
+    from florg.models import encode, make_collate
+
+    ds = datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
+    feats = encode(ds, run.tokenizer, run.cfg.model.max_length, text_fields=("text",))
+    batch = make_collate(int(run.tokenizer.pad_token_id or 0))([feats[i] for i in range(len(feats))])
+    batch = {k: v.to(_device(run.model)) for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        probs = torch.softmax(run.model(**batch).logits.float(), dim=-1).cpu()
+    names = run.labels or [str(i) for i in range(probs.shape[-1])]
+    out = []
+    for text, p in zip(texts, probs, strict=True):
+        order = torch.argsort(p, descending=True, stable=True)[: max(1, int(top_k))].tolist()
+        out.append({"text": text, "label": names[order[0]], "probability": float(p[order[0]]),
+                    "top": [(names[i], float(p[i])) for i in order]})
+    return out
+
+
+def _answer(run: RunModel, questions: list[str], context: str) -> list[dict[str, Any]]:
+    import datasets
+
+    from florg.tasks.extractive_qa import evaluate_qa
+
+    n = len(questions)
+    ds = datasets.Dataset.from_dict({"id": [str(i) for i in range(n)], "question": questions, "context": [context] * n,
+                                     "answers": [{"text": [""], "answer_start": [0]}] * n, "label": [0] * n})
+    eval_set = run.family.encode(ds, run.tokenizer, train=False)
+    res = evaluate_qa(run.model, eval_set, batch_size=run.cfg.eval.batch_size,
+                      pad_token_id=int(run.tokenizer.pad_token_id or 0),
+                      max_answer_length=run.cfg.data.max_answer_length, device=_device(run.model))
+    return [{"question": q, "answer": a} for q, a in zip(questions, res["predictions"], strict=True)]
+
+
+def _generate(run: RunModel, prompts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+    import datasets
+
+    from florg.tasks.instruction import greedy_generate
+
+    n = len(prompts)
+    ds = datasets.Dataset.from_dict({"messages": [json.dumps([{"role": "user", "content": p}]) for p in prompts],
+                                     "input": [""] * n, "output": [""] * n})
+    enc = run.family.encode(ds, run.tokenizer, train=False)
+    ids = [list(row[:k]) for row, k in zip(enc["input_ids"], enc["prompt_len"], strict=True)]
+    gens = greedy_generate(run.model, run.tokenizer, ids, max_new_tokens=int(max_new_tokens),
+                           batch_size=run.cfg.eval.batch_size)
+    return [{"prompt": p, "generation": g} for p, g in zip(prompts, gens, strict=True)]
