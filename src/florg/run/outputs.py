@@ -152,6 +152,10 @@ def model_card(exp: Experiment, summary: dict[str, Any], *, base_id: str, folder
               "`HuggingFaceTB/SmolLM2-135M-Instruct`) to its packaged copies: load the base with "
               f"`{hf_auto}.from_pretrained(florg.models.resolve_model(\"{base_id}\"))` and then "
               f'`peft.PeftModel.from_pretrained(base, "{folder}")`.']
+    if task_type == "QUESTION_ANS":
+        lines += ["", "Note: PEFT 0.21's `PeftModelForQuestionAnswering.forward` does not pass `token_type_ids` on to "
+                  "the model, which changes a BERT-style model's outputs; call the wrapped model instead: "
+                  "`model.get_base_model()(**inputs)`."]
     if base_delta:
         lines += ["", "This method also changed the frozen base weights: add `../base_delta.safetensors` "
                   "(`<layer>.weight` deltas) to the base model before applying the adapter "

@@ -41,7 +41,7 @@ def _adapter_dir(run_dir: Path) -> Path:
 def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
     """The final model of the run in ``run_dir`` (eval mode) with its tokenizer, config, task family and labels."""
     import torch
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     import florg.adapters  # noqa: F401 - registers the FLORG PEFT type
     from florg.config import load_config
@@ -62,7 +62,11 @@ def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
     torch.manual_seed(cfg.seed)  # the head's initialisation, as in the run (florg.run.experiment)
     model, tokenizer = family.load_model(SimpleNamespace(num_labels=len(labels or [0, 0]), label_names=labels),
                                          base_dtype(cfg.model.dtype))
-    model = PeftModel.from_pretrained(model, str(adapter))
+    # PEFT's task-specific wrappers change the model (PeftModelForSequenceClassification trains the
+    # head; PeftModelForQuestionAnswering drops token_type_ids): load as the run trained, without one
+    config = PeftConfig.from_pretrained(str(adapter))
+    config.task_type = None
+    model = PeftModel.from_pretrained(model, str(adapter), config=config)
     delta_file = run_dir / "base_delta.safetensors"
     if delta_file.is_file():
         from safetensors.torch import load_file
@@ -139,7 +143,8 @@ def _answer(run: RunModel, questions: list[str], context: str) -> list[dict[str,
 
     n = len(questions)
     ds = datasets.Dataset.from_dict({"id": [str(i) for i in range(n)], "question": questions, "context": [context] * n,
-                                     "answers": [{"text": [""], "answer_start": [0]}] * n, "label": [0] * n})
+                                     "answers": [{"text": [context[:1]], "answer_start": [0]}] * n,  # unused: no gold
+                                     "label": [0] * n})
     eval_set = run.family.encode(ds, run.tokenizer, train=False)
     res = evaluate_qa(run.model, eval_set, batch_size=run.cfg.eval.batch_size,
                       pad_token_id=int(run.tokenizer.pad_token_id or 0),
