@@ -20,10 +20,27 @@ TEXTS = ["a domestic animal kept for companionship", "a plant with green leaves"
 
 
 @pytest.fixture(scope="module")
-def cls_run(tmp_path_factory, tiny_qa_model):
+def tiny_encoder(tmp_path_factory):
+    """A tiny random BERT encoder saved *with* its pooler (as MiniLM's checkpoint is), with MiniLM's tokenizer.
+
+    Only the classifier is new when it loads as a sequence classifier, so plain PEFT loading can
+    reproduce the run (a checkpoint without the pooler would get a random one at every load)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=128)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, tiny_encoder):
     """A real tiny FLoRG classification run (3 clients, 2 rounds) on a tiny BERT given as a local path."""
     tmp = tmp_path_factory.mktemp("cls-run")
-    cfg = load_config(None, [*TINY_OVERRIDES, f"out_dir={tmp}", "name=run", f"model.name={tiny_qa_model}"])
+    cfg = load_config(None, [*TINY_OVERRIDES, f"out_dir={tmp}", "name=run", f"model.name={tiny_encoder}"])
     run_dir = RunDir.create(cfg)
     summary = run_simulation_engine(cfg, run_dir, reporter=lambda row: None)
     return run_dir.path, cfg, summary
@@ -41,17 +58,18 @@ def _test_batches(cfg):
 def _accuracy(model, batches, labels):
     with torch.no_grad():
         preds = torch.cat([model(**b).logits.argmax(-1) for b in batches])
-    return float((preds == torch.cat(labels)).float().mean())
+    gold = torch.cat(labels)
+    return int((preds == gold).sum()) / len(gold)  # as evaluate_classifier counts it
 
 
-def test_adapter_folders_describe_themselves(cls_run, tiny_qa_model):
+def test_adapter_folders_describe_themselves(cls_run, tiny_encoder):
     path, cfg, summary = cls_run
     exp = get_experiment(cfg)
     for folder, peft_type in (("adapter", "FLORG"), ("adapter_lora", "LORA")):
         config = json.loads((path / folder / "adapter_config.json").read_text())
         assert config["peft_type"] == peft_type
         assert config["task_type"] == "SEQ_CLS"
-        assert config["base_model_name_or_path"] == tiny_qa_model  # a user-given local path stays as given
+        assert config["base_model_name_or_path"] == tiny_encoder  # a user-given local path stays as given
         labels = json.loads((path / folder / "labels.json").read_text())
         assert labels["id2label"] == {str(i): n for i, n in enumerate(exp.label_names)}
         assert labels["label2id"] == {n: i for i, n in enumerate(exp.label_names)}

@@ -57,10 +57,11 @@ class ModelConfig:
 class DataConfig:
     task: str = _f("wordnet", "Task. Classification: 'wordnet' (embedded, 4 classes), 'wordnet-nouns' (embedded, 12 "
                               "balanced classes), glue/rte, glue/mrpc, glue/qnli, glue/mnli, glue/wnli, glue/sst2, "
-                              "local:<path>. Instruction tuning (causal LM): 'wordnet-define' (embedded), instruct:<path> "
-                              "(Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>. Extractive QA: 'wordnet-qa' "
-                              "(embedded), 'squad' (SQuAD v1.1 from data.data_dir, else the Hub), squad:<path> (a SQuAD "
-                              "v1.1 JSON file or folder).")
+                              "glue/cola, glue/qqp, local:<path> (your own CSV/TSV/JSONL file or folder, or a "
+                              "save_to_disk folder). Instruction tuning (causal LM): 'wordnet-define' (embedded), "
+                              "instruct:<path> (Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>. "
+                              "Extractive QA: 'wordnet-qa' (embedded), 'squad' (SQuAD v1.1 from data.data_dir, else "
+                              "the Hub), squad:<path> (a SQuAD v1.1 JSON file or folder).")
     data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-nouns / wordnet-define / "
                            "wordnet-qa, GLUE files / a save_to_disk folder, or a SQuAD v1.1 folder).")
     num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).")
