@@ -122,8 +122,9 @@ def test_predict_python_and_cli(cls_run, tmp_path):
     assert bad.exit_code == 2 and "not a florg run directory" in bad.stderr
 
 
-def _perturbed_run(cfg, tmp_path, seed=0):
-    """A run directory holding the experiment's model with random adapter weights (no federated training)."""
+def _perturbed_run(cfg, tmp_path, seed=0, perturb_base=False):
+    """A run directory holding the experiment's model with random adapter weights (no federated training);
+    ``perturb_base`` also changes the adapted layers' frozen weights (as FedEx-LoRA and FLoRA do)."""
     exp = get_experiment(cfg)
     exp.method.load_global(exp.model, exp.initial_state)
     exp.model.eval()  # no dropout in the reference outputs
@@ -132,6 +133,10 @@ def _perturbed_run(cfg, tmp_path, seed=0):
         for p in exp.model.parameters():
             if p.requires_grad:
                 p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        if perturb_base:
+            for layer in exp.method.layers(exp.model).values():
+                w = layer.get_base_layer().weight
+                w.add_(0.1 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
     run_dir = RunDir.create(cfg, tmp_path / "run")
     exp.method.save_artifacts(exp.model, run_dir.path)
     summary = {"metric": exp.family.primary_metric, f"{exp.family.primary_metric}_before": 1.0,
@@ -224,3 +229,17 @@ def test_portable_base_model_ids_resolve_offline(monkeypatch):
     assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == resolve_model("minilm")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_a_method_that_changes_the_base_weights_is_reproduced_by_load_run_model(tmp_path, tiny_encoder):
+    cfg = load_config(None, [f"model.name={tiny_encoder}", "data.num_clients=2", "data.max_train_examples=40",
+                             "data.max_test_examples=16", "model.max_length=24", "method.name=fedex-lora"])
+    exp, path = _perturbed_run(cfg, tmp_path, perturb_base=True)
+    assert (path / "base_delta.safetensors").is_file()
+    assert "base_delta.safetensors" in (path / "adapter" / "README.md").read_text()
+    enc = exp.tokenizer(TEXTS, truncation=True, max_length=24, padding=True, return_tensors="pt")
+    run_model = florg.load_run_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(run_model.model(**enc).logits, exp.model(**enc).logits, atol=1e-5, rtol=1e-5)
+    assert [r["label"] for r in florg.predict(run_model, TEXTS)] == \
+        [exp.label_names[i] for i in exp.model(**enc).logits.argmax(-1).tolist()]
