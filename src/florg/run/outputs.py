@@ -81,15 +81,13 @@ def model_card(exp: Experiment, summary: dict[str, Any], *, base_id: str, folder
     peft_auto, hf_auto = _AUTO_CLASS[task_type]
     kind = "a plain PEFT LoRA adapter (the exact export of the FLoRG adapter)" if plain_lora and cfg.method.name == \
         "florg" else ("a PEFT LoRA adapter" if plain_lora else "a FLoRG adapter in PEFT format")
+    tags = list(dict.fromkeys(["florg", "federated-learning", cfg.method.name, "lora" if plain_lora else "florg-adapter"]))
     lines = [
         "---",
         "library_name: peft",
         f"base_model: {base_id}",
         "tags:",
-        "- florg",
-        "- federated-learning",
-        f"- {cfg.method.name}",
-        "- lora" if plain_lora else "- florg-adapter",
+        *[f"- {t}" for t in tags],
         "---",
         "",
         f"# {cfg.method.name} adapter for `{cfg.data.task}`",
@@ -133,8 +131,9 @@ def model_card(exp: Experiment, summary: dict[str, Any], *, base_id: str, folder
               "as the run did):", "", "```python", "import florg", "",
               'print(florg.predict("path/to/run", ["some text"]))   # or: florg predict path/to/run "some text"',
               'model, tokenizer = florg.load_run_model("path/to/run")', "```", "",
-              "With PEFT" + (" alone (florg is not needed for this folder):" if plain_lora else
-                             ". **`import florg` must come first**: it registers the FLoRG adapter type with PEFT:"),
+              "With PEFT" + (" alone (florg is not needed for this folder), from the run directory:" if plain_lora
+                             else ", from the run directory; **`import florg` must come first**: it registers the "
+                             "FLoRG adapter type with PEFT:"),
               "", "```python"]
     if not plain_lora:
         lines.append("import florg  # registers the FLORG PEFT type")
@@ -150,7 +149,8 @@ def model_card(exp: Experiment, summary: dict[str, Any], *, base_id: str, folder
               f"`{peft_auto}` loads the base model `{base_id}` with `transformers.{hf_auto}`. "
               "Offline, florg maps the Hub ids of its aliases (`sentence-transformers/all-MiniLM-L6-v2`, "
               "`HuggingFaceTB/SmolLM2-135M-Instruct`) to its packaged copies: load the base with "
-              f"`{hf_auto}.from_pretrained(florg.models.resolve_model(\"{base_id}\"))` and then "
+              f"`{hf_auto}.from_pretrained(florg.models.resolve_model(\"{base_id}\")"
+              + (f", num_labels={len(labels)}" if labels is not None else "") + ")` and then "
               f'`peft.PeftModel.from_pretrained(base, "{folder}")`.']
     if task_type == "QUESTION_ANS":
         lines += ["", "Note: PEFT 0.21's `PeftModelForQuestionAnswering.forward` does not pass `token_type_ids` on to "
