@@ -243,3 +243,18 @@ def test_a_method_that_changes_the_base_weights_is_reproduced_by_load_run_model(
         torch.testing.assert_close(run_model.model(**enc).logits, exp.model(**enc).logits, atol=1e-5, rtol=1e-5)
     assert [r["label"] for r in florg.predict(run_model, TEXTS)] == \
         [exp.label_names[i] for i in exp.model(**enc).logits.argmax(-1).tolist()]
+
+
+def test_predict_text_pairs(tmp_path, tiny_encoder):
+    cfg = load_config(None, [f"model.name={tiny_encoder}", "data.num_clients=2", "data.max_train_examples=40",
+                             "data.max_test_examples=16", "model.max_length=24"])
+    exp, path = _perturbed_run(cfg, tmp_path)
+    seconds = ["an animal", "a plant", "a food"]
+    rows = florg.predict(path, TEXTS, pairs=seconds, top_k=1)
+    enc = exp.tokenizer(TEXTS, seconds, truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(exp.model(**enc).logits, -1)
+    assert [(r["pair"], r["label"]) for r in rows] == list(zip(seconds, [exp.label_names[i] for i in probs.argmax(-1)]))
+    assert [r["probability"] for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="pairs"):
+        florg.predict(path, TEXTS, pairs=seconds[:2])

@@ -450,6 +450,8 @@ def predict_cmd(
                                                "(instruction tuning).")],
     context: Annotated[str | None, typer.Option("--context", help="Extractive QA: the passage the questions are "
                                                 "answered from.")] = None,
+    pair: Annotated[list[str] | None, typer.Option("--pair", help="Classification of text pairs (e.g. glue/rte): "
+                                                   "the second text, once per TEXT, in order.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classification: how many classes to show per text.")] = 3,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Instruction tuning: the longest greedy "
                                                 "generation, in tokens.")] = 64,
@@ -463,7 +465,7 @@ def predict_cmd(
 
     try:
         run_model = load_run_model(run_dir, device=device)
-        rows = predict(run_model, texts, context=context, top_k=top_k, max_new_tokens=max_new_tokens)
+        rows = predict(run_model, texts, context=context, pairs=pair, top_k=top_k, max_new_tokens=max_new_tokens)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
         _fail(_one_line(exc))
         return
@@ -478,7 +480,8 @@ def predict_cmd(
         table.add_column("probability", justify="right")
         table.add_column("top classes")
         for row in rows:
-            table.add_row(row["text"], row["label"], f"{row['probability']:.3f}",
+            text = row["text"] + (f" | {row['pair']}" if "pair" in row else "")
+            table.add_row(text, row["label"], f"{row['probability']:.3f}",
                           ", ".join(f"{n} {p:.3f}" for n, p in row["top"]))
     elif run_model.family.name == "extractive-qa":
         table.add_column("question")

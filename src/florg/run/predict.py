@@ -89,8 +89,11 @@ def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
 
 
 def predict(run_dir: str | Path | RunModel, texts: Sequence[str], *, context: str | None = None,
-            top_k: int = 3, max_new_tokens: int = 64, device: str | None = None) -> list[dict[str, Any]]:
+            pairs: Sequence[str] | None = None, top_k: int = 3, max_new_tokens: int = 64,
+            device: str | None = None) -> list[dict[str, Any]]:
     """One prediction per text (see the module docstring); ``run_dir`` may be a loaded :class:`RunModel`.
+
+    ``pairs``: classification of text pairs (e.g. ``glue/rte``): the second text of each pair.
 
     Returns dicts: classification ``{"text", "label", "probability", "top": [(label, p), ...]}``;
     extractive QA ``{"question", "answer"}``; instruction tuning ``{"prompt", "generation"}``.
@@ -100,8 +103,11 @@ def predict(run_dir: str | Path | RunModel, texts: Sequence[str], *, context: st
         raise ValueError("predict needs at least one text")
     run = run_dir if isinstance(run_dir, RunModel) else load_run_model(run_dir, device=device)
     kind = run.family.name
+    if pairs is not None and (kind != "classification" or len(pairs) != len(texts)):
+        raise ValueError("pairs (--pair) go with classification runs, one second text per text "
+                         f"({len(texts)} texts, {len(pairs)} pairs)")
     if kind == "classification":
-        return _classify(run, texts, top_k)
+        return _classify(run, texts, top_k, [str(p) for p in pairs] if pairs is not None else None)
     if kind == "extractive-qa":
         if not context:
             raise ValueError("this run is extractive QA: give the passage to answer from (--context TEXT)")
@@ -115,14 +121,15 @@ def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _classify(run: RunModel, texts: list[str], top_k: int) -> list[dict[str, Any]]:
+def _classify(run: RunModel, texts: list[str], top_k: int, pairs: list[str] | None) -> list[dict[str, Any]]:
     import datasets
     import torch
 
     from florg.models import encode, make_collate
 
-    ds = datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
-    feats = encode(ds, run.tokenizer, run.cfg.model.max_length, text_fields=("text",))
+    columns = {"text_a": texts, "text_b": pairs} if pairs is not None else {"text_a": texts}
+    ds = datasets.Dataset.from_dict({**columns, "label": [0] * len(texts)})
+    feats = encode(ds, run.tokenizer, run.cfg.model.max_length, text_fields=tuple(columns))
     batch = make_collate(int(run.tokenizer.pad_token_id or 0))([feats[i] for i in range(len(feats))])
     batch = {k: v.to(_device(run.model)) for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
@@ -131,7 +138,8 @@ def _classify(run: RunModel, texts: list[str], top_k: int) -> list[dict[str, Any
     out = []
     for text, p in zip(texts, probs, strict=True):
         order = torch.argsort(p, descending=True, stable=True)[: max(1, int(top_k))].tolist()
-        out.append({"text": text, "label": names[order[0]], "probability": float(p[order[0]]),
+        out.append({"text": text, **({"pair": pairs[len(out)]} if pairs is not None else {}),
+                    "label": names[order[0]], "probability": float(p[order[0]]),
                     "top": [(names[i], float(p[i])) for i in order]})
     return out
 
