@@ -186,6 +186,8 @@ def run(
     table.add_row("bytes down (total)", _fmt_bytes(summary["bytes_down_total"]))
     table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
     console.print(table)
+    console.print(f"adapter and model card: {run_dir.path / 'adapter'}; predictions: florg predict {run_dir.path} "
+                  "TEXT... (florg predict --help)", markup=False)
 
 
 def _run_engine(cfg: RunConfig, run_dir: Any, *, verbose: bool, resume: bool, progress: bool) -> dict[str, Any]:
