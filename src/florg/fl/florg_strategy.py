@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
 
 from florg.config import RunConfig, validate
 from florg.methods import FLoRGMethod
@@ -16,6 +19,8 @@ _FIELDS = {
     "rank": "method.rank",
     "alpha": "method.alpha",
     "procrustes": "method.florg.procrustes",
+    "eig_rtol": "method.florg.eig_rtol",
+    "align_initial": "method.florg.align_initial",
     "weighting": "method.weighting",
     "fraction_train": "federation.fraction_train",
     "min_train_nodes": "federation.min_train_nodes",
@@ -24,11 +29,24 @@ _FIELDS = {
     "lr_schedule": "train.lr_schedule",
     "lr_min": "train.lr_min",
     "num_rounds": "train.rounds",
+    "wire_dtype": "federation.wire_dtype",
+    "round_timeout": "federation.round_timeout",
+    "max_norm": "federation.max_norm",
+    "seed": "seed",
 }
 
 
 class FLoRG(AdapterStrategy):
     """Federated fine-tuning with FLoRG: exact Gram aggregation and Procrustes alignment.
+
+    A drop-in for ``FedAvg`` with any ClientApp that trains a PEFT FLoRG model
+    (``get_peft_model(model, florg.FLoRGConfig(...))``) and replies with
+    ``ArrayRecord(get_peft_model_state_dict(model))`` and its example count under
+    ``weighted_by_key``: every ``florg_A`` entry is aggregated by Gram aggregation plus Procrustes
+    alignment to the previous global factor, every other entry (``modules_to_save``, heads) by
+    weighted FedAvg. ``start`` checks the initial arrays before round 1 and returns a ``Result``
+    whose arrays load with ``set_peft_model_state_dict``. Given florg's own state (the ``A/...``
+    keys of :mod:`florg.fl.records`), it talks to florg's own ClientApp instead (docs/flower.md).
 
     Every setting comes from ``config`` (a :class:`florg.config.RunConfig`; default: florg's
     defaults), exactly as florg's own ServerApp reads it (:meth:`AdapterStrategy.from_config`),
@@ -44,13 +62,32 @@ class FLoRG(AdapterStrategy):
         Scale numerator: ``s = alpha / rank`` (``method.alpha``, default 16).
     procrustes : {"paper", "top-r", "none"}
         Alignment variant (``method.florg.procrustes``; ``"none"`` is the paper's ablation).
+    eig_rtol : float
+        Eigenvalues below ``eig_rtol`` times the largest are round-off (``method.florg.eig_rtol``).
+    align_initial : bool
+        Align round 1's factor to the initial ``A0`` (``method.florg.align_initial``).
     weighting : {"examples", "uniform"}
         Aggregation weights: client example counts, or ``1/N`` (``method.weighting``).
     fraction_train, min_train_nodes, min_available_nodes :
         Client sampling, as in ``FedAvg`` (``federation.*``; defaults 1.0, 2, 2).
     lr, lr_schedule, lr_min, num_rounds :
-        The per-round learning rate the server sends (``constant`` or ``cosine`` over
-        ``num_rounds``; ``train.lr``, ``train.lr_schedule``, ``train.lr_min``, ``train.rounds``).
+        The per-round learning rate the server sends as ``lr`` in every training message
+        (``constant`` or ``cosine`` over ``num_rounds``; ``train.lr``, ``train.lr_schedule``,
+        ``train.lr_min``, ``train.rounds``).
+    wire_dtype : {"float32", "float16", "bfloat16"}
+        Dtype of the factors on the wire both ways (``federation.wire_dtype``); ``bfloat16`` arrays
+        travel bit-cast (decode them with :func:`florg.fl.records.from_record`).
+    round_timeout : float
+        Seconds to wait for a round's replies and for enough nodes (``federation.round_timeout``);
+        ``start``'s ``timeout`` when it is not given.
+    max_norm : float
+        Replies with a tensor whose norm exceeds this are dropped (``federation.max_norm``; 0: no bound).
+    seed : int
+        Seeds the client sampling (``seed``).
+    fraction_evaluate, min_evaluate_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
+        As in :class:`flwr.serverapp.strategy.FedAvg` (client-side evaluation as in FedAvg; off by
+        default, as florg evaluates the global model centrally with ``evaluate_fn``).
     config : RunConfig, optional
         The whole run (model, data, local training, federation); its ``method.name`` must be
         ``florg``.
@@ -72,6 +109,19 @@ class FLoRG(AdapterStrategy):
         lr_schedule: str | None = None,
         lr_min: float | None = None,
         num_rounds: int | None = None,
+        eig_rtol: float | None = None,
+        align_initial: bool | None = None,
+        wire_dtype: str | None = None,
+        round_timeout: float | None = None,
+        max_norm: float | None = None,
+        seed: int | None = None,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         config: RunConfig | None = None,
         round_log: RoundLog | None = None,
     ) -> None:
@@ -79,11 +129,17 @@ class FLoRG(AdapterStrategy):
             "rank": rank, "alpha": alpha, "procrustes": procrustes, "weighting": weighting,
             "fraction_train": fraction_train, "min_train_nodes": min_train_nodes,
             "min_available_nodes": min_available_nodes, "lr": lr, "lr_schedule": lr_schedule, "lr_min": lr_min,
-            "num_rounds": num_rounds,
+            "num_rounds": num_rounds, "eig_rtol": eig_rtol, "align_initial": align_initial,
+            "wire_dtype": wire_dtype, "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed,
         }
         cfg = _resolve(config, {k: v for k, v in given.items() if v is not None})
         self.config = cfg
-        super().__init__(FLoRGMethod(cfg), **config_settings(cfg), round_log=round_log)
+        super().__init__(
+            FLoRGMethod(cfg), **config_settings(cfg), round_log=round_log, client_format="auto",
+            fraction_evaluate=fraction_evaluate, min_evaluate_nodes=min_evaluate_nodes,
+            weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
 
 
 def _resolve(config: RunConfig | None, keywords: dict[str, Any]) -> RunConfig:

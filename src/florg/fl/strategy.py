@@ -19,23 +19,25 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from florg.config import ConfigError, RunConfig
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod
-from florg.methods.base import EVAL_PREFIX, SERVER_PREFIX
+from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, SERVER_PREFIX
 from florg.tasks import family_class
 from florg.train import round_lr
 
 from .privacy import PrivacyLedger
-from .records import CONFIG_KEY, from_record, quantize, to_record
+from .records import BF16_SUFFIX, CONFIG_KEY, from_record, quantize, to_record
 
 __all__ = ["AdapterStrategy", "ClientSettingError", "RoundLog"]
 
 #: the reason prefix of a client's setting error (:data:`florg.fl.client_app.SETTING_ERROR`)
 _SETTING_ERROR = "florg setting error: "
+#: the client formats a strategy can talk to (``client_format``)
+CLIENT_FORMATS = ("florg", "peft", "auto")
 
 
 class ClientSettingError(ConfigError):
@@ -88,6 +90,19 @@ class AdapterStrategy(FedAvg):
         uploads are moved there and the new state back to the CPU. Under differential privacy
         (``privacy.mode`` local or central) the server rule runs on the CPU, where
         :mod:`florg.core.privacy` computes and draws its noise.
+    round_timeout : float
+        ``start``'s ``timeout`` (seconds to wait for a round's replies) when it is not given.
+    client_format : {"florg", "peft", "auto"}
+        What the clients send and receive. ``"florg"``: florg's own ClientApp (the method's state
+        keys; the run config travels in every message). ``"peft"``: any ClientApp that sends
+        ``ArrayRecord(get_peft_model_state_dict(model))`` and its example count under
+        ``weighted_by_key``; the method maps the keys (:meth:`FederatedMethod.peft_keymap`), the
+        downlinks are PEFT state dicts, the result loads with ``set_peft_model_state_dict``.
+        ``"auto"``: decided by ``start`` from the initial arrays.
+    fraction_evaluate, min_evaluate_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
+        As in :class:`flwr.serverapp.strategy.FedAvg`. Client-side evaluation follows FedAvg for
+        PEFT clients; with florg's own client only methods with ``client_evaluation`` evaluate there.
 
     A reply whose error reason starts with :data:`florg.fl.client_app.SETTING_ERROR` (a client
     that cannot run with the run's settings: no such device, out of device memory, ...) stops the
@@ -118,14 +133,30 @@ class AdapterStrategy(FedAvg):
         node_wait_timeout: float = 600.0,
         wire_dtype: str = "float32",
         device: str = "cpu",
+        round_timeout: float = 3600.0,
+        client_format: str = "florg",
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
-            fraction_evaluate=0.0,
+            fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0,
+            min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
+        if client_format not in CLIENT_FORMATS:
+            raise ValueError(f"client_format must be one of {', '.join(CLIENT_FORMATS)}, got {client_format!r}")
         self.method = method
         #: the task family's primary metric: clients report their own model's score under it (personal_<metric>)
         self.personal_metric = family_class(method.cfg.data.task).metrics[0]
@@ -138,6 +169,13 @@ class AdapterStrategy(FedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.wire_dtype = wire_dtype
         self.device = device
+        self.round_timeout = round_timeout
+        self.client_format = client_format
+        #: PEFT clients: PEFT state-dict key -> the method's state key (set by ``start``), and back
+        self._to_method: dict[str, str] = {}
+        self._to_peft: dict[str, str] = {}
+        #: PEFT clients: the server-only entries of the global state (they never travel)
+        self._server_state: dict[str, torch.Tensor] = {}
         self._current: dict[str, Any] = {}
         self._node_partition: dict[int, int] = {}
         # Differential privacy (privacy.mode local/central): epsilon in every round's row.
@@ -156,6 +194,56 @@ class AdapterStrategy(FedAvg):
     def summary(self) -> None:
         log(INFO, "\t├── Method: %s", self.method.name)
         super().summary()
+
+    # ------------------------------------------------------------------ start
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """FedAvg's ``start``, after checking ``initial_arrays`` (one clear ``ValueError`` before round 1
+        when they are not what the clients exchange); ``timeout`` defaults to ``round_timeout``."""
+        self._check_initial(initial_arrays)
+        return super().start(
+            grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
+            timeout=self.round_timeout if timeout is None else timeout,
+            train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_fn,
+        )
+
+    @property
+    def peft_clients(self) -> bool:
+        """Whether the clients exchange PEFT state dicts (``client_format`` ``"peft"``, or ``"auto"`` resolved so)."""
+        return self.client_format == "peft"
+
+    def _check_initial(self, arrays: ArrayRecord) -> None:
+        try:
+            state = from_record(arrays)
+        except Exception as exc:  # any undecodable record is the same user error
+            raise ValueError(f"{type(self).__name__}: the initial arrays cannot be decoded: {exc}") from exc
+        if self.client_format == "auto":
+            own = bool(state) and all(k.startswith(("A/", HEAD_PREFIX, SERVER_PREFIX)) for k in state)
+            self.client_format = "florg" if own else "peft"
+        if not self.peft_clients:
+            return
+        self._to_method = self.method.peft_keymap(state)  # raises ValueError: what was found, how to fix it
+        self._to_peft = {v: k for k, v in self._to_method.items()}
+        self._server_state = self.method.initial_server_state()
+        if self.method.per_client_downlink:
+            raise ValueError(f"method '{self.method.name}' sends each client its own downlink here; that needs "
+                             "florg's own ClientApp (docs/flower.md)")
+
+    def _method_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A decoded PEFT state dict under the method's keys (PEFT clients); unknown keys raise ``KeyError``."""
+        return {self._to_method[k]: v for k, v in state.items()}
+
+    def _peft_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's state under PEFT keys, without its server-only entries."""
+        return {self._to_peft[k]: v for k, v in state.items() if not k.startswith(SERVER_PREFIX)}
 
     # ------------------------------------------------------------------ sampling
     def _partition_ids(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
@@ -191,6 +279,8 @@ class AdapterStrategy(FedAvg):
         size = min(size, len(nodes))
         if size >= len(nodes):
             return nodes
+        if self.peft_clients:  # a ClientApp of the user's own answers no partition-id query
+            return random.Random(derive_seed(self.seed, server_round)).sample(nodes, size)
         pids = self._partition_ids(grid, nodes)
         ordered = sorted(nodes, key=lambda n: (pids[n], n))
         rng = random.Random(derive_seed(self.seed, server_round))
@@ -200,14 +290,18 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        self._current = quantize(from_record(arrays), self.wire_dtype)  # as the clients will decode it
+        if self.peft_clients:
+            self._current = {**self._method_state(self._quantize(from_record(arrays))), **self._server_state}
+        else:
+            self._current = quantize(from_record(arrays), self.wire_dtype)  # as the clients will decode it
         node_ids = self._sample(grid, server_round)
         self._sample_size = len(node_ids)
         lr = float(self.lr_fn(server_round))
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config["lr"] = lr
-        config[CONFIG_KEY] = self.run_config_json
+        if not self.peft_clients:  # florg's own ClientApp builds its model and data from the run config
+            config[CONFIG_KEY] = self.run_config_json
         sends = self._downlinks(arrays, grid, node_ids)
         self.round_log.update(
             server_round,
@@ -222,7 +316,22 @@ class AdapterStrategy(FedAvg):
 
     def _downlink(self, arrays: ArrayRecord) -> ArrayRecord:
         """What is sent down: the global state in the wire dtype, without its server-only (``server/``) arrays."""
+        if self.peft_clients:
+            return self._encode_peft(from_record(arrays), self.wire_dtype)
         return to_record(from_record(_wire(arrays)), self.wire_dtype)
+
+    def _encode_peft(self, state: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
+        """A PEFT state dict as a record, encoded as its method-keyed twin would be (head entries in float32)."""
+        record = to_record({self._to_method[k]: v for k, v in state.items()}, wire_dtype)
+        out = OrderedDict()
+        for key, array in record.items():
+            base, suffix = (key[: -len(BF16_SUFFIX)], BF16_SUFFIX) if key.endswith(BF16_SUFFIX) else (key, "")
+            out[self._to_peft[base] + suffix] = array
+        return ArrayRecord(out)
+
+    def _quantize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A PEFT state dict exactly as the clients decode it after a trip through the wire."""
+        return state if self.wire_dtype == "float32" else from_record(self._encode_peft(state, self.wire_dtype))
 
     def _downlinks(self, arrays: ArrayRecord, grid: Grid, node_ids: list[int]) -> list[tuple[int, ArrayRecord]]:
         """``(node, downlink)`` pairs: the same record for every node, or each client's own part when the
@@ -250,6 +359,7 @@ class AdapterStrategy(FedAvg):
         good: list[tuple[int, dict, int, float]] = []
         bytes_up = bytes_up_head = bytes_up_eval = 0
         failures = rejected = 0
+        contents: list[RecordDict] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -271,6 +381,7 @@ class AdapterStrategy(FedAvg):
                     log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node, problem)
                 continue
             good.append(parsed)
+            contents.append(msg.content)
         # A fixed order (by partition id) makes the floating-point sums reproducible.
         good.sort(key=lambda item: item[0])
         self.round_log.update(server_round, participants=len(good), failures=failures, rejected=rejected,
@@ -301,8 +412,15 @@ class AdapterStrategy(FedAvg):
         train_loss = sum(g[3] * g[2] for g in good) / examples
         self.round_log.update(server_round, agg_seconds=agg_seconds, train_loss=train_loss,
                               train_examples=examples, **diagnostics)
-        metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
-        return to_record(new_state, self.wire_dtype), metrics
+        if not self.peft_clients:
+            metrics = MetricRecord({"train_loss": train_loss, "num-examples": examples, "agg_seconds": agg_seconds})
+            return to_record(new_state, self.wire_dtype), metrics
+        # PEFT clients: FedAvg's metrics; the new global state as the clients will decode it, in float32
+        # (a record that set_peft_model_state_dict loads as it is); server-only entries stay here.
+        self._server_state = {k: v for k, v in new_state.items() if k.startswith(SERVER_PREFIX)}
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        metrics["agg_seconds"] = agg_seconds
+        return to_record(self._quantize(self._peft_state(new_state)), "float32"), metrics
 
 
     def _aggregation_device(self) -> torch.device:
@@ -328,13 +446,18 @@ class AdapterStrategy(FedAvg):
             return None, [f"no ArrayRecord under '{self.arrayrecord_key}'"]
         if not isinstance(metrics, MetricRecord):
             return None, ["no MetricRecord under 'metrics'"]
-        n = metrics.get("num-examples")
+        n = metrics.get(self.weighted_by_key)
         if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < 1:
-            return None, [f"num-examples must be a positive integer, got {n!r}"]
+            return None, [f"{self.weighted_by_key} must be a positive integer, got {n!r}"]
         try:
             tensors = from_record(arrays)
         except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply
             return None, [f"arrays cannot be decoded: {exc}"]
+        if self.peft_clients:
+            unknown = [k for k in tensors if k not in self._to_method]
+            if unknown:
+                return None, [f"{k}: not in the global state dict" for k in unknown]
+            tensors = self._method_state(tensors)
         problems = self.method.check_upload(tensors, self._current, self.max_norm)
         if problems:
             return None, problems
@@ -346,7 +469,10 @@ class AdapterStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every client evaluates its own model, for methods that define one (``method.client_evaluation``)."""
+        """Every client evaluates its own model, for methods that define one (``method.client_evaluation``);
+        PEFT clients: FedAvg's client-side evaluation (``fraction_evaluate``)."""
+        if self.peft_clients:
+            return super().configure_evaluate(server_round, arrays, config, grid)
         if not self.method.client_evaluation:
             return []
         server_round += self.round_offset
@@ -361,7 +487,10 @@ class AdapterStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' own scores -> ``personal_<metric>`` in the round row
-        (``personal_accuracy`` for classification, ``personal_loss`` for instruction tuning)."""
+        (``personal_accuracy`` for classification, ``personal_loss`` for instruction tuning); PEFT clients:
+        FedAvg's."""
+        if self.peft_clients:
+            return super().aggregate_evaluate(server_round, replies)
         server_round += self.round_offset
         results = []
         for msg in replies:
@@ -396,6 +525,7 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
         "node_wait_timeout": fed.round_timeout,
         "wire_dtype": fed.wire_dtype,
         "device": cfg.train.device,
+        "round_timeout": fed.round_timeout,
     }
 
 

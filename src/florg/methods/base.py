@@ -348,6 +348,24 @@ class FederatedMethod(ABC):
         """Central DP at the server: clip each upload, aggregate with calibrated noise (``denominator`` = sampled clients)."""
         raise TypeError(f"method '{self.name}' has no central differential privacy (supports_privacy is False)")
 
+    # ---- a user's own ClientApp (PEFT state dicts; docs/flower.md) --------------------------
+    def peft_keymap(self, state: Tensors) -> dict[str, str]:
+        """This method's state key for every key of a PEFT state dict (``get_peft_model_state_dict``).
+
+        Lets a strategy aggregate the ``ArrayRecord(get_peft_model_state_dict(model))`` of a user's
+        own ClientApp with this method's server rule. Raises ``ValueError`` (saying what was found and
+        how to make a valid state dict) when ``state`` is not one; the default: the method's server
+        rule needs florg's own ClientApp.
+        """
+        raise ValueError(
+            f"method '{self.name}' aggregates florg's own client uploads only (florg.fl.client_app); "
+            "see docs/flower.md for what a ClientApp of your own must do"
+        )
+
+    def initial_server_state(self) -> Tensors:
+        """Server-only (``server/``) entries of the initial global state that need no model (default none)."""
+        return {}
+
     # ---- server side -------------------------------------------------------------------
     def expected_upload(self, current: Tensors) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a valid upload must have (default: those of the global state)."""

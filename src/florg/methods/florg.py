@@ -31,6 +31,7 @@ from florg.core import AggregationResult, aggregate_model
 from florg.core import privacy as dp
 
 from .base import (
+    HEAD_PREFIX,
     SERVER_PREFIX,
     ClientInfo,
     FederatedMethod,
@@ -43,6 +44,8 @@ from .base import (
 )
 
 A_PREFIX = "A/"
+#: the key suffix of a FLoRG factor in a PEFT state dict (``get_peft_model_state_dict``)
+PEFT_A_SUFFIX = ".florg_A"
 #: marks the initial global state (server-only; present until the first aggregation) when round 1
 #: must not align to the random A0 (``method.florg.align_initial = false``)
 INITIAL_KEY = "server/florg.initial"
@@ -150,9 +153,38 @@ class FLoRGMethod(FederatedMethod):
 
     def initial_global(self, model: nn.Module) -> Tensors:
         state = super().initial_global(model)
-        if not self.options.align_initial:
-            state[INITIAL_KEY] = torch.ones(1)
+        state.update(self.initial_server_state())
         return state
+
+    def initial_server_state(self) -> Tensors:
+        return {} if self.options.align_initial else {INITIAL_KEY: torch.ones(1)}
+
+    def peft_keymap(self, state: Tensors) -> dict[str, str]:
+        """``<layer>.florg_A`` -> ``A/<layer>`` (Gram + Procrustes); every other entry (``modules_to_save``,
+        heads) -> ``head/<key>`` (weighted FedAvg)."""
+        factors = {k: v for k, v in state.items() if k.endswith(PEFT_A_SUFFIX)}
+        if not factors:
+            shown = ", ".join(repr(k) for k in list(state)[:3]) or "nothing"
+            lora = any(".lora_A" in k or ".lora_B" in k for k in state)
+            raise ValueError(
+                f"FLoRG: the arrays are not a FLoRG PEFT state dict: {len(state)} arrays ({shown}"
+                f"{', ...' if len(state) > 3 else ''}), none ending in '{PEFT_A_SUFFIX}'"
+                + (" (lora_A/lora_B: a LoRA adapter)" if lora else "")
+                + ". Build the model with peft.get_peft_model(model, florg.FLoRGConfig(r=..., target_modules=[...])) "
+                "and send ArrayRecord(peft.get_peft_model_state_dict(model))"
+            )
+        if self.cfg.method.client_ranks:
+            raise ValueError("FLoRG: clients of different ranks (method.client_ranks) need florg's own ClientApp "
+                             "(each client gets its own rows); use one rank with a ClientApp of your own")
+        rank = self.build_rank()
+        for key, value in factors.items():
+            if value.ndim != 2 or int(value.shape[0]) != rank:
+                raise ValueError(
+                    f"FLoRG: '{key}' has shape {tuple(value.shape)}, the strategy's rank is {rank} (a factor is "
+                    f"rank x k): give the strategy rank={int(value.shape[0]) if value.ndim == 2 else '...'} or "
+                    f"build the model with florg.FLoRGConfig(r={rank})"
+                )
+        return {k: A_PREFIX + k[: -len(PEFT_A_SUFFIX)] if k in factors else HEAD_PREFIX + k for k in state}
 
     def load_adapter_state(self, model: nn.Module, state: Tensors) -> None:
         from florg.adapters import florg_layers
