@@ -31,8 +31,9 @@ def _peft_model(rank: int = RANK) -> torch.nn.Module:
 class _ClientGrid:
     """Enough of a Flower Grid for ``start``: node ids, and a PEFT client answering every training message."""
 
-    def __init__(self, node_ids, examples, key="num-examples"):
+    def __init__(self, node_ids, examples, key="num-examples", build=None, keep=lambda k: True):
         self.node_ids, self.examples, self.key = list(node_ids), examples, key
+        self.build, self.keep = build or _peft_model, keep
         self.sent: list[Message] = []
         self.uploads: list[dict[int, dict[str, torch.Tensor]]] = []
 
@@ -48,8 +49,10 @@ class _ClientGrid:
 
     def _train(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        model = _peft_model()
-        set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
+        model = self.build()
+        received = msg.content["arrays"].to_torch_state_dict()
+        # a protocol that exchanges part of the adapter: the client keeps its own values of the rest
+        set_peft_model_state_dict(model, {**get_peft_model_state_dict(model), **received})
         g = torch.Generator().manual_seed(node)
         n = self.examples[node]
         ids = torch.randint(1, 97, (n, 12), generator=g)
@@ -61,7 +64,7 @@ class _ClientGrid:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        state = get_peft_model_state_dict(model)
+        state = {k: v for k, v in get_peft_model_state_dict(model).items() if self.keep(k)}
         self.uploads[-1][node] = {k: v.detach().clone() for k, v in state.items()}
         content = RecordDict({"arrays": ArrayRecord(state),
                               "metrics": MetricRecord({self.key: n, "train_loss": float(loss.detach())})})
@@ -151,3 +154,74 @@ def test_florg_keeps_talking_to_florgs_own_client_format(flower_task):
     assert not s.peft_clients
     msgs = list(s.configure_train(1, to_record(state), ConfigRecord({}), _ClientGrid([1, 2], {})))
     assert CONFIG_KEY in msgs[0].content["config"]
+
+
+# ------------------------------------------------------------------ the LoRA baselines as drop-in strategies
+
+
+def _lora_model(init=True, frozen_a=False, local_b=False):
+    from peft import LoraConfig
+
+    torch.manual_seed(7)  # the same lora_A init on every client (FFA-LoRA needs it)
+    model = get_peft_model(tiny_bert(seed=0), LoraConfig(r=RANK, lora_alpha=8, target_modules=["query", "value"],
+                                                         modules_to_save=["classifier"], init_lora_weights=init))
+    for name, p in model.named_parameters():
+        if frozen_a and "lora_A" in name:
+            p.requires_grad_(False)
+        if local_b and "lora_B" in name:  # a client's own B after earlier rounds (FedSA-LoRA keeps it local)
+            with torch.no_grad():
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _lora_run(strategy, keep, **build):
+    examples = {11: 8, 12: 24}
+    initial = {k: v for k, v in get_peft_model_state_dict(_lora_model(**build)).items() if keep(k)}
+    grid = _ClientGrid(examples, examples, build=lambda: _lora_model(**build), keep=keep)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+    final = result.arrays.to_torch_state_dict()
+    ups = [grid.uploads[-1][n] for n in sorted(examples)]
+    return initial, final, ups, [8.0, 24.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "keep", "build"),
+    [
+        ("FedIT", lambda k: True, {}),
+        ("FeDeRA", lambda k: True, {"init": "pissa"}),
+        ("FFALoRA", lambda k: "lora_A" not in k, {"frozen_a": True}),
+        ("FedSALoRA", lambda k: "lora_A" in k, {"local_b": True}),
+    ],
+)
+def test_lora_baselines_fedavg_the_entries_their_protocol_exchanges(flower_task, name, keep, build):
+    import florg.fl
+
+    initial, final, ups, weights = _lora_run(getattr(florg.fl, name)(rank=RANK, alpha=8), keep, **build)
+    assert set(final) == set(initial)
+    for key in initial:
+        assert torch.allclose(final[key], weighted_mean([u[key] for u in ups], weights), atol=1e-6), key
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)  # it trained
+    model = _lora_model(**build)
+    set_peft_model_state_dict(model, {**get_peft_model_state_dict(model), **final})
+
+
+def test_lora_baselines_say_what_their_client_must_send(flower_task):
+    from florg.config import load_config
+    from florg.fl import FedSALoRA, FFALoRA
+    from florg.fl.strategy import AdapterStrategy
+    from florg.methods import get_method
+
+    full = ArrayRecord(get_peft_model_state_dict(_lora_model()))
+    grid = _ClientGrid({11: 4, 12: 4}, {11: 4, 12: 4})
+    with pytest.raises(ValueError, match=r"FFA-LoRA exchanges only lora_B.*lora_A"):
+        FFALoRA(rank=RANK).start(grid=grid, initial_arrays=full, num_rounds=1)
+    only_a = ArrayRecord({k: v for k, v in get_peft_model_state_dict(_lora_model()).items() if "lora_B" not in k})
+    with pytest.raises(ValueError, match=r"FedSA-LoRA keeps every client's head local.*classifier"):
+        FedSALoRA(rank=RANK).start(grid=grid, initial_arrays=only_a, num_rounds=1)
+    for method in ("flora", "fedex-lora"):
+        cfg = load_config(None, [f"method.name={method}"])
+        s = AdapterStrategy.from_config(get_method(cfg), cfg)
+        s.client_format = "peft"
+        with pytest.raises(ValueError, match=r"florg's own ClientApp.*docs/flower.md"):
+            s.start(grid=grid, initial_arrays=full, num_rounds=1)
+    assert grid.sent == []

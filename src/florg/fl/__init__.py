@@ -4,7 +4,7 @@ ML code lives in ``florg.core`` / ``florg.methods`` / ``florg.train``; this pack
 records, samples clients and counts bytes.
 """
 
-from .florg_strategy import FLoRG
+from .florg_strategy import FeDeRA, FedIT, FedSALoRA, FFALoRA, FLoRG
 from .strategy import AdapterStrategy, RoundLog
 
-__all__ = ["AdapterStrategy", "FLoRG", "RoundLog"]
+__all__ = ["AdapterStrategy", "FFALoRA", "FLoRG", "FeDeRA", "FedIT", "FedSALoRA", "RoundLog"]

@@ -1,18 +1,22 @@
-"""``FLoRG``: the drop-in Flower strategy (use it where you would use ``FedAvg``)."""
+"""Drop-in Flower strategies (use them where you would use ``FedAvg``): ``FLoRG`` and the LoRA baselines.
+
+Each takes FedAvg's parameters plus its method's, and works with any ClientApp that sends
+``ArrayRecord(get_peft_model_state_dict(model))`` (docs/flower.md), or with florg's own ClientApp.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from flwr.app import MetricRecord, RecordDict
 
 from florg.config import RunConfig, validate
-from florg.methods import FLoRGMethod
+from florg.methods import get_method
 
 from .strategy import AdapterStrategy, RoundLog, config_settings
 
-__all__ = ["FLoRG"]
+__all__ = ["FLoRG", "FeDeRA", "FedIT", "FedSALoRA", "FFALoRA", "DropInStrategy"]
 
 # keyword argument -> dotted config key
 _FIELDS = {
@@ -21,6 +25,7 @@ _FIELDS = {
     "procrustes": "method.florg.procrustes",
     "eig_rtol": "method.florg.eig_rtol",
     "align_initial": "method.florg.align_initial",
+    "federa_mode": "method.federa.mode",
     "weighting": "method.weighting",
     "fraction_train": "federation.fraction_train",
     "min_train_nodes": "federation.min_train_nodes",
@@ -36,7 +41,21 @@ _FIELDS = {
 }
 
 
-class FLoRG(AdapterStrategy):
+class DropInStrategy(AdapterStrategy):
+    """The shared part of the drop-in strategies: settings from keywords or a config, never both disagreeing."""
+
+    method_name: ClassVar[str]
+
+    def _setup(self, keywords: dict[str, Any], config: RunConfig | None, round_log: RoundLog | None,
+               fedavg: dict[str, Any]) -> None:
+        cfg = _resolve(self.method_name, type(self).__name__, config,
+                       {k: v for k, v in keywords.items() if v is not None})
+        self.config = cfg
+        AdapterStrategy.__init__(self, get_method(cfg), **config_settings(cfg), round_log=round_log,
+                                 client_format="auto", **fedavg)
+
+
+class FLoRG(DropInStrategy):
     """Federated fine-tuning with FLoRG: exact Gram aggregation and Procrustes alignment.
 
     A drop-in for ``FedAvg`` with any ClientApp that trains a PEFT FLoRG model
@@ -95,6 +114,8 @@ class FLoRG(AdapterStrategy):
         Receives per-round measurements.
     """
 
+    method_name = "florg"
+
     def __init__(
         self,
         *,
@@ -132,36 +153,121 @@ class FLoRG(AdapterStrategy):
             "num_rounds": num_rounds, "eig_rtol": eig_rtol, "align_initial": align_initial,
             "wire_dtype": wire_dtype, "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed,
         }
-        cfg = _resolve(config, {k: v for k, v in given.items() if v is not None})
-        self.config = cfg
-        super().__init__(
-            FLoRGMethod(cfg), **config_settings(cfg), round_log=round_log, client_format="auto",
+        self._setup(given, config, round_log, dict(
             fraction_evaluate=fraction_evaluate, min_evaluate_nodes=min_evaluate_nodes,
             weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
             train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
+        ))
 
 
-def _resolve(config: RunConfig | None, keywords: dict[str, Any]) -> RunConfig:
+class _LoRAStrategy(DropInStrategy):
+    """A LoRA baseline as a drop-in strategy (see the subclasses; the server rule is the method's).
+
+    Parameters
+    ----------
+    rank, alpha :
+        LoRA rank and alpha (``method.rank``, ``method.alpha``); the factors' shapes must match ``rank``.
+    weighting, fraction_train, min_train_nodes, min_available_nodes, lr, lr_schedule, lr_min, num_rounds, \
+    wire_dtype, round_timeout, max_norm, seed, config, round_log :
+        As in :class:`FLoRG`.
+    fraction_evaluate, min_evaluate_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
+        As in :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int | None = None,
+        alpha: float | None = None,
+        weighting: str | None = None,
+        fraction_train: float | None = None,
+        min_train_nodes: int | None = None,
+        min_available_nodes: int | None = None,
+        lr: float | None = None,
+        lr_schedule: str | None = None,
+        lr_min: float | None = None,
+        num_rounds: int | None = None,
+        wire_dtype: str | None = None,
+        round_timeout: float | None = None,
+        max_norm: float | None = None,
+        seed: int | None = None,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        config: RunConfig | None = None,
+        round_log: RoundLog | None = None,
+        **method_keywords: Any,
+    ) -> None:
+        given = {
+            "rank": rank, "alpha": alpha, "weighting": weighting, "fraction_train": fraction_train,
+            "min_train_nodes": min_train_nodes, "min_available_nodes": min_available_nodes, "lr": lr,
+            "lr_schedule": lr_schedule, "lr_min": lr_min, "num_rounds": num_rounds, "wire_dtype": wire_dtype,
+            "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed, **method_keywords,
+        }
+        self._setup(given, config, round_log, dict(
+            fraction_evaluate=fraction_evaluate, min_evaluate_nodes=min_evaluate_nodes,
+            weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        ))
+
+
+class FedIT(_LoRAStrategy):
+    """FedIT: FedAvg of ``lora_A`` and of ``lora_B`` separately (clients send both, and their heads)."""
+
+    method_name = "fedit"
+
+
+class FFALoRA(_LoRAStrategy):
+    """FFA-LoRA: FedAvg of ``lora_B``; every client freezes ``lora_A`` at the same seeded init and sends
+    only its ``lora_B`` entries (and heads)."""
+
+    method_name = "ffa-lora"
+
+
+class FedSALoRA(_LoRAStrategy):
+    """FedSA-LoRA: FedAvg of ``lora_A`` only; every client keeps its ``lora_B`` and head, and sends only its
+    ``lora_A`` entries."""
+
+    method_name = "fedsa-lora"
+
+
+class FeDeRA(_LoRAStrategy):
+    """FeDeRA: clients initialise LoRA from the SVD of W0 (``LoraConfig(init_lora_weights="pissa")``),
+    the server averages ``lora_A`` and ``lora_B`` (``federa_mode="fedavg"``, the paper's rule) or
+    re-splits the exact mean product by an SVD (``federa_mode="product_svd"``)."""
+
+    method_name = "federa"
+
+    def __init__(self, *, federa_mode: str | None = None, **keywords: Any) -> None:
+        super().__init__(federa_mode=federa_mode, **keywords)
+
+
+def _resolve(method: str, strategy: str, config: RunConfig | None, keywords: dict[str, Any]) -> RunConfig:
     """The run config: ``config`` checked against ``keywords``, or the defaults with ``keywords`` applied."""
     if config is None:
         cfg = RunConfig()
+        cfg.method.name = method
         for name, value in keywords.items():
             owner, leaf = _owner(cfg, _FIELDS[name])
             setattr(owner, leaf, value)
         validate(cfg)
         return cfg
-    if config.method.name != "florg":
+    if config.method.name != method:
         raise ValueError(
-            f"FLoRG needs a config with method.name = 'florg', got {config.method.name!r}; for other methods use "
-            "AdapterStrategy.from_config(florg.methods.get_method(config), config)"
+            f"{strategy} needs a config with method.name = {method!r}, got {config.method.name!r}; for other methods "
+            "use AdapterStrategy.from_config(florg.methods.get_method(config), config)"
         )
     for name, value in keywords.items():
         owner, leaf = _owner(config, _FIELDS[name])
         have = getattr(owner, leaf)
         if value != have:
             raise ValueError(
-                f"FLoRG({name}={value!r}) contradicts config.{_FIELDS[name]} = {have!r}; pass the value in one "
+                f"{strategy}({name}={value!r}) contradicts config.{_FIELDS[name]} = {have!r}; pass the value in one "
                 f"place only (drop {name}= or change the config)"
             )
     cfg = RunConfig.from_dict(config.to_dict())  # a validated copy: later changes to `config` do not leak in

@@ -35,6 +35,11 @@ class FedExLoRAMethod(LoRAMethod):
     modifies_base = True
     arrays_per_layer = (2, 3)
 
+    @property
+    def peft_problem(self) -> str | None:
+        return ("its server sends every client a correction of the base weights W0 (the residual of averaging A and "
+                "B separately), which the client must add to each adapted layer's frozen weight")
+
     def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
                    round_ranks: Sequence[int] | None = None) -> tuple[int, int]:
         return rank * (d_out + d_in), rank * (d_out + d_in) + d_out * d_in  # A, B up; A, B and the dense residual down

@@ -72,6 +72,7 @@ class FedSALoRAMethod(LoRAMethod):
     headline = "personal"
     options_class = FedSALoRAOptions
     arrays_per_layer = (1, 1)
+    peft_factors = ("lora_A",)  # B and the head stay on each client
 
     def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
                    round_ranks: Sequence[int] | None = None) -> tuple[int, int]:

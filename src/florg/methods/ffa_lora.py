@@ -24,6 +24,7 @@ class FFALoRAMethod(LoRAMethod):
     display_name = "FFA-LoRA"
     train_A = False
     arrays_per_layer = (1, 1)
+    peft_factors = ("lora_B",)  # A: frozen at the same seeded init on every client
 
     def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
                    round_ranks: Sequence[int] | None = None) -> tuple[int, int]:

@@ -113,6 +113,11 @@ class FLoRAMethod(LoRAMethod):
         return self.options.downlink == "stacked"
 
     @property
+    def peft_problem(self) -> str | None:
+        return ("its server stacks the clients' factors into a rank sum_n r_n update that every client merges into its "
+                "base weights W0 and then re-initialises its own adapter (per-client state)")
+
+    @property
     def arrays_per_layer(self) -> tuple[int, int]:  # type: ignore[override]
         return (2, 2) if self.stacked else (2, 1)
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from .base import SERVER_PREFIX, FederatedMethod, Tensors, normalised_weights, summarise_layers, weighted_mean
+from .base import HEAD_PREFIX, SERVER_PREFIX, FederatedMethod, Tensors, normalised_weights, summarise_layers, weighted_mean
 
 if TYPE_CHECKING:
     pass
@@ -303,6 +303,42 @@ class LoRAMethod(FederatedMethod):
     modifies_base: ClassVar[bool] = False
     #: train ``A`` (False: A is frozen at its seeded init)
     train_A: ClassVar[bool] = True
+    #: the LoRA factors a ClientApp of the user's own exchanges (:meth:`peft_keymap`; docs/flower.md)
+    peft_factors: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+
+    @property
+    def peft_problem(self) -> str | None:
+        """Why this method's server rule cannot serve a ClientApp of the user's own (None: it can)."""
+        return None
+
+    def peft_keymap(self, state: Tensors) -> dict[str, str]:
+        """``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight`` (those of :attr:`peft_factors`) keep their
+        keys; every other entry (``modules_to_save``, heads) -> ``head/<key>`` (weighted FedAvg)."""
+        label = self.display_name or self.name
+        if (problem := self.peft_problem) is not None:
+            raise ValueError(f"{label}: {problem}; use florg's own ClientApp (florg run), see docs/flower.md")
+        suffixes = {"lora_A": A_SUFFIX, "lora_B": B_SUFFIX}
+        wanted = tuple(suffixes[f] for f in self.peft_factors)
+        unwanted = tuple(v for f, v in suffixes.items() if f not in self.peft_factors)
+        factors = {k: v for k, v in state.items() if k.endswith(wanted)}
+        send = " and ".join(self.peft_factors)
+        how = (f"send {{k: v for k, v in peft.get_peft_model_state_dict(model).items()}} of a PEFT LoRA model "
+               f"(peft.LoraConfig) restricted to its {send} entries" + (" and heads" if self.shares_head else ""))
+        if not factors:
+            shown = ", ".join(repr(k) for k in list(state)[:3]) or "nothing"
+            raise ValueError(f"{label}: the arrays are not a LoRA state dict with {send} entries: {len(state)} arrays "
+                             f"({shown}{', ...' if len(state) > 3 else ''}); {how}")
+        if extra := [k for k in state if k.endswith(unwanted) or (".lora_" in k and k not in factors)]:
+            raise ValueError(f"{label} exchanges only {send}, the arrays also hold {extra[0]!r}; {how}")
+        if not self.shares_head and (heads := [k for k in state if k not in factors]):
+            raise ValueError(f"{label} keeps every client's head local, the arrays hold {heads[0]!r}; {how}")
+        rank = int(self.cfg.method.rank)
+        for key, value in factors.items():
+            rows = value.shape[0] if key.endswith(A_SUFFIX) else value.shape[-1]
+            if value.ndim != 2 or int(rows) != rank:
+                raise ValueError(f"{label}: '{key}' has shape {tuple(value.shape)}, the strategy's rank is {rank}: "
+                                 f"give the strategy rank={int(rows)} or build the model with LoraConfig(r={rank})")
+        return {k: k if k in factors else HEAD_PREFIX + k for k in state}
 
     # ------------------------------------------------------------------ client model
     @property
