@@ -1,0 +1,1 @@
+"""quickstart-florg: a Flower App that federates a PEFT FLoRG adapter."""
