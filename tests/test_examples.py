@@ -55,3 +55,36 @@ def test_quickstart_florg_example(deployments, tmp_path):
     state = get_peft_model_state_dict(model)
     assert any(k.endswith(".florg_A") for k in state)
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_flowertune_florg_example(deployments, tmp_path):
+    from helpers import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama")
+    data = tmp_path / "train.jsonl"
+    words = ["cat", "dog", "mat", "plant", "food", "flour", "leaf", "animal", "mammal", "companion"]
+    data.write_text("".join(
+        json.dumps({"instruction": f"What does the word '{w}' mean?", "input": "",
+                    "output": f"the {w} sat on the mat; a small {words[(i + 3) % len(words)]}"}) + "\n"
+        for i, w in enumerate(words * 3)
+    ))
+    out = tmp_path / "out"
+    dep = deployments(num_supernodes=2, insecure=True)
+    _run(dep, EXAMPLES / "flowertune-florg", {
+        "num-server-rounds": 2, "dataset.name": f"instruct:{data}", "model.name": model_dir, "model.max-length": 32,
+        "model.florg.rank": 4, "train.local-steps": 4, "train.batch-size": 4, "train.learning-rate-max": 0.01,
+        "train.learning-rate-min": 0.001, "train.save-path": str(out),
+    })
+    history = json.loads((out / "history.json").read_text())
+    assert [row["round"] for row in history] == [0, 1, 2]
+    assert history[-1]["loss"] < history[0]["loss"]  # the test loss went down
+
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    import florg  # noqa: F401  (registers the FLoRG PEFT type)
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "FLORG" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out))
+    assert sum(k.endswith(".florg_A") for k in get_peft_model_state_dict(model)) == 4  # q_proj, v_proj x 2 layers

@@ -1,0 +1,1 @@
+"""flowertune-florg: federated instruction tuning with FLoRG in the FlowerTune LLM layout."""
