@@ -64,6 +64,21 @@ def _partition_id(context: Context) -> int:
         ) from None
 
 
+def _check_partitions(context: Context, cfg: RunConfig, pid: int) -> None:
+    """The federation's partitions must be florg's clients: ``num-partitions`` = ``data.num_clients``."""
+    parts = context.node_config.get("num-partitions")
+    n = cfg.data.num_clients
+    if parts is not None and int(parts) != n:
+        raise ConfigError(
+            f"config key 'data.num_clients' is {n}, but this federation has {int(parts)} partitions (SuperNodes): "
+            f"set data.num_clients={int(parts)} (florg's Flower App: --run-config \"num-clients={int(parts)}\") or "
+            f"run {n} SuperNodes (local simulation: --federation-config \"num-supernodes={n}\")"
+        )
+    if not 0 <= pid < n:
+        raise ConfigError(f"config key 'data.num_clients' is {n}, but this SuperNode has partition-id {pid}; "
+                          f"partition ids run from 0 to {n - 1}")
+
+
 def faults_off_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Warn when the server asks for fault injection, which this ClientApp never does; change nothing."""
     if msg.metadata.message_type == "train" and (faults := _requested_faults(msg)):
@@ -120,6 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     lr = float(config["lr"])
     pid = _partition_id(context)
+    _check_partitions(context, cfg, pid)
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
 
     device = client_device(context, cfg)

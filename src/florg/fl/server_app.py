@@ -3,16 +3,18 @@
 ``run_server(grid, cfg, run_dir)`` is the whole server side; the embedded simulation
 (``florg.fl.simulation``) wraps it in a ServerApp bound to a resolved config. The module-level
 ``app`` is the ServerApp for deployments started with ``flwr run``: it reads its config from
-the Flower run config keys ``config-file`` (a florg TOML file, optional), ``overrides``
-(``key=value`` pairs separated by spaces) and ``run-dir``.
+the Flower run config (:func:`app_config`): ``config-file`` (a florg TOML file, optional),
+``overrides`` (``key=value`` pairs separated by spaces), the main settings as keys of their own
+(:data:`APP_CONFIG_KEYS`, e.g. ``num-server-rounds``) and ``run-dir``.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.config import ConfigError, RunConfig, load_config
+from florg.config import ConfigError, RunConfig, apply_overrides, config_keys, load_config, validate
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
@@ -30,7 +32,7 @@ from .progress import ProgressFn, ProgressGrid, RunInterrupted, log_progress
 from .records import from_record, quantize, to_record
 from .strategy import AdapterStrategy, RoundLog
 
-__all__ = ["run_server", "app", "evaluated_splits"]
+__all__ = ["APP_CONFIG_KEYS", "app", "app_config", "evaluated_splits", "run_server"]
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -273,14 +275,67 @@ def _save_adapters(exp: Experiment, run_dir: RunDir) -> None:
     exp.method.save_artifacts(exp.model, run_dir.path)
 
 
+#: ``[tool.flwr.app.config]`` keys of florg's Flower App -> the florg config keys they set (the app's
+#: pyproject.toml holds florg's defaults for them)
+APP_CONFIG_KEYS = {
+    "num-server-rounds": "train.rounds",
+    "num-clients": "data.num_clients",
+    "method": "method.name",
+    "rank": "method.rank",
+    "alpha": "method.alpha",
+    "task": "data.task",
+    "model": "model.name",
+    "partition": "data.partition",
+    "fraction-train": "federation.fraction_train",
+    "local-steps": "train.local_steps",
+    "batch-size": "train.batch_size",
+    "lr": "train.lr",
+    "wire-dtype": "federation.wire_dtype",
+    "seed": "seed",
+}
+
+
+def app_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The run config of florg's Flower App from its Flower run config (``context.run_config``).
+
+    Florg's defaults, then ``config-file``, then ``overrides``; then each key of
+    :data:`APP_CONFIG_KEYS` whose value differs from florg's default (a key left at its default
+    leaves the file's and the overrides' value). A setting given both ways with different values
+    is a :class:`ConfigError` naming both; a value of the wrong type is one too.
+    """
+    base = load_config(str(run_config.get("config-file", "")) or None,
+                       shlex.split(str(run_config.get("overrides", ""))))
+    defaults, have = config_keys(RunConfig()), config_keys(base)
+    settings = []
+    for app_key, key in APP_CONFIG_KEYS.items():
+        if app_key not in run_config:
+            continue
+        value, default, current = run_config[app_key], defaults[key][0], have[key][0]
+        if value == default:
+            continue
+        if current not in (default, value):
+            raise ConfigError(
+                f"config key '{key}' is {current!r} in config-file/overrides and {value!r} in the run config key "
+                f"'{app_key}'; set it in one place (--run-config \"{app_key}=...\" or the file/overrides)"
+            )
+        settings.append(f"{key}={json.dumps(value)}")
+    try:
+        apply_overrides(base, settings)
+    except ConfigError as exc:
+        names = {v: k for k, v in APP_CONFIG_KEYS.items()}
+        key = str(exc).split("'")[1] if "'" in str(exc) else ""
+        raise ConfigError(f"run config key '{names.get(key, key)}': {exc}") from None
+    validate(base)
+    return base
+
+
 app = ServerApp()
 
 
 @app.main()
 def _deployment_main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    overrides = shlex.split(str(rc.get("overrides", "")))
-    cfg = load_config(str(rc.get("config-file", "")) or None, overrides)
+    cfg = app_config(rc)
     run_dir_path = str(rc.get("run-dir", "")) or None
     run_server(grid, cfg, RunDir.create(cfg, run_dir_path), on_progress=log_progress)
 

@@ -1,0 +1,100 @@
+"""florg's own Flower App under ``flwr run``: its run config keys and the partition-count check."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from florg.config import ConfigError, RunConfig, config_keys, load_config
+from florg.fl.deploy import APP_DIR
+from florg.fl.server_app import APP_CONFIG_KEYS, app_config
+
+PYPROJECT = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+APP_DEFAULTS = PYPROJECT["tool"]["flwr"]["app"]["config"]
+
+
+def _rc(**keys):
+    """The run config ``flwr run`` hands the ServerApp: the app's defaults with ``keys`` overridden."""
+    return {**APP_DEFAULTS, **{k.replace("_", "-"): v for k, v in keys.items()}}
+
+
+def test_the_app_exposes_the_main_settings_with_florgs_defaults():
+    defaults = config_keys(RunConfig())
+    assert set(APP_DEFAULTS) == {*APP_CONFIG_KEYS, "config-file", "overrides", "run-dir"}
+    for app_key, key in APP_CONFIG_KEYS.items():
+        assert APP_DEFAULTS[app_key] == defaults[key][0], app_key
+        assert type(APP_DEFAULTS[app_key]) is type(defaults[key][0]), app_key
+    assert app_config(_rc()).to_dict() == RunConfig().to_dict()
+
+
+def test_run_config_keys_set_florg_config_keys():
+    cfg = app_config(_rc(num_server_rounds=3, num_clients=4, rank=8, method="fedit", lr=0.01, wire_dtype="float16",
+                         overrides="data.max_train_examples=100"))
+    assert (cfg.train.rounds, cfg.data.num_clients, cfg.method.rank, cfg.method.name) == (3, 4, 8, "fedit")
+    assert (cfg.train.lr, cfg.federation.wire_dtype, cfg.data.max_train_examples) == (0.01, "float16", 100)
+
+
+def test_a_key_at_its_default_keeps_the_files_value_and_a_contradiction_is_an_error(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text("[train]\nrounds = 5\n[method]\nrank = 8\n")
+    cfg = app_config(_rc(config_file=str(file)))
+    assert (cfg.train.rounds, cfg.method.rank) == (5, 8)
+    assert app_config(_rc(config_file=str(file), num_server_rounds=5)).train.rounds == 5  # agreeing is fine
+    with pytest.raises(ConfigError, match=r"'train.rounds' is 5 in config-file/overrides and 3 .* 'num-server-rounds'"):
+        app_config(_rc(config_file=str(file), num_server_rounds=3))
+    with pytest.raises(ConfigError, match=r"'data.num_clients' is 2 .* and 4 .*'num-clients'"):
+        app_config(_rc(overrides="data.num_clients=2", num_clients=4))
+
+
+def test_a_run_config_value_of_the_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match=r"run config key 'rank': config key 'method.rank': expected int"):
+        app_config(_rc(rank="8"))
+    with pytest.raises(ConfigError, match=r"run config key 'local-steps': config key 'train.local_steps': expected int"):
+        app_config(_rc(local_steps=2.5))
+
+
+def test_a_federation_whose_partitions_differ_from_num_clients_stops_with_one_clear_error(flower_task):
+    from florg.fl.client_app import SETTING_ERROR
+    from florg.fl.client_app import app as client
+    from florg.fl.records import CONFIG_KEY
+
+    cfg = load_config(None, [])  # data.num_clients = 20
+    content = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord(
+        {"server-round": 1, "lr": 1e-3, CONFIG_KEY: cfg.to_json()})})
+    msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    reply = client(msg, context)
+    assert reply.has_error() and reply.error.reason.startswith(SETTING_ERROR)
+    reason = reply.error.reason
+    assert "'data.num_clients' is 20, but this federation has 2 partitions" in reason
+    assert '--run-config "num-clients=2"' in reason and '--federation-config "num-supernodes=20"' in reason
+
+
+@pytest.mark.slow
+def test_flwr_run_of_florgs_app_with_its_run_config_keys(deployments, tmp_path, tiny_overrides):
+    """The app's own keys drive a real ``flwr run``; a federation of the wrong size stops with the reason."""
+    import json
+
+    from florg.fl.deploy import pid_alive
+    from helpers import RUN_TIMEOUT
+
+    rest = [o for o in tiny_overrides if not o.startswith(("data.num_clients", "train.rounds", "train.batch_size"))]
+    keys = {"num-server-rounds": 1, "batch-size": 8, "overrides": " ".join(
+        [*rest, "data.max_train_examples=120", "data.max_test_examples=60", "federation.round_timeout=90"])}
+    dep = deployments(num_supernodes=2, insecure=True)
+    with dep:
+        wrong = dep.run(APP_DIR, run_config={**keys, "num-clients": 3}, run_dir=tmp_path / "wrong", timeout=RUN_TIMEOUT)
+        assert not wrong.ok
+        status = json.loads((tmp_path / "wrong" / "status.json").read_text())
+        assert status["status"] == "failed"
+        assert "'data.num_clients' is 3, but this federation has 2 partitions" in status["error"]
+
+        right = dep.run(APP_DIR, run_config={**keys, "num-clients": 2}, run_dir=tmp_path / "right", timeout=RUN_TIMEOUT)
+        assert right.ok, right.output[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / "right" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1] and rows[1]["participants"] == 2
+        pids = dep.all_pids()
+    assert not [pid for pid in pids if pid_alive(pid)]
