@@ -31,8 +31,8 @@ def _peft_model(rank: int = RANK) -> torch.nn.Module:
 class _ClientGrid:
     """Enough of a Flower Grid for ``start``: node ids, and a PEFT client answering every training message."""
 
-    def __init__(self, node_ids, examples, key="num-examples", build=None, keep=lambda k: True):
-        self.node_ids, self.examples, self.key = list(node_ids), examples, key
+    def __init__(self, node_ids, examples, key="num-examples", build=None, keep=lambda k: True, reverse=False):
+        self.node_ids, self.examples, self.key, self.reverse = list(node_ids), examples, key, reverse
         self.build, self.keep = build or _peft_model, keep
         self.sent: list[Message] = []
         self.uploads: list[dict[int, dict[str, torch.Tensor]]] = []
@@ -45,7 +45,8 @@ class _ClientGrid:
         if messages:
             self.sent.extend(messages)
             self.uploads.append({})
-        return [self._train(m) for m in messages]
+        replies = [self._train(m) for m in messages]
+        return replies[::-1] if self.reverse else replies
 
     def _train(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
@@ -115,6 +116,17 @@ def test_florg_weights_by_fedavgs_weighted_by_key(flower_task):
     ups = [grid.uploads[-1][n] for n in sorted(examples)]
     head = [k for k in initial if not k.endswith(".florg_A")][0]
     assert torch.allclose(final[head], weighted_mean([u[head] for u in ups], [1.0, 99.0]), atol=1e-6)
+
+
+def test_florg_with_peft_clients_is_reproducible_whatever_the_reply_order(flower_task):
+    initial = ArrayRecord(get_peft_model_state_dict(_peft_model()))
+    examples = {11: 8, 12: 24, 13: 16}
+    finals = []
+    for reverse in (False, True):
+        grid = _ClientGrid(examples, examples, reverse=reverse)
+        result = FLoRG(rank=RANK, lr=0.5).start(grid=grid, initial_arrays=initial, num_rounds=1)
+        finals.append(result.arrays.to_torch_state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
 def test_florg_rejects_initial_arrays_that_are_not_a_florg_state_dict_before_round_1(flower_task):

@@ -382,8 +382,9 @@ class AdapterStrategy(FedAvg):
                 continue
             good.append(parsed)
             contents.append(msg.content)
-        # A fixed order (by partition id) makes the floating-point sums reproducible.
-        good.sort(key=lambda item: item[0])
+        # A fixed order (by partition id; PEFT clients report none: by their content) makes the
+        # floating-point sums reproducible.
+        good.sort(key=(lambda item: (item[0], _fingerprint(item[1]))) if self.peft_clients else (lambda item: item[0]))
         self.round_log.update(server_round, participants=len(good), failures=failures, rejected=rejected,
                               bytes_up=bytes_up, bytes_up_head=bytes_up_head, failed=not good)
         if bytes_up_eval:
@@ -527,6 +528,11 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
         "device": cfg.train.device,
         "round_timeout": fed.round_timeout,
     }
+
+
+def _fingerprint(state: dict[str, torch.Tensor]) -> tuple[float, ...]:
+    """A content key for ordering uploads that carry no partition id (the sums of their tensors)."""
+    return tuple(float(v.double().sum()) for _, v in sorted(state.items()))
 
 
 def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
