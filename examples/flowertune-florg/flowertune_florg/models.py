@@ -4,6 +4,7 @@ the learning step and the evaluation."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import torch
 from peft import get_peft_model
@@ -15,7 +16,7 @@ from florg.tasks.instruction import evaluate_lm, make_lm_collate
 
 
 @lru_cache(maxsize=2)
-def get_tokenizer(name: str):
+def get_tokenizer(name: str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -34,13 +35,13 @@ def get_model(cfg: dict) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def _loader(ds, tokenizer, batch_size: int, seed: int | None):
+def _loader(ds: Any, tokenizer: Any, batch_size: int, seed: int | None) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=seed is not None, generator=generator,
                                        collate_fn=make_lm_collate(tokenizer.pad_token_id))
 
 
-def train(model, ds, tokenizer, *, steps: int, batch_size: int, lr: float, seed: int) -> float:
+def train(model: torch.nn.Module, ds: Any, tokenizer: Any, *, steps: int, batch_size: int, lr: float, seed: int) -> float:
     """``steps`` AdamW steps on the response tokens (cycling over the local data); the mean loss."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -59,6 +60,6 @@ def train(model, ds, tokenizer, *, steps: int, batch_size: int, lr: float, seed:
     return sum(losses) / len(losses)
 
 
-def evaluate(model, ds, tokenizer, batch_size: int = 16) -> dict:
+def evaluate(model: torch.nn.Module, ds: Any, tokenizer: Any, batch_size: int = 16) -> dict:
     """Mean response-token loss and perplexity."""
     return evaluate_lm(model, _loader(ds, tokenizer, batch_size, None))

@@ -8,7 +8,9 @@ WordNet files), split IID over the SuperNodes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
+from typing import Any
 
 import torch
 from peft import get_peft_model
@@ -20,20 +22,20 @@ from florg.models import resolve_model
 
 
 @lru_cache(maxsize=4)
-def load_data(max_train: int, max_test: int, seed: int):
+def load_data(max_train: int, max_test: int, seed: int) -> Any:
     """The WordNet task (train and test splits), cached per process."""
     return load_task("wordnet", seed=seed, max_train_examples=max_train, max_test_examples=max_test)
 
 
 @lru_cache(maxsize=64)
-def load_partition(partition_id: int, num_partitions: int, max_train: int, max_test: int, seed: int):
+def load_partition(partition_id: int, num_partitions: int, max_train: int, max_test: int, seed: int) -> Any:
     """This SuperNode's IID share of the training split."""
     data = load_data(max_train, max_test, seed)
     return partition_dataset(data.train, num_partitions, "iid", seed=seed)[partition_id]
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(model_name: str):
+def load_tokenizer(model_name: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model(model_name))
 
 
@@ -48,7 +50,8 @@ def get_model(model_name: str, label_names: tuple[str, ...], rank: int, alpha: f
     return get_peft_model(model, config)
 
 
-def _batches(dataset, tokenizer, batch_size: int, max_length: int, shuffle_seed: int | None = None):
+def _batches(dataset: Any, tokenizer: Any, batch_size: int, max_length: int,
+             shuffle_seed: int | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
     order = list(range(len(dataset)))
     if shuffle_seed is not None:
         order = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
@@ -58,7 +61,8 @@ def _batches(dataset, tokenizer, batch_size: int, max_length: int, shuffle_seed:
         yield enc, torch.tensor(rows["label"])
 
 
-def train(model, dataset, tokenizer, *, steps: int, batch_size: int, max_length: int, lr: float, seed: int) -> float:
+def train(model: torch.nn.Module, dataset: Any, tokenizer: Any, *, steps: int, batch_size: int, max_length: int,
+          lr: float, seed: int) -> float:
     """``steps`` AdamW steps over the local data (cycling); returns the mean training loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
@@ -79,7 +83,7 @@ def train(model, dataset, tokenizer, *, steps: int, batch_size: int, max_length:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, tokenizer, *, batch_size: int, max_length: int) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, dataset: Any, tokenizer: Any, *, batch_size: int, max_length: int) -> tuple[float, float]:
     """``(loss, accuracy)`` on ``dataset``."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
