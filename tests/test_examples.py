@@ -43,15 +43,16 @@ def test_quickstart_florg_example(deployments, tmp_path):
     assert [row["round"] for row in history] == [0, 1, 2]
     assert history[0]["loss"] != history[-1]["loss"]  # the global model changed
 
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoModelForSequenceClassification
+    from peft import AutoPeftModelForSequenceClassification, get_peft_model_state_dict
 
     import florg  # noqa: F401  (registers the FLoRG PEFT type)
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "FLORG" and config["task_type"] == "SEQ_CLS"
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=4)
-    model = PeftModel.from_pretrained(base, str(out))
+    labels = json.loads((out / "labels.json").read_text())["labels"]
+    assert labels and len(set(labels)) == len(labels)
+    model = AutoPeftModelForSequenceClassification.from_pretrained(  # as the example's README loads it
+        str(out), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     state = get_peft_model_state_dict(model)
     assert any(k.endswith(".florg_A") for k in state)
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -79,12 +80,11 @@ def test_flowertune_florg_example(deployments, tmp_path):
     assert [row["round"] for row in history] == [0, 1, 2]
     assert history[-1]["loss"] < history[0]["loss"]  # the test loss went down
 
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
+    from peft import AutoPeftModelForCausalLM, get_peft_model_state_dict
 
     import florg  # noqa: F401  (registers the FLoRG PEFT type)
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "FLORG" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out))
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))  # as the example's README loads it
     assert sum(k.endswith(".florg_A") for k in get_peft_model_state_dict(model)) == 4  # q_proj, v_proj x 2 layers

@@ -46,3 +46,4 @@ def main(grid: Grid, context: Context) -> None:
         set_peft_model_state_dict(model, result.arrays.to_torch_state_dict())
         model.save_pretrained(out)  # load with: import florg; PeftModel.from_pretrained(base, out)
         (Path(out) / "history.json").write_text(json.dumps(history, indent=1))
+        (Path(out) / "labels.json").write_text(json.dumps({"labels": list(data.label_names)}, indent=1))
