@@ -35,6 +35,7 @@ class _ClientGrid:
         self.node_ids, self.examples, self.key, self.reverse = list(node_ids), examples, key, reverse
         self.build, self.keep = build or _peft_model, keep
         self.sent: list[Message] = []
+        self.timeouts: list[float | None] = []
         self.uploads: list[dict[int, dict[str, torch.Tensor]]] = []
 
     def get_node_ids(self):
@@ -42,6 +43,7 @@ class _ClientGrid:
 
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
+        self.timeouts.append(timeout)
         if messages:
             self.sent.extend(messages)
             self.uploads.append({})
@@ -107,6 +109,19 @@ def test_florg_aggregates_a_users_peft_state_dicts_and_returns_a_loadable_result
     assert "train_loss" in result.train_metrics_clientapp[2] and "agg_seconds" in result.train_metrics_clientapp[2]
 
 
+def test_florg_without_align_initial_skips_only_round_1s_alignment(flower_task):
+    initial = get_peft_model_state_dict(_peft_model())
+    examples = {11: 8, 12: 24}
+    grid = _ClientGrid(examples, examples)
+    final = FLoRG(rank=RANK, align_initial=False).start(
+        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1).arrays.to_torch_state_dict()
+    ups = [grid.uploads[-1][n] for n in sorted(examples)]
+    factors = [k for k in initial if k.endswith(".florg_A")]
+    ref = aggregate_model({k: [u[k] for u in ups] for k in factors}, [8.0, 24.0], previous={}, rank=RANK)
+    for key in factors:  # every reply counted (the server-only marker is not asked of the clients), no alignment
+        assert torch.allclose(final[key], ref[key].factor, atol=1e-6)
+
+
 def test_florg_weights_by_fedavgs_weighted_by_key(flower_task):
     initial = get_peft_model_state_dict(_peft_model())
     examples = {11: 1, 12: 99}
@@ -155,6 +170,23 @@ def test_florg_honours_the_wire_dtype_with_peft_clients(flower_task):
     final = from_record(result.arrays)
     assert result.arrays[factor].dtype == "float32"  # loads with set_peft_model_state_dict as it is
     assert torch.equal(final[factor], final[factor].half().float())  # ... and is what the clients decode
+
+
+def test_florg_takes_fedavgs_parameters_and_florgs_and_honours_the_round_timeout(flower_task):
+    from florg.fl.florg_strategy import FLoRG as Same
+
+    s = FLoRG(rank=RANK, eig_rtol=1e-9, align_initial=False, wire_dtype="float16", round_timeout=12.0, max_norm=50.0,
+              seed=3, fraction_evaluate=0.5, min_evaluate_nodes=1, weighted_by_key="n", arrayrecord_key="adapter")
+    m, f = s.config.method, s.config.federation
+    assert (m.rank, m.florg.eig_rtol, m.florg.align_initial, s.config.seed) == (RANK, 1e-9, False, 3)
+    assert (f.wire_dtype, f.round_timeout, f.max_norm) == ("float16", 12.0, 50.0)
+    assert (s.wire_dtype, s.round_timeout, s.max_norm, s.seed) == ("float16", 12.0, 50.0, 3)
+    assert (s.fraction_evaluate, s.min_evaluate_nodes, s.weighted_by_key, s.arrayrecord_key) == (0.5, 1, "n", "adapter")
+    assert Same is FLoRG
+    grid = _ClientGrid({11: 4, 12: 4}, {11: 4, 12: 4})
+    FLoRG(rank=RANK, round_timeout=12.0).start(grid=grid, initial_arrays=ArrayRecord(
+        get_peft_model_state_dict(_peft_model())), num_rounds=1)
+    assert grid.timeouts and set(grid.timeouts) == {12.0}  # every round waits round_timeout for its replies
 
 
 def test_florg_keeps_talking_to_florgs_own_client_format(flower_task):

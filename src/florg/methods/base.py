@@ -368,8 +368,9 @@ class FederatedMethod(ABC):
 
     # ---- server side -------------------------------------------------------------------
     def expected_upload(self, current: Tensors) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes a valid upload must have (default: those of the global state)."""
-        return {key: tuple(value.shape) for key, value in current.items()}
+        """Keys and shapes a valid upload must have (default: those of the global state, less its
+        server-only ``server/`` entries, which never reach a client)."""
+        return {key: tuple(value.shape) for key, value in current.items() if not key.startswith(SERVER_PREFIX)}
 
     def check_upload(self, upload: Tensors, current: Tensors, max_norm: float = 0.0) -> list[str]:
         """Problems with one client's upload (empty list = valid): missing or unexpected keys,
