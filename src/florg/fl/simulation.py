@@ -220,7 +220,8 @@ def run_simulation_engine(
 
 # ------------------------------------------------------------------------------ interruption
 #: seconds from the first SIGINT/SIGTERM to a forced exit, when the orderly stop has not finished by then
-STOP_SECONDS = 8.0
+#: (the forced exit itself takes up to about 2 s more on a busy machine: it ends the run's processes first)
+STOP_SECONDS = 5.0
 
 
 class _Terminated(KeyboardInterrupt):
@@ -306,7 +307,7 @@ class _SignalGuard:
 
     def _force(self) -> None:
         try:
-            _reap(self.children_before, timeout=1.0)
+            _reap(self.children_before, timeout=0.5)
             if self.run_dir.status().get("status") in (None, "running"):
                 self.run_dir.set_status("interrupted")
             sys.stderr.write(f"florg: interrupted; continue with: florg run --resume {self.run_dir.path}\n")
