@@ -356,3 +356,43 @@ def test_a_run_claimed_by_another_live_process_is_skipped(tmp_path, monkeypatch)
     assert len(calls) == 7 and res["left"] == 1
     assert any(busy.rel in m and "another process" in m for m in logs)
     assert not (tmp_path / "runs" / f"{stale.rel}.lock").exists()
+
+
+def test_a_best_lr_at_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
+    """The validation optimum (VAL_BEST = 0.002) lies above a grid of [2e-4, 5e-4]: the row's grid grows past its
+    upper edge by the grid's own step (x2.5) until the best lr is inside or ``study.extend_grid`` is used up."""
+    calls = []
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls))
+    path = _study_file(tmp_path, rows='["florg", "fedit", "florg-noalign"]')
+    with pytest.raises(StudyError, match="study.extend_grid: expected a whole number >= 0"):
+        load_study(path, ["study.extend_grid=-1"])
+    fixed = load_study(path, ["study.lr_grid=[2e-4, 5e-4]", "study.tasks=[\"four\"]"])
+    study = load_study(path, ["study.lr_grid=[2e-4, 5e-4]", "study.extend_grid=2", "study.tasks=[\"four\"]"])
+    assert planned_counts(study)["tune"] == 2 * 2  # nothing is extended before the grid's runs are done
+    logs = []
+    res = run_phase(study, "tune", log=logs.append)
+    # florg and fedit: 2 base points, then 1.25e-3 (still the edge), then 3.125e-3 (the edge again: no more)
+    assert res["ran"] == 2 * 4 and res["left"] == 0 and any("grid was extended" in m for m in logs)
+    assert sorted(str(Path(c).relative_to(tmp_path / "runs")) for c in calls) == [
+        f"four/tune/{row}/lr{lr}-seed100" for row in ("fedit", "florg") for lr in ("0.0002", "0.0005", "0.00125", "0.003125")]
+    lrs = select_lrs(study)
+    for row in ("florg", "fedit"):
+        assert lrs["four"][row]["grid"] == [2e-4, 5e-4, 1.25e-3, 3.125e-3]
+        assert lrs["four"][row]["extended"] == [1.25e-3, 3.125e-3] and lrs["four"][row]["chosen"] == 3.125e-3
+    assert lrs["four"]["florg-noalign"]["chosen"] == 3.125e-3
+    assert planned_counts(study)["tune"] == 2 * 4
+    tuning = (tmp_path / "results" / "tuning.md").read_text()
+    assert "Grid extended past the edge" in tuning and "FLoRG on four (+0.00125, 0.003125)" in tuning
+    assert "3.125e-3 (grid edge)" in tuning or "0.003125 (grid edge)" in tuning
+    # the same results read with a fixed grid: no extension, the base grid's edge is chosen and flagged
+    fixed_lrs = select_lrs(fixed)
+    assert fixed_lrs["four"]["florg"]["grid"] == [2e-4, 5e-4] and fixed_lrs["four"]["florg"]["chosen"] == 5e-4
+    calls.clear()
+    assert run_phase(study, "tune", log=lambda m: None)["ran"] == 0 and calls == []  # resumed: nothing left
+    # the best lr inside the grid after two steps: the extension stops there, with one step of the budget left
+    inner = load_study(path, ["study.lr_grid=[4e-4, 1e-3]", "study.extend_grid=3", "study.tasks=[\"four\"]",
+                              f"study.results_dir=\"{tmp_path / 'inner'}\""])
+    run_phase(inner, "tune", log=lambda m: None)
+    got = select_lrs(inner)["four"]["florg"]
+    assert got["grid"] == [4e-4, 1e-3, 2.5e-3, 6.25e-3] and got["chosen"] == 2.5e-3
+    assert "grid edge" not in (tmp_path / "inner" / "tuning.md").read_text()

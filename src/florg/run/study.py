@@ -8,7 +8,9 @@ resumable and each started by one command (``florg study run FILE --phase PHASE`
    split. The variant with the best validation score (mean over tuning seeds at its best lr,
    averaged over the sub-study's tasks) is applied to the FLoRG rows of the next phases.
 2. ``tune``: every row x the lr grid x the tuning seeds, scored on the **validation** split.
-   Per task and row the lr with the best mean validation score is chosen. Tuning runs evaluate the
+   Per task and row the lr with the best mean validation score is chosen; where it lies at an edge
+   of the grid, the row's grid is extended past that edge by the grid's own geometric step (at most
+   ``study.extend_grid`` points per row and task) and the phase runs the new points. Tuning runs evaluate the
    validation split in the last 3 rounds and the test split only at round 0 and the final round;
    the selection reads ``val_<metric>`` (``val_personal_<metric>`` for a personalised headline when
    the rows carry it) and nothing else.
@@ -39,6 +41,8 @@ Study file::
     rows = ["florg", "fedit", ...]       # registry rows (florg compare's) or [rows.*] sections
     reference = "florg"                  # paired differences are taken against this row
     lr_grid = [2e-3, 5e-3, 1e-2]
+    extend_grid = 2                      # a row whose best lr is at an edge of the grid gets the next
+                                         # point past it (the grid's geometric step), at most 2 per row
     tune_seeds = [100]
     final_seeds = [0, 1, 2, 3, 4]
     select = "final"                     # validation score: "final" round or "last3" mean
@@ -98,6 +102,7 @@ __all__ = [
     "plan_phase",
     "run_phase",
     "select_florg_best",
+    "row_tuning",
     "select_lrs",
     "write_reports",
 ]
@@ -156,6 +161,7 @@ class Study:
     select: str
     target_fraction: float
     florg_best: dict[str, Any] | None = None
+    extend_grid: int = 0  # points a row's grid may grow past an edge where its best lr lies
 
     def grid(self, row: StudyRow) -> list[float]:
         return list(row.lr_grid or self.lr_grid)
@@ -203,6 +209,12 @@ def _ints(value: Any, where: str) -> list[int]:
     return [int(v) for v in value]
 
 
+def _count(value: Any, where: str) -> int:
+    _need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where,
+          f"expected a whole number >= 0 (0: a fixed grid), got {value!r}")
+    return int(value)
+
+
 def _settings(value: Any, where: str) -> dict[str, Any]:
     _need(isinstance(value, dict), where, f"expected a table of dotted config keys, got {value!r}")
     for key in value:
@@ -233,8 +245,8 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     unknown = set(data) - {"study", "base", "tasks", "rows", "florg_best"}
     _need(not unknown, "top level", f"unknown section(s) {sorted(unknown)}; valid: study, base, tasks, rows, florg_best")
     s = data.get("study", {})
-    known = {"title", "runs_dir", "results_dir", "tasks", "rows", "reference", "lr_grid", "tune_seeds", "final_seeds",
-             "select", "target_fraction"}
+    known = {"title", "runs_dir", "results_dir", "tasks", "rows", "reference", "lr_grid", "extend_grid", "tune_seeds",
+             "final_seeds", "select", "target_fraction"}
     _need(not set(s) - known, "[study]", f"unknown key(s) {sorted(set(s) - known)}; valid: {', '.join(sorted(known))}")
     for key in ("runs_dir", "results_dir", "tasks", "rows", "lr_grid", "tune_seeds", "final_seeds"):
         _need(key in s, "[study]", f"'{key}' is required")
@@ -257,6 +269,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         final_seeds=_ints(s["final_seeds"], "study.final_seeds"),
         select=str(s.get("select", "final")),
         target_fraction=float(s.get("target_fraction", 0.95)),
+        extend_grid=_count(s.get("extend_grid", 0), "study.extend_grid"),
     )
     _need(study.select in ("final", "last3"), "study.select", f"'{study.select}' is not 'final' or 'last3'")
     _need(0.0 < study.target_fraction <= 1.0, "study.target_fraction", "must be in (0, 1]")
@@ -592,11 +605,51 @@ def _variant_for(study: Study, row: StudyRow, fb_sel: dict[str, Any] | None) -> 
 
 
 def tune_specs(study: Study, fb_sel: dict[str, Any] | None = None, strict: bool = True) -> list[StudySpec]:
-    """The tuning runs (rows with their own sweep). Without ``strict``, rows that wait for the florg-best
-    choice are left out instead of raising."""
-    return [StudySpec("tune", task, row.label, lr, seed, run_config(study, "tune", task, row, lr, seed, variant))
-            for task, row, variant in _rows_with_settings(study, fb_sel, strict, tuned_only=True)
-            for lr in study.grid(row) for seed in study.tune_seeds]
+    """The tuning runs (rows with their own sweep, over their grids as extended so far). Without ``strict``,
+    rows that wait for the florg-best choice are left out instead of raising."""
+    return [spec for task, row, variant in _rows_with_settings(study, fb_sel, strict, tuned_only=True)
+            for spec in row_tuning(study, task, row, variant)["specs"]]
+
+
+def _grid_step(lr: float) -> float:
+    return float(f"{lr:.12g}")  # 0.0125 * 2.5 is 0.03125, not 0.031250000000000007: stable lr tags and configs
+
+
+def _extension(study: Study, row: StudyRow, grid: list[float], chosen: float | None) -> float | None:
+    """The next lr past the edge of ``grid`` where ``chosen`` lies (None: inside, not chosen yet, or no
+    extension left). The step is the grid's own ratio at that edge."""
+    if chosen is None or len(grid) < 2 or len(grid) - len(study.grid(row)) >= study.extend_grid:
+        return None
+    if chosen == grid[-1]:
+        return _grid_step(grid[-1] * grid[-1] / grid[-2])
+    if chosen == grid[0]:
+        return _grid_step(grid[0] * grid[0] / grid[1])
+    return None
+
+
+def row_tuning(study: Study, task: str, row: StudyRow, variant: Mapping[str, Any] | None,
+               with_configs: bool = True) -> dict[str, Any]:
+    """One row's sweep on one task as its results stand: ``grid`` (the study's, extended past an edge where the
+    best lr lies, see ``study.extend_grid``), the planned ``specs``, the ``cells`` (validation scores per lr),
+    the ``chosen`` lr (None until every run of the grid is done) and the ``extended`` points.
+
+    ``with_configs=False`` plans without building run configs (counting only: the specs' ``cfg`` is None)."""
+    info = _metric_info(_build_config(study, [study.tasks[task]], f"task '{task}'"))
+    grid = study.grid(row)
+    while True:
+        specs = [StudySpec("tune", task, row.label, lr, seed,
+                           run_config(study, "tune", task, row, lr, seed, variant) if with_configs else None)  # type: ignore[arg-type]
+                 for lr in grid for seed in study.tune_seeds]
+        done = phase_results(study, specs)
+        cells = {lr: _cell([done[s.rel] for s in specs if s.lr == lr and s.rel in done], row.headline, info.primary,
+                           study.select, len(study.tune_seeds)) for lr in grid}
+        chosen = _best(cells, info.higher_is_better)
+        nxt = _extension(study, row, grid, chosen)
+        if nxt is None:
+            base = study.grid(row)
+            return {"grid": grid, "specs": specs, "cells": cells, "chosen": chosen,
+                    "extended": [lr for lr in grid if lr not in base]}
+        grid = sorted([*grid, nxt])
 
 
 def _rows_with_settings(study: Study, fb_sel: dict[str, Any] | None, strict: bool, tuned_only: bool = False):  # noqa: ANN202
@@ -616,26 +669,23 @@ def _rows_with_settings(study: Study, fb_sel: dict[str, Any] | None, strict: boo
 
 
 def select_lrs(study: Study, fb_sel: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Per task and row: the grid, each lr's validation scores (per tuning seed and mean) and the chosen lr
-    (None until the row's tuning runs are all done). Rows without an own sweep take their ``lr_from`` /
-    ``same_training_as`` row's choice."""
-    specs = tune_specs(study, fb_sel, strict=False)
-    done = phase_results(study, specs)
+    """Per task and row: the grid (as extended so far), each lr's validation scores (per tuning seed and mean)
+    and the chosen lr (None until the row's tuning runs are all done, extensions included). Rows without an
+    own sweep take their ``lr_from`` / ``same_training_as`` row's choice."""
+    ready = {(task, row.label): variant for task, row, variant in _rows_with_settings(study, fb_sel, strict=False,
+                                                                                      tuned_only=True)}
     out: dict[str, dict[str, Any]] = {}
     for task in study.tasks:
         per: dict[str, Any] = {}
-        info = _metric_info(_build_config(study, [study.tasks[task]], f"task '{task}'"))
         for row in study.rows.values():
             if not row.tuned:
                 continue
-            cells = {}
-            planned = [s for s in specs if (s.task, s.group) == (task, row.label)]
-            for lr in study.grid(row):
-                runs = [done[s.rel] for s in planned if s.lr == lr and s.rel in done]
-                cells[lr] = _cell(runs, row.headline, info.primary, study.select, len(study.tune_seeds))
-            per[row.label] = {"grid": study.grid(row), "cells": cells,
-                              "chosen": _best(cells, info.higher_is_better) if planned else None,
-                              "key": next((c["key"] for c in cells.values() if c["key"]), None)}
+            if (task, row.label) not in ready:  # waits for the florg-best choice
+                per[row.label] = {"grid": study.grid(row), "cells": {}, "chosen": None, "key": None, "extended": []}
+                continue
+            t = row_tuning(study, task, row, ready[(task, row.label)])
+            per[row.label] = {"grid": t["grid"], "cells": t["cells"], "chosen": t["chosen"], "extended": t["extended"],
+                              "key": next((c["key"] for c in t["cells"].values() if c["key"]), None)}
         for row in study.rows.values():
             if not row.tuned:
                 src = row.lr_from or row.same_training_as
@@ -824,51 +874,63 @@ def run_phase(study: Study, phase: str, log: Log = print, tasks: Sequence[str] |
 
     No run starts after ``max_minutes`` (from now) or after ``deadline`` (a ``time.monotonic()`` value,
     shared by several phases)."""
-    specs = plan_phase(study, phase)
-    if tasks:
-        unknown = [t for t in tasks if t not in study.tasks]
-        if unknown:
-            raise StudyError(f"--task: unknown {', '.join(unknown)}; valid: {', '.join(study.tasks)}")
-        specs = [s for s in specs if s.task in tasks]
-    for spec in specs:
-        _check_recorded(study, spec)
-    todo = [s for s in specs if not (_done(study, s) == "complete" or (_done(study, s) == "failed" and not retry_failed))]
-    log(f"phase {phase}: {len(specs)} run(s) planned, {len(specs) - len(todo)} done, {len(todo)} to run "
-        f"(runs in {study.runs_dir}, results in {study.results_dir})")
-    durations = _past_seconds(study, phase)
     if max_minutes is not None:
         mine = time.monotonic() + 60.0 * max_minutes
         deadline = mine if deadline is None else min(deadline, mine)
-    failed, ran = [], 0
-    for i, spec in enumerate(todo, 1):
-        if deadline is not None and time.monotonic() >= deadline:
-            log(f"phase {phase}: time is up (--max-minutes); {len(todo) - i + 1} runs left "
-                "(run the same command again to continue)")
+    durations = _past_seconds(study, phase)
+    failed: list[str] = []
+    ran, tried, time_up = 0, set(), False
+    while not time_up:  # a pass per grid extension (tune): the runs just done may plan new ones
+        specs = plan_phase(study, phase)
+        if tasks:
+            unknown = [t for t in tasks if t not in study.tasks]
+            if unknown:
+                raise StudyError(f"--task: unknown {', '.join(unknown)}; valid: {', '.join(study.tasks)}")
+            specs = [s for s in specs if s.task in tasks]
+        for spec in specs:
+            _check_recorded(study, spec)
+        todo = [s for s in specs if s.rel not in tried and not (_done(study, s) == "complete" or (
+            _done(study, s) == "failed" and not retry_failed))]
+        if tried and not todo:
             break
-        eta = ""
-        if durations:
-            per = sum(durations[-20:]) / len(durations[-20:])
-            eta = f", about {(len(todo) - i + 1) * per / 60:.0f} min left for this phase ({per:.0f} s per run)"
-        lock = _lock(study, spec)
-        if lock is None or _done(study, spec) == "complete":
-            if lock is not None:
+        log((f"phase {phase}: {len(specs)} run(s) planned, {len(specs) - len(todo)} done, {len(todo)} to run "
+             f"(runs in {study.runs_dir}, results in {study.results_dir})") if not tried else
+            (f"phase {phase}: the grid was extended past its edge for {len(todo)} new run(s) "
+             f"(study.extend_grid = {study.extend_grid})"))
+        if not todo:
+            break
+        for i, spec in enumerate(todo, 1):
+            tried.add(spec.rel)
+            if deadline is not None and time.monotonic() >= deadline:
+                log(f"phase {phase}: time is up (--max-minutes); {len(todo) - i + 1} runs left "
+                    "(run the same command again to continue)")
+                time_up = True
+                break
+            eta = ""
+            if durations:
+                per = sum(durations[-20:]) / len(durations[-20:])
+                eta = f", about {(len(todo) - i + 1) * per / 60:.0f} min left for this phase ({per:.0f} s per run)"
+            lock = _lock(study, spec)
+            if lock is None or _done(study, spec) == "complete":
+                if lock is not None:
+                    lock.unlink(missing_ok=True)
+                log(f"[{phase} {i}/{len(todo)}] {spec.rel}: run or being run by another process, skipped")
+                continue
+            log(f"[{phase} {i}/{len(todo)}] {spec.rel}{eta}")
+            try:
+                timing = run_one(study, spec, reporter(spec) if reporter else None, verbose)
+            finally:
                 lock.unlink(missing_ok=True)
-            log(f"[{phase} {i}/{len(todo)}] {spec.rel}: run or being run by another process, skipped")
-            continue
-        log(f"[{phase} {i}/{len(todo)}] {spec.rel}{eta}")
-        try:
-            timing = run_one(study, spec, reporter(spec) if reporter else None, verbose)
-        finally:
-            lock.unlink(missing_ok=True)
-        durations.append(timing["wall_seconds"])
-        ran += 1
-        cpu = timing["cpu_seconds_self"] + timing["cpu_seconds_children"]
-        if timing["error"]:
-            failed.append(spec.rel)
-            log(f"[{phase} {i}/{len(todo)}] {spec.rel}: FAILED ({timing['error']})")
-        log(f"[{phase} {i}/{len(todo)}] {spec.rel}: {timing['wall_seconds']:.0f} s wall, {cpu:.0f} s CPU")
-        write_reports(study)
+            durations.append(timing["wall_seconds"])
+            ran += 1
+            cpu = timing["cpu_seconds_self"] + timing["cpu_seconds_children"]
+            if timing["error"]:
+                failed.append(spec.rel)
+                log(f"[{phase} {i}/{len(todo)}] {spec.rel}: FAILED ({timing['error']})")
+            log(f"[{phase} {i}/{len(todo)}] {spec.rel}: {timing['wall_seconds']:.0f} s wall, {cpu:.0f} s CPU")
+            write_reports(study)
     write_reports(study)
+    specs = [s for s in plan_phase(study, phase) if not tasks or s.task in tasks]
     left = sum(1 for s in specs if not _done(study, s))
     return {"phase": phase, "planned": len(specs), "ran": ran, "left": left, "failed": failed}
 
@@ -890,7 +952,9 @@ def planned_counts(study: Study) -> dict[str, int]:
     """Runs per phase, counted from the study file alone (no selection needed)."""
     fb = study.florg_best
     n_fb = (len(fb["tasks"]) * len(fb["variants"]) * len(fb["lr_grid"]) * len(fb["seeds"])) if fb else 0
-    n_tune = len(study.tasks) * sum(len(study.grid(r)) * len(study.tune_seeds) for r in study.rows.values() if r.tuned)
+    # the grids as extended so far (an extension is planned once the grid before it is done)
+    n_tune = sum(len(row_tuning(study, task, r, None, with_configs=False)["grid"]) * len(study.tune_seeds)
+                 for task in study.tasks for r in study.rows.values() if r.tuned)
     n_final = len(study.tasks) * sum(1 if r.same_training_as else len(study.final_seeds) for r in study.rows.values())
     return {"florg-best": n_fb, "tune": n_tune, "final": n_final}
 

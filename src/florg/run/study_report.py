@@ -81,6 +81,7 @@ def _tuning_md(study: Study, fb: dict[str, Any] | None, lrs: dict[str, dict[str,
             lines.append("")
     lines += ["## Learning rate per row (phase tune)", ""]
     edges: list[str] = []
+    extended: list[str] = []
     for task, per in lrs.items():
         info = MetricInfo.of_task(_task_of(study, task))
         grid = sorted({lr for e in per.values() for lr in e["grid"]})
@@ -96,11 +97,16 @@ def _tuning_md(study: Study, fb: dict[str, Any] | None, lrs: dict[str, dict[str,
             cells = [("" if lr not in e["cells"] else (f"**{_fmt_score(info, e['cells'][lr])}**" if lr == e["chosen"]
                                                        else _fmt_score(info, e["cells"][lr]))) for lr in grid]
             chosen = "–" if e["chosen"] is None else f"{e['chosen']:g}"
+            if e.get("extended"):
+                extended.append(f"{row.display} on {task} (+{', '.join(format(lr, 'g') for lr in e['extended'])})")
             if e["chosen"] is not None and len(e["grid"]) > 1 and e["chosen"] in (min(e["grid"]), max(e["grid"])):
                 chosen += " (grid edge)"
                 edges.append(f"{row.display} on {task}")
             lines.append(f"| {row.display} | {e['key'] or '–'} | " + " | ".join(cells) + f" | {chosen} |")
         lines.append("")
+    if extended:
+        lines += [f"Grid extended past the edge where the row's best lr lay (the grid's own step; at most "
+                  f"{study.extend_grid} point(s) per row and task, `study.extend_grid`): {'; '.join(extended)}.", ""]
     if edges:
         lines += [f"Chosen at an edge of the grid (the best lr may lie outside it): {', '.join(edges)}.", ""]
     return "\n".join(lines)
