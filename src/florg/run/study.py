@@ -635,21 +635,27 @@ def row_tuning(study: Study, task: str, row: StudyRow, variant: Mapping[str, Any
 
     ``with_configs=False`` plans without building run configs (counting only: the specs' ``cfg`` is None)."""
     info = _metric_info(_build_config(study, [study.tasks[task]], f"task '{task}'"))
-    grid = study.grid(row)
-    while True:
-        specs = [StudySpec("tune", task, row.label, lr, seed,
+    base = study.grid(row)
+    grid: list[float] = []
+    specs: list[StudySpec] = []
+    cells: dict[float, dict[str, Any]] = {}
+    new = list(base)
+    while new:  # each pass reads the results of the new points only
+        added = [StudySpec("tune", task, row.label, lr, seed,
                            run_config(study, "tune", task, row, lr, seed, variant) if with_configs else None)  # type: ignore[arg-type]
-                 for lr in grid for seed in study.tune_seeds]
-        done = phase_results(study, specs)
-        cells = {lr: _cell([done[s.rel] for s in specs if s.lr == lr and s.rel in done], row.headline, info.primary,
-                           study.select, len(study.tune_seeds)) for lr in grid}
-        chosen = _best(cells, info.higher_is_better)
+                 for lr in new for seed in study.tune_seeds]
+        done = phase_results(study, added)
+        for lr in new:
+            cells[lr] = _cell([done[s.rel] for s in added if s.lr == lr and s.rel in done], row.headline, info.primary,
+                              study.select, len(study.tune_seeds))
+        specs += added
+        grid = sorted([*grid, *new])
+        chosen = _best({lr: cells[lr] for lr in grid}, info.higher_is_better)
         nxt = _extension(study, row, grid, chosen)
-        if nxt is None:
-            base = study.grid(row)
-            return {"grid": grid, "specs": specs, "cells": cells, "chosen": chosen,
-                    "extended": [lr for lr in grid if lr not in base]}
-        grid = sorted([*grid, nxt])
+        new = [] if nxt is None else [nxt]
+    specs.sort(key=lambda spec: spec.lr)  # grid order (stable: seeds stay in order)
+    return {"grid": grid, "specs": specs, "cells": {lr: cells[lr] for lr in grid}, "chosen": chosen,
+            "extended": [lr for lr in grid if lr not in base]}
 
 
 def _rows_with_settings(study: Study, fb_sel: dict[str, Any] | None, strict: bool, tuned_only: bool = False):  # noqa: ANN202
@@ -880,13 +886,11 @@ def run_phase(study: Study, phase: str, log: Log = print, tasks: Sequence[str] |
     durations = _past_seconds(study, phase)
     failed: list[str] = []
     ran, tried, time_up = 0, set(), False
+    unknown = [t for t in tasks or () if t not in study.tasks]
+    if unknown:
+        raise StudyError(f"--task: unknown {', '.join(unknown)}; valid: {', '.join(study.tasks)}")
     while not time_up:  # a pass per grid extension (tune): the runs just done may plan new ones
-        specs = plan_phase(study, phase)
-        if tasks:
-            unknown = [t for t in tasks if t not in study.tasks]
-            if unknown:
-                raise StudyError(f"--task: unknown {', '.join(unknown)}; valid: {', '.join(study.tasks)}")
-            specs = [s for s in specs if s.task in tasks]
+        specs = [s for s in plan_phase(study, phase) if not tasks or s.task in tasks]
         for spec in specs:
             _check_recorded(study, spec)
         todo = [s for s in specs if s.rel not in tried and not (_done(study, s) == "complete" or (
