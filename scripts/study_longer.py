@@ -1,0 +1,105 @@
+"""Rerun some of the study's final runs with more rounds, and test whether a gap closes.
+
+Each run is the study's own final run (its resolved ``config.toml`` under
+``docs/results/study/runs/<task>/final/<row>/``, same seed, same lr) with only
+``train.rounds`` raised, so its first rounds reproduce the committed run exactly (checked here).
+Run directories go to ``runs/study-h12-rounds<R>/``; their small files are copied to
+``docs/results/study/rounds<R>/<task>/<row>-seed<seed>/``. Finished runs are skipped.
+
+    .venv/bin/python scripts/study_longer.py --task wordnet-nouns --rows florg,fedit --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from florg.run.stats import paired_test, summarise_values
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "docs" / "results" / "study"
+OFFLINE = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "FLWR_DISABLE_UPDATE_CHECK",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
+)
+KEEP = ("config.toml", "environment.json", "metrics.jsonl", "status.json", "summary.json")
+
+
+def accuracies(run: Path) -> list[float]:
+    with open(run / "metrics.jsonl") as fh:
+        return [100 * json.loads(line)["test_accuracy"] for line in fh if line.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="wordnet-nouns")
+    ap.add_argument("--rows", default="florg,fedit", help="study rows; the first is the reference")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    args = ap.parse_args()
+    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    runs_dir = Path("runs") / f"study-h12-rounds{args.rounds}"  # relative: it is recorded in each config
+    out = STUDY / f"rounds{args.rounds}" / args.task
+    acc: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        for seed in seeds:
+            finals = sorted((STUDY / "runs" / args.task / "final" / row).glob(f"lr*-seed{seed}"))
+            if len(finals) != 1:
+                sys.exit(f"no single final run of row {row!r}, seed {seed} on {args.task}: run the study first")
+            name = f"{row}-seed{seed}"
+            run = ROOT / runs_dir / name
+            if not (run / "summary.json").exists():
+                subprocess.run(
+                    [
+                        str(Path(sys.executable).parent / "florg"),
+                        "run",
+                        "-c",
+                        str(finals[0] / "config.toml"),
+                        "--set",
+                        f"train.rounds={args.rounds}",
+                        "--set",
+                        f"out_dir={runs_dir}",
+                        "--set",
+                        f"name={name}",
+                        "--no-progress",
+                    ],
+                    check=True,
+                    cwd=ROOT,
+                    env={**{k: "1" for k in OFFLINE}, **os.environ},
+                )
+            (out / name).mkdir(parents=True, exist_ok=True)
+            for f in KEEP:
+                shutil.copy2(run / f, out / name / f)
+            acc.setdefault(row, {})[seed] = accuracies(out / name)
+            same = acc[row][seed][: len(accuracies(finals[0]))] == accuracies(finals[0])
+            print(f"{name}: rounds 0-5 identical to the study's final run: {same}")
+            if not same:
+                return 1
+    print(f"\nmean test accuracy per round (0-{args.rounds}), {len(seeds)} seeds")
+    for row, by in acc.items():
+        print(f"  {row:12s}", " ".join(f"{statistics.mean(c):5.1f}" for c in zip(*by.values())))
+    ref = rows[0]
+    for rnd in (5, args.rounds):
+        for row in rows[1:]:
+            s = summarise_values([v[rnd] for v in acc[row].values()])
+            r = paired_test({k: v[rnd] for k, v in acc[row].items()}, {k: v[rnd] for k, v in acc[ref].items()})
+            print(
+                f"round {rnd}: {row} {s.mean:.2f} ± {s.std:.2f}, {ref} "
+                f"{summarise_values([v[rnd] for v in acc[ref].values()]).mean:.2f}; {row} − {ref} "
+                f"{r.mean:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}], p(t) {r.p_t:.2g}, p(Wilcoxon) {r.p_wilcoxon:.2g}; "
+                f"per seed {', '.join(f'{d:+.1f}' for d in r.differences)}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
