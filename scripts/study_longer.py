@@ -3,7 +3,7 @@
 Each run is the study's own final run (its resolved ``config.toml`` under
 ``docs/results/study/runs/<task>/final/<row>/``, same seed, same lr) with only
 ``train.rounds`` raised, so its first rounds reproduce the committed run exactly (checked here).
-Run directories go to ``runs/study-h12-rounds<R>/``; their small files are copied to
+Run directories go to ``runs/study-h12-rounds<R>/``; their small files (the ones the study keeps) are copied to
 ``docs/results/study/rounds<R>/<task>/<row>-seed<seed>/``. Finished runs are skipped.
 
     .venv/bin/python scripts/study_longer.py --task wordnet-nouns --rows florg,fedit --rounds 10
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from florg.run.stats import paired_test, summarise_values
+from florg.run.study import COPIED
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "docs" / "results" / "study"
@@ -31,7 +32,6 @@ OFFLINE = (
     "FLWR_DISABLE_UPDATE_CHECK",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
 )
-KEEP = ("config.toml", "environment.json", "metrics.jsonl", "status.json", "summary.json")
 
 
 def accuracies(run: Path) -> list[float]:
@@ -77,7 +77,7 @@ def main() -> int:
                     env={**{k: "1" for k in OFFLINE}, **os.environ},
                 )
             (out / name).mkdir(parents=True, exist_ok=True)
-            for f in KEEP:
+            for f in COPIED:
                 shutil.copy2(run / f, out / name / f)
             acc.setdefault(row, {})[seed] = accuracies(out / name)
             same = acc[row][seed][: len(accuracies(finals[0]))] == accuracies(finals[0])
