@@ -12,7 +12,6 @@ Run directories go to ``runs/study-h12-rounds<R>/``; their small files (the ones
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -20,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from florg.run.rundir import RunDir
 from florg.run.stats import paired_test, summarise_values
 from florg.run.study import COPIED
 
@@ -35,8 +35,7 @@ OFFLINE = (
 
 
 def accuracies(run: Path) -> list[float]:
-    with open(run / "metrics.jsonl") as fh:
-        return [100 * json.loads(line)["test_accuracy"] for line in fh if line.strip()]
+    return [100 * row["test_accuracy"] for row in RunDir(run).read_metrics()]
 
 
 def main() -> int:
@@ -50,6 +49,7 @@ def main() -> int:
     runs_dir = Path("runs") / f"study-h12-rounds{args.rounds}"  # relative: it is recorded in each config
     out = STUDY / f"rounds{args.rounds}" / args.task
     acc: dict[str, dict[int, list[float]]] = {}
+    study_rounds = 0
     for row in rows:
         for seed in seeds:
             finals = sorted((STUDY / "runs" / args.task / "final" / row).glob(f"lr*-seed{seed}"))
@@ -80,15 +80,17 @@ def main() -> int:
             for f in COPIED:
                 shutil.copy2(run / f, out / name / f)
             acc.setdefault(row, {})[seed] = accuracies(out / name)
-            same = acc[row][seed][: len(accuracies(finals[0]))] == accuracies(finals[0])
-            print(f"{name}: rounds 0-5 identical to the study's final run: {same}")
+            ref_acc = accuracies(finals[0])
+            study_rounds = len(ref_acc) - 1
+            same = acc[row][seed][: len(ref_acc)] == ref_acc
+            print(f"{name}: rounds 0-{study_rounds} identical to the study's final run: {same}")
             if not same:
                 return 1
     print(f"\nmean test accuracy per round (0-{args.rounds}), {len(seeds)} seeds")
     for row, by in acc.items():
         print(f"  {row:12s}", " ".join(f"{statistics.mean(c):5.1f}" for c in zip(*by.values())))
     ref = rows[0]
-    for rnd in (5, args.rounds):
+    for rnd in (study_rounds, args.rounds):
         for row in rows[1:]:
             s = summarise_values([v[rnd] for v in acc[row].values()])
             r = paired_test({k: v[rnd] for k, v in acc[row].items()}, {k: v[rnd] for k, v in acc[ref].items()})
