@@ -12,7 +12,6 @@ Run directories go to ``runs/study-h12-rounds<R>/``; their small files (the ones
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -25,13 +24,6 @@ from florg.run.study import COPIED
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "docs" / "results" / "study"
-OFFLINE = (
-    "HF_HUB_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "FLWR_DISABLE_UPDATE_CHECK",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
-)
 
 
 def accuracies(run: Path) -> list[float]:
@@ -74,7 +66,6 @@ def main() -> int:
                     ],
                     check=True,
                     cwd=ROOT,
-                    env={**{k: "1" for k in OFFLINE}, **os.environ},
                 )
             (out / name).mkdir(parents=True, exist_ok=True)
             for f in COPIED:
