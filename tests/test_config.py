@@ -134,3 +134,68 @@ def test_round_lr_schedules():
     assert round_lr(load_config(None, ["train.rounds=1", "train.lr_schedule=cosine"]).train, 1) == 5e-3
     const = load_config(None, ["train.lr=0.02"])
     assert {round_lr(const.train, r) for r in range(1, 9)} == {0.02}
+
+
+# ------------------------------------------------------------------ local epochs, head lr, method defaults
+
+
+def test_local_epochs_replaces_local_steps_and_the_two_are_exclusive(tmp_path):
+    cfg = load_config(None, ["train.local_epochs=2"])
+    assert cfg.train.local_epochs == 2 and cfg.train.local_steps == 0  # the default 10 steps give way
+    assert RunConfig.from_dict({"train": {"local_epochs": 1}}).train.local_steps == 0
+    with pytest.raises(ConfigError, match=r"train.local_epochs.*train.local_steps is 3.*train.local_steps=0"):
+        load_config(None, ["train.local_epochs=1", "train.local_steps=3"])
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nlocal_steps = 4\n")
+    with pytest.raises(ConfigError, match="train.local_epochs"):  # the file's steps and --set epochs disagree
+        load_config(p, ["train.local_epochs=1"])
+    assert load_config(p, ["train.local_epochs=1", "train.local_steps=0"]).train.local_steps == 0
+    with pytest.raises(ConfigError, match=r"train.local_steps': must be >= 1 when train.local_epochs is 0"):
+        load_config(None, ["train.local_steps=0"])
+    with pytest.raises(ConfigError, match="train.local_epochs': must be >= 0"):
+        load_config(None, ["train.local_epochs=-1", "train.local_steps=0"])
+    resolved = load_config(None, ["train.local_epochs=1"])
+    assert RunConfig.from_json(resolved.to_json()).to_dict() == resolved.to_dict()  # a run dir's config reloads
+
+
+def test_local_epochs_is_whole_passes_over_the_shard():
+    from florg.train import local_steps
+
+    epochs = load_config(None, ["train.local_epochs=3"]).train
+    assert local_steps(epochs, 7) == 21 and local_steps(epochs, 0) == 3
+    assert local_steps(load_config(None, ["train.local_steps=5"]).train, 7) == 5
+
+
+def test_head_lr_is_checked():
+    assert load_config(None, ["train.head_lr=0.02"]).train.head_lr == 0.02
+    with pytest.raises(ConfigError, match=r"train.head_lr': must be >= 0 \(0 = train.lr\)"):
+        load_config(None, ["train.head_lr=-1"])
+
+
+def test_a_method_s_recommended_settings_apply_unless_the_config_sets_them(monkeypatch, tmp_path):
+    """``--set method.name=X`` trains X at X's recommended settings; whatever a file or --set gives wins."""
+    from florg.methods.registry import METHODS
+
+    monkeypatch.setattr(METHODS["fedit"], "recommended", {"train.lr": 0.0125, "train.head_lr": 0.03,
+                                                          "method.alpha": 8.0})
+    cfg = load_config(None, ["method.name=fedit"])
+    assert (cfg.train.lr, cfg.train.head_lr, cfg.method.alpha) == (0.0125, 0.03, 8.0)
+    cfg = load_config(None, ["method.name=fedit", "train.lr=0.001"])
+    assert (cfg.train.lr, cfg.train.head_lr) == (0.001, 0.03)
+    p = tmp_path / "c.toml"
+    p.write_text('[method]\nname = "fedit"\nalpha = 32.0\n')
+    assert load_config(p).method.alpha == 32.0 and load_config(p).train.lr == 0.0125
+    assert RunConfig.from_dict({"method": {"name": "fedit"}}).train.head_lr == 0.03
+    full = load_config(None, ["method.name=fedit", "train.lr=0.001"])
+    assert RunConfig.from_json(full.to_json()).train.lr == 0.001  # a resolved config reloads as it is
+    assert load_config(None, ["method.name=ffa-lora"]).train.lr == RunConfig().train.lr  # others untouched
+
+
+def test_every_method_s_recommended_settings_are_valid_config_keys_and_values():
+    from florg.methods.registry import METHODS
+
+    keys = config_keys()
+    for name, cls in METHODS.items():
+        for key in cls.recommended:
+            assert key in keys, (name, key)
+        load_config(None, [f"method.name={name}"])  # validates the applied values

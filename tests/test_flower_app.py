@@ -36,6 +36,13 @@ def test_run_config_keys_set_florg_config_keys():
     assert (cfg.train.lr, cfg.federation.wire_dtype, cfg.data.max_train_examples) == (0.01, "float16", 100)
 
 
+def test_run_config_keys_for_local_epochs_and_the_head_lr():
+    cfg = app_config(_rc(local_epochs=1, head_lr=0.02))
+    assert (cfg.train.local_epochs, cfg.train.local_steps, cfg.train.head_lr) == (1, 0, 0.02)
+    with pytest.raises(ConfigError, match=r"run config key 'local-epochs'.*train.local_steps=0"):
+        app_config(_rc(local_epochs=1, local_steps=4))
+
+
 def test_a_key_at_its_default_keeps_the_files_value_and_a_contradiction_is_an_error(tmp_path):
     file = tmp_path / "run.toml"
     file.write_text("[train]\nrounds = 5\n[method]\nrank = 8\n")

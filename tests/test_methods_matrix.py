@@ -46,7 +46,8 @@ EXTRA = {"flora-hetero": ("flora", ["method.client_ranks=[1,2,4]"]),
          "flora-dense-hetero": ("flora", ["method.flora.downlink=dense", "method.client_ranks=[1,2,4]"]),
          "federa-svd": ("federa", ["method.federa.mode=product_svd"]),
          "florg-hetero": ("florg", ["method.client_ranks=[1,2,4]"]),
-         "florg-noalign": ("florg", ["method.florg.procrustes=none"])}
+         "florg-noalign": ("florg", ["method.florg.procrustes=none"]),
+         "florg-spread0": ("florg", ["method.florg.client_spread=0.0", "method.florg.consensus_diagnostics=true"])}
 ROWS = ALL + list(EXTRA)  # every method and every relabelled server rule
 
 
@@ -742,6 +743,53 @@ def test_flora_stacked_client_merges_each_pair_once_and_refuses_a_gap():
         method.client_load(model, down, ClientInfo(5, 3), {})  # a client that never saw pair 1
 
 
+# ----------------------------------------------------------------------------- the head's own learning rate
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+@pytest.mark.parametrize("label", ROWS)
+def test_head_trains_at_train_head_lr_and_the_adapter_at_train_lr(label, family):
+    """``train.head_lr``: the optimizer the ClientApp builds has the adapter's trainable parameters at the
+    adapter's lr and every other trainable one (head, ``modules_to_save``) at the head's; one SGD step
+    moves each by its own lr times its gradient."""
+    from florg.train import make_optimizer, param_groups, round_head_lr, round_lr
+
+    cfg, method, model = setup(label, "train.lr=0.003", "train.head_lr=0.07", "train.optimizer=sgd", family=family)
+    assert round_lr(cfg.train, 1) == 0.003 and round_head_lr(cfg.train, 1) == 0.07
+    method.client_load(model, method.client_downlink(wire_state(method.initial_global(model)), 0), ClientInfo(0, 1), {})
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {n for n in trainable if method.is_adapter_param(n)}
+    head = set(trainable) - adapter
+    assert adapter, "every method trains an adapter"
+    assert bool(head) == (family != "instruction"), head  # heads: classifier / qa_outputs; the causal LM has none
+    groups = param_groups(model.named_parameters(), 0.003, 0.07, method.is_adapter_param)
+    opt = make_optimizer(groups, cfg.train, 0.003)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {lrs[id(trainable[n])] for n in adapter} == {0.003}
+    assert {lrs[id(trainable[n])] for n in head} <= {0.07} and len(lrs) == len(trainable)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    model.train()
+    loss = model(**FAMILY_MODELS[family][3](torch.Generator().manual_seed(0))).loss
+    opt.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainable.items() if p.grad is not None}
+    opt.step()
+    for n, p in trainable.items():
+        if n in grads:
+            lr = 0.07 if n in head else 0.003
+            assert torch.allclose(before[n] - p.detach(), lr * grads[n], atol=1e-7), n
+
+
+def test_head_lr_default_is_the_adapter_lr_and_follows_its_schedule():
+    from florg.train import round_head_lr, round_lr
+
+    cfg = load_config(None, ["train.lr=0.01", "train.lr_schedule=cosine", "train.rounds=4"])
+    assert [round_head_lr(cfg.train, t) for t in (1, 3)] == [round_lr(cfg.train, t) for t in (1, 3)]
+    cfg = load_config(None, ["train.lr=0.01", "train.head_lr=0.03", "train.lr_schedule=cosine", "train.rounds=4"])
+    assert round_head_lr(cfg.train, 1) == pytest.approx(0.03)
+    assert round_head_lr(cfg.train, 3) == pytest.approx(3 * round_lr(cfg.train, 3))
+
+
 # ----------------------------------------------------------------------------- optimizer state across rounds
 
 
@@ -751,7 +799,7 @@ def test_optimizer_state_carried_across_rounds_works_or_is_refused(label):
     next round (as the ClientApp does); FLoRA, whose LoRA is fresh every round, refuses it."""
     from florg.fl.client_app import _load_optimizer, _save_optimizer
     from florg.fl.records import from_record
-    from florg.train import make_optimizer
+    from florg.train import make_optimizer, param_groups
 
     name, extra = EXTRA.get(label, (label, []))
     if name == "flora":
@@ -766,9 +814,10 @@ def test_optimizer_state_carried_across_rounds_works_or_is_refused(label):
         for pid in range(3):
             info = ClientInfo(pid, rnd)
             method.client_load(model, method.client_downlink(wire_state(state), pid), info, local[pid])
-            opt = make_optimizer(model.parameters(), cfg.train, 0.05)
+            opt = make_optimizer(param_groups(model.named_parameters(), 0.05, 0.2, method.is_adapter_param), cfg.train, 0.05)
             if pid in saved:
-                _load_optimizer(opt, saved[pid], 0.05)
+                _load_optimizer(opt, saved[pid], [0.04, 0.1])  # round 2's lrs (e.g. a schedule) replace the saved ones
+                assert [g["lr"] for g in opt.param_groups] == [0.04, 0.1]
             gen = torch.Generator().manual_seed(10 * rnd + pid)
             model.train()
             for _ in range(3):

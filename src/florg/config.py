@@ -20,13 +20,13 @@ import difflib
 import json
 import math
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-__all__ = ["RUNTIME_KEYS", "ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "option", "parse_faults",
-           "validate"]
+__all__ = ["RUNTIME_KEYS", "ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "given_keys",
+           "option", "parse_faults", "recommended_settings", "resolve_defaults", "validate"]
 
 
 class ConfigError(ValueError):
@@ -135,9 +135,17 @@ def _new_method_config() -> MethodConfig:
 @dataclass
 class TrainConfig:
     rounds: int = _f(6, "Federated rounds.")
-    local_steps: int = _f(10, "Local optimizer steps per client per round.")
+    local_steps: int = _f(10, "Local optimizer steps per client per round (0 when train.local_epochs is set).")
+    local_epochs: int = _f(0, "Local epochs per client per round: each round is this many passes over the client's "
+                              "shard (ceil(examples / batch_size) steps each), the paper's regime. 0 = off (use "
+                              "train.local_steps). Setting it makes train.local_steps 0 unless that is set too, which "
+                              "is an error: the two are exclusive.")
     batch_size: int = _f(16, "Local batch size.")
-    lr: float = _f(5e-3, "Peak learning rate (decided by the server, sent each round).")
+    lr: float = _f(5e-3, "Peak learning rate of the adapter (decided by the server, sent each round). Each method "
+                         "has a recommended value that applies unless a config sets it (florg config --keys).")
+    head_lr: float = _f(0.0, "Peak learning rate of the classification head and every other modules_to_save entry "
+                             "(same schedule as train.lr, scaled). 0 = train.lr. Under Adam the adapter's lr and "
+                             "method.alpha trade off, but the head's lr is its own: give it its own value.")
     lr_schedule: str = _f("constant", "Learning-rate schedule across rounds: constant or cosine.", choices=("constant", "cosine"))
     lr_min: float = _f(0.0, "Final learning rate of the cosine schedule.")
     optimizer: str = _f("adamw", "Local optimizer: adamw or sgd.", choices=("adamw", "sgd"))
@@ -234,8 +242,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """The defaults, then ``data`` (nested, keyed by config keys), then the settings that ``data`` leaves
+        to the library (:func:`resolve_defaults`); validated."""
         cfg = cls()
         _merge(cfg, data, prefix="")
+        resolve_defaults(cfg, given_keys(data))
         validate(cfg)
         return cfg
 
@@ -412,9 +423,19 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.data.max_answer_length >= 1, "data.max_answer_length", f"must be >= 1, got {cfg.data.max_answer_length}")
     need(cfg.data.max_validation_examples >= 0, "data.max_validation_examples", "must be >= 0 (0 = all)")
     need(cfg.train.rounds >= 1, "train.rounds", f"must be >= 1, got {cfg.train.rounds}")
-    need(cfg.train.local_steps >= 1, "train.local_steps", f"must be >= 1, got {cfg.train.local_steps}")
+    need(cfg.train.local_steps >= 0, "train.local_steps",
+         f"must be >= 0 (0 with train.local_epochs), got {cfg.train.local_steps}")
+    need(cfg.train.local_epochs >= 0, "train.local_epochs", f"must be >= 0 (0 = use train.local_steps), "
+                                                            f"got {cfg.train.local_epochs}")
+    need(cfg.train.local_steps >= 1 or cfg.train.local_epochs >= 1, "train.local_steps",
+         "must be >= 1 when train.local_epochs is 0 (set one of them)")
+    need(cfg.train.local_steps == 0 or cfg.train.local_epochs == 0, "train.local_epochs",
+         f"is {cfg.train.local_epochs} but train.local_steps is {cfg.train.local_steps}: a round is either a number of "
+         "steps or of epochs; set train.local_steps=0 to train whole epochs, or train.local_epochs=0")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
+    need(cfg.train.head_lr >= 0 and math.isfinite(cfg.train.head_lr), "train.head_lr",
+         f"must be >= 0 (0 = train.lr), got {cfg.train.head_lr}")
     need(cfg.train.lr_min >= 0, "train.lr_min", "must be >= 0")
     need(cfg.train.grad_accum >= 1, "train.grad_accum", f"must be >= 1 (1 = no accumulation), got {cfg.train.grad_accum}")
     need(cfg.train.grad_accum <= cfg.train.batch_size, "train.grad_accum",
@@ -532,11 +553,63 @@ def read_toml(path: str | Path, what: str, example: str, alternative: str = "", 
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the TOML file (if any), then ``key=value`` overrides; validated."""
+    """Defaults, then the TOML file (if any), then ``key=value`` overrides, then the settings the two leave
+    to the library (:func:`resolve_defaults`: the method's recommended values); validated."""
     cfg = RunConfig()
+    given: set[str] = set()
     if path:
         data = read_toml(path, "config file", "configs/demo.toml", "or omit --config")
         _merge(cfg, data, prefix="")
+        given |= given_keys(data)
     apply_overrides(cfg, overrides or [])
+    given |= {item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item}
+    resolve_defaults(cfg, given)
     validate(cfg)
     return cfg
+
+
+def given_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys of the leaves of a nested config dict (what a file or a caller set)."""
+    out: set[str] = set()
+    for name, value in data.items():
+        if isinstance(value, Mapping):
+            out |= given_keys(value, f"{prefix}{name}.")
+        else:
+            out.add(f"{prefix}{name}")
+    return out
+
+
+def recommended_settings(method_name: str) -> dict[str, Any]:
+    """``{dotted key: value}``: the settings method ``method_name`` recommends (empty for an unknown name)."""
+    from florg.methods.registry import METHODS  # deferred: config is imported by every method module
+
+    cls = METHODS.get(method_name)
+    return dict(getattr(cls, "recommended", {}) or {}) if cls is not None else {}
+
+
+def resolve_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """Fill in what the config's author left to the library, in place.
+
+    * The method's recommended settings (``FederatedMethod.recommended``: lr, head lr, alpha, ...) for every
+      key not in ``given``: ``--set method.name=fedit`` trains FedIT at FedIT's settings, not FLoRG's.
+    * ``train.local_epochs`` set without ``train.local_steps``: ``local_steps`` becomes 0 (a round is epochs).
+    """
+    def is_given(key: str) -> bool:
+        return key in given or any(key.startswith(g + ".") for g in given)
+
+    for key, value in recommended_settings(cfg.method.name).items():
+        if not is_given(key):
+            _merge(cfg, _nested(key, value), prefix="")
+    if is_given("train.local_epochs") and not is_given("train.local_steps") and cfg.train.local_epochs > 0:
+        cfg.train.local_steps = 0
+    return cfg
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,9 +47,12 @@ __all__ = [
     "check_dtype",
     "cycle",
     "loss_items",
+    "local_steps",
     "make_optimizer",
+    "param_groups",
     "memory_guard",
     "resolve_device",
+    "round_head_lr",
     "round_lr",
     "set_gradient_checkpointing",
     "split_batch",
@@ -193,11 +196,50 @@ def round_lr(train: TrainConfig, server_round: int) -> float:
     return train.lr_min + 0.5 * (train.lr - train.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: Iterable[nn.Parameter], train: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def round_head_lr(train: TrainConfig, server_round: int) -> float:
+    """The head's learning rate for ``server_round``: ``train.head_lr`` (0 = ``train.lr``) on ``train.lr``'s schedule.
+
+    The schedule is the adapter's, scaled by ``head_lr / lr``, so both follow one curve.
+    """
+    if train.head_lr <= 0:
+        return round_lr(train, server_round)
+    return round_lr(train, server_round) * (train.head_lr / train.lr)
+
+
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]], lr: float, head_lr: float | None, is_adapter: Callable[[str], bool]
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: ``[adapter at lr, head at head_lr]`` (groups without parameters dropped).
+
+    ``is_adapter(name)`` says which trainable parameters are the adapter's; every other trainable
+    parameter (the classification head, ``modules_to_save``) trains at ``head_lr`` (``None`` = ``lr``).
+    """
+    adapter, head = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (adapter if is_adapter(name) else head).append(p)
+    groups = [{"params": adapter, "lr": lr, "name": "adapter"},
+              {"params": head, "lr": lr if head_lr is None else head_lr, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(params: Iterable[Any], train: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params``: parameters (every trainable one at ``lr``) or :func:`param_groups`."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        groups = items
+    else:
+        groups = [p for p in items if p.requires_grad]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=train.weight_decay)
+
+
+def local_steps(train: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of one client round: ``train.local_steps``, or ``train.local_epochs`` whole passes."""
+    if train.local_epochs > 0:
+        return train.local_epochs * max(1, batches_per_epoch)
+    return train.local_steps
 
 
 def cycle(loader: Iterable[Any]) -> Iterator[Any]:

@@ -29,7 +29,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     loss = train(model, shard, load_tokenizer(str(rc["model"])), steps=int(rc["local-steps"]),
                  batch_size=int(rc["batch-size"]), max_length=int(rc["max-length"]),
-                 lr=float(config.get("lr", rc["lr"])), seed=int(rc["seed"]) + 1000 * int(config["server-round"]) + pid)
+                 lr=float(config.get("lr", rc["lr"])), head_lr=float(config.get("head-lr", rc["head-lr"])),
+                 seed=int(rc["seed"]) + 1000 * int(config["server-round"]) + pid)
 
     content = RecordDict({
         "arrays": ArrayRecord(get_peft_model_state_dict(model)),

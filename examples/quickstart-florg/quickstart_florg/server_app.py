@@ -33,7 +33,8 @@ def main(grid: Grid, context: Context) -> None:
 
     # FLoRG aggregates every florg_A by Gram aggregation + Procrustes alignment, the head by FedAvg
     strategy = FLoRG(rank=int(rc["rank"]), alpha=float(rc["alpha"]), fraction_train=float(rc["fraction-train"]),
-                     lr=float(rc["lr"]), num_rounds=rounds, min_train_nodes=1, min_available_nodes=1)
+                     lr=float(rc["lr"]), head_lr=float(rc["head-lr"]), num_rounds=rounds, min_train_nodes=1,
+                     min_available_nodes=1)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(get_peft_model_state_dict(model)),

@@ -62,10 +62,16 @@ def _batches(dataset: Any, tokenizer: Any, batch_size: int, max_length: int,
 
 
 def train(model: torch.nn.Module, dataset: Any, tokenizer: Any, *, steps: int, batch_size: int, max_length: int,
-          lr: float, seed: int) -> float:
-    """``steps`` AdamW steps over the local data (cycling); returns the mean training loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+          lr: float, head_lr: float, seed: int) -> float:
+    """``steps`` AdamW steps over the local data (cycling); returns the mean training loss.
+
+    The adapter (``florg_A``) trains at ``lr``, the classification head (``modules_to_save``) at ``head_lr``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in named if "florg_A" in n], "lr": lr},
+        {"params": [p for n, p in named if "florg_A" not in n], "lr": head_lr},
+    ])
     model.train()
     losses: list[float] = []
     epoch = 0

@@ -39,14 +39,26 @@ from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
 from florg.methods.base import ClientInfo
 from florg.run.experiment import get_experiment
-from florg.train import cycle, make_optimizer, resolve_device, set_gradient_checkpointing, train_steps
+from florg.train import (
+    cycle,
+    local_steps,
+    make_optimizer,
+    param_groups,
+    resolve_device,
+    set_gradient_checkpointing,
+    train_steps,
+)
 
 from .records import CONFIG_KEY, from_record, to_record
 
-__all__ = ["SETTING_ERROR", "app", "client_device", "evaluate_local", "faults_off_mod", "query", "train"]
+__all__ = ["EMPTY_CLIENT", "SETTING_ERROR", "app", "client_device", "evaluate_local", "faults_off_mod", "query",
+           "train"]
 
 #: prefix of the error reason of a reply that failed because of a setting (the server stops the run)
 SETTING_ERROR = "florg setting error: "
+#: prefix of the error reason of a client with no training examples: it sits the round out (the server
+#: counts it in the round's ``empty_clients`` and goes on with the others)
+EMPTY_CLIENT = "florg empty client: "
 
 app = ClientApp()  # no mods: the production ClientApp injects no faults (see florg.fl.faults for the test-only one)
 
@@ -134,12 +146,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
     server_round = int(config["server-round"])
     lr = float(config["lr"])
+    head_lr = float(config["head-lr"]) if "head-lr" in config else lr
     pid = _partition_id(context)
     _check_partitions(context, cfg, pid)
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
 
     device = client_device(context, cfg)
     exp = get_experiment(cfg)
+    if not len(exp.partitions[pid]):
+        return _empty_client(msg, pid)
     exp.use_device(device)
     model, method = exp.model, exp.method
     set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
@@ -149,10 +164,12 @@ def train(msg: Message, context: Context) -> Message:
     method.client_load(model, received, info, local)
 
     torch.manual_seed(derive_seed(cfg.seed, server_round, pid))  # adapter dropout etc. (CPU and CUDA generators)
-    optimizer = make_optimizer(model.parameters(), cfg.train, lr)
+    optimizer = make_optimizer(param_groups(model.named_parameters(), lr, head_lr, method.is_adapter_param),
+                               cfg.train, lr)
     if not cfg.train.reset_optimizer and _OPTIM_KEY in context.state:
-        _load_optimizer(optimizer, context.state[_OPTIM_KEY], lr)
-    stats = train_steps(model, cycle(exp.client_loader(pid, server_round)), optimizer, cfg.train.local_steps,
+        _load_optimizer(optimizer, context.state[_OPTIM_KEY], [lr, head_lr])
+    loader = exp.client_loader(pid, server_round)
+    stats = train_steps(model, cycle(loader), optimizer, local_steps(cfg.train, len(loader)),
                         device=device, grad_accum=cfg.train.grad_accum, dtype=exp.dtype)
     if not cfg.train.reset_optimizer:
         context.state[_OPTIM_KEY] = _save_optimizer(optimizer)
@@ -189,6 +206,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     device = client_device(context, cfg)
     exp = get_experiment(cfg)
+    if not len(exp.partitions[pid]):
+        return _empty_client(msg, pid)
     exp.use_device(device)
     info = ClientInfo(partition_id=pid, server_round=int(config.get("server-round", 0)))
     exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context))
@@ -197,6 +216,14 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), exp.family.primary_metric: score,
                             "partition-id": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _empty_client(msg: Message, pid: int) -> Message:
+    """The reply of a client whose partition holds no training examples: an :data:`EMPTY_CLIENT` error, logged."""
+    reason = (f"partition {pid} has no training examples; it sits this round out (lower data.num_clients or "
+              "raise data.max_train_examples to give every client data)")
+    log(WARNING, "%s", reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{EMPTY_CLIENT}{reason}"), reply_to=msg)
 
 
 def _local_state(context: Context) -> dict[str, torch.Tensor]:
@@ -214,10 +241,11 @@ def _save_optimizer(optimizer: torch.optim.Optimizer) -> ArrayRecord:
     return to_record(state)
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, record: ArrayRecord, lr: float) -> None:
+def _load_optimizer(optimizer: torch.optim.Optimizer, record: ArrayRecord, lrs: list[float]) -> None:
+    """Carried optimizer state into ``optimizer``; each group's lr is this round's (adapter, then head)."""
     saved = from_record(record)
     for gi, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
+        group["lr"] = lrs[0] if group.get("name") == "adapter" else lrs[-1]
         for pi, p in enumerate(group["params"]):
             entries = {k.split(".", 2)[2]: v for k, v in saved.items() if k.startswith(f"{gi}.{pi}.")}
             if entries:  # moments next to their parameter; scalar entries (AdamW's step) stay on the CPU

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from flwr.app import MetricRecord, RecordDict
 
-from florg.config import RunConfig, validate
+from florg.config import RunConfig
 from florg.methods import get_method
 
 from .strategy import AdapterStrategy, RoundLog, config_settings
@@ -31,6 +31,7 @@ _FIELDS = {
     "min_train_nodes": "federation.min_train_nodes",
     "min_available_nodes": "federation.min_available_nodes",
     "lr": "train.lr",
+    "head_lr": "train.head_lr",
     "lr_schedule": "train.lr_schedule",
     "lr_min": "train.lr_min",
     "num_rounds": "train.rounds",
@@ -92,7 +93,10 @@ class FLoRG(DropInStrategy):
     lr, lr_schedule, lr_min, num_rounds :
         The per-round learning rate the server sends as ``lr`` in every training message
         (``constant`` or ``cosine`` over ``num_rounds``; ``train.lr``, ``train.lr_schedule``,
-        ``train.lr_min``, ``train.rounds``).
+        ``train.lr_min``, ``train.rounds``). Default: the method's recommended lr (``florg config --keys``).
+    head_lr : float
+        The head's (``modules_to_save``) peak lr, sent as ``head-lr`` on the same schedule (``train.head_lr``;
+        0 = ``lr``). A ClientApp puts its head parameters in their own optimizer group at this lr.
     wire_dtype : {"float32", "float16", "bfloat16"}
         Dtype of the factors on the wire both ways (``federation.wire_dtype``); ``bfloat16`` arrays
         travel bit-cast (decode them with :func:`florg.fl.records.from_record`).
@@ -127,6 +131,7 @@ class FLoRG(DropInStrategy):
         min_train_nodes: int | None = None,
         min_available_nodes: int | None = None,
         lr: float | None = None,
+        head_lr: float | None = None,
         lr_schedule: str | None = None,
         lr_min: float | None = None,
         num_rounds: int | None = None,
@@ -149,7 +154,8 @@ class FLoRG(DropInStrategy):
         given = {
             "rank": rank, "alpha": alpha, "procrustes": procrustes, "weighting": weighting,
             "fraction_train": fraction_train, "min_train_nodes": min_train_nodes,
-            "min_available_nodes": min_available_nodes, "lr": lr, "lr_schedule": lr_schedule, "lr_min": lr_min,
+            "min_available_nodes": min_available_nodes, "lr": lr, "head_lr": head_lr,
+            "lr_schedule": lr_schedule, "lr_min": lr_min,
             "num_rounds": num_rounds, "eig_rtol": eig_rtol, "align_initial": align_initial,
             "wire_dtype": wire_dtype, "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed,
         }
@@ -167,7 +173,7 @@ class _LoRAStrategy(DropInStrategy):
     ----------
     rank, alpha :
         LoRA rank and alpha (``method.rank``, ``method.alpha``); the factors' shapes must match ``rank``.
-    weighting, fraction_train, min_train_nodes, min_available_nodes, lr, lr_schedule, lr_min, num_rounds, \
+    weighting, fraction_train, min_train_nodes, min_available_nodes, lr, head_lr, lr_schedule, lr_min, num_rounds, \
     wire_dtype, round_timeout, max_norm, seed, config, round_log :
         As in :class:`FLoRG`.
     fraction_evaluate, min_evaluate_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
@@ -185,6 +191,7 @@ class _LoRAStrategy(DropInStrategy):
         min_train_nodes: int | None = None,
         min_available_nodes: int | None = None,
         lr: float | None = None,
+        head_lr: float | None = None,
         lr_schedule: str | None = None,
         lr_min: float | None = None,
         num_rounds: int | None = None,
@@ -206,7 +213,7 @@ class _LoRAStrategy(DropInStrategy):
         given = {
             "rank": rank, "alpha": alpha, "weighting": weighting, "fraction_train": fraction_train,
             "min_train_nodes": min_train_nodes, "min_available_nodes": min_available_nodes, "lr": lr,
-            "lr_schedule": lr_schedule, "lr_min": lr_min, "num_rounds": num_rounds, "wire_dtype": wire_dtype,
+            "head_lr": head_lr, "lr_schedule": lr_schedule, "lr_min": lr_min, "num_rounds": num_rounds, "wire_dtype": wire_dtype,
             "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed, **method_keywords,
         }
         self._setup(given, config, round_log, dict(
@@ -249,14 +256,15 @@ class FeDeRA(_LoRAStrategy):
 
 def _resolve(method: str, strategy: str, config: RunConfig | None, keywords: dict[str, Any]) -> RunConfig:
     """The run config: ``config`` checked against ``keywords``, or the defaults with ``keywords`` applied."""
-    if config is None:
-        cfg = RunConfig()
-        cfg.method.name = method
+    if config is None:  # florg's defaults for this method (its recommended settings) with the keywords applied
+        data: dict[str, Any] = {"method": {"name": method}}
         for name, value in keywords.items():
-            owner, leaf = _owner(cfg, _FIELDS[name])
-            setattr(owner, leaf, value)
-        validate(cfg)
-        return cfg
+            *path, leaf = _FIELDS[name].split(".")
+            cur = data
+            for part in path:
+                cur = cur.setdefault(part, {})
+            cur[leaf] = value
+        return RunConfig.from_dict(data)
     if config.method.name != method:
         raise ValueError(
             f"{strategy} needs a config with method.name = {method!r}, got {config.method.name!r}; for other methods "

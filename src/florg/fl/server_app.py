@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.config import ConfigError, RunConfig, apply_overrides, config_keys, load_config, validate
+from florg.config import ConfigError, RunConfig, config_keys, load_config
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
@@ -288,8 +288,10 @@ APP_CONFIG_KEYS = {
     "partition": "data.partition",
     "fraction-train": "federation.fraction_train",
     "local-steps": "train.local_steps",
+    "local-epochs": "train.local_epochs",
     "batch-size": "train.batch_size",
     "lr": "train.lr",
+    "head-lr": "train.head_lr",
     "wire-dtype": "federation.wire_dtype",
     "seed": "seed",
 }
@@ -303,8 +305,9 @@ def app_config(run_config: Mapping[str, Any]) -> RunConfig:
     leaves the file's and the overrides' value). A setting given both ways with different values
     is a :class:`ConfigError` naming both; a value of the wrong type is one too.
     """
-    base = load_config(str(run_config.get("config-file", "")) or None,
-                       shlex.split(str(run_config.get("overrides", ""))))
+    file = str(run_config.get("config-file", "")) or None
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    base = load_config(file, overrides)
     defaults, have = config_keys(RunConfig()), config_keys(base)
     settings = []
     for app_key, key in APP_CONFIG_KEYS.items():
@@ -319,14 +322,14 @@ def app_config(run_config: Mapping[str, Any]) -> RunConfig:
                 f"'{app_key}'; set it in one place (--run-config \"{app_key}=...\" or the file/overrides)"
             )
         settings.append(f"{key}={json.dumps(value)}")
-    try:
-        apply_overrides(base, settings)
+    try:  # once more with the run config's keys as overrides: what none of them sets is the method's default
+        return load_config(file, overrides + settings)
     except ConfigError as exc:
         names = {v: k for k, v in APP_CONFIG_KEYS.items()}
         key = str(exc).split("'")[1] if "'" in str(exc) else ""
-        raise ConfigError(f"run config key '{names.get(key, key)}': {exc}") from None
-    validate(base)
-    return base
+        if key not in names:
+            raise
+        raise ConfigError(f"run config key '{names[key]}': {exc}") from None
 
 
 app = ServerApp()

@@ -27,7 +27,7 @@ from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod
 from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, SERVER_PREFIX
 from florg.tasks import family_class
-from florg.train import round_lr
+from florg.train import round_head_lr, round_lr
 
 from .privacy import PrivacyLedger
 from .records import BF16_SUFFIX, CONFIG_KEY, from_record, quantize, to_record
@@ -36,6 +36,8 @@ __all__ = ["AdapterStrategy", "ClientSettingError", "RoundLog"]
 
 #: the reason prefix of a client's setting error (:data:`florg.fl.client_app.SETTING_ERROR`)
 _SETTING_ERROR = "florg setting error: "
+#: the reason prefix of a client with no training examples (:data:`florg.fl.client_app.EMPTY_CLIENT`)
+_EMPTY_CLIENT = "florg empty client: "
 #: the client formats a strategy can talk to (``client_format``)
 CLIENT_FORMATS = ("florg", "peft", "auto")
 
@@ -65,7 +67,9 @@ class AdapterStrategy(FedAvg):
     method : FederatedMethod
         Client adapter shape and server rule (e.g. :class:`florg.methods.FLoRGMethod`).
     lr_fn : Callable[[int], float]
-        Learning rate of each (1-based) round; sent to the clients in the round's config.
+        Learning rate of each (1-based) round; sent to the clients in the round's config (``lr``).
+    head_lr_fn : Callable[[int], float], optional
+        Learning rate of the head (``modules_to_save``) in each round, sent as ``head-lr``; default: ``lr_fn``'s.
     run_config_json : str
         The resolved run config, sent to clients so that they build the same model and data.
     seed : int
@@ -123,6 +127,7 @@ class AdapterStrategy(FedAvg):
         *,
         lr_fn: Callable[[int], float],
         run_config_json: str,
+        head_lr_fn: Callable[[int], float] | None = None,
         seed: int = 0,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
@@ -161,6 +166,7 @@ class AdapterStrategy(FedAvg):
         #: the task family's primary metric: clients report their own model's score under it (personal_<metric>)
         self.personal_metric = family_class(method.cfg.data.task).metrics[0]
         self.lr_fn = lr_fn
+        self.head_lr_fn = head_lr_fn
         self.run_config_json = run_config_json
         self.seed = seed
         self.round_log = round_log or RoundLog()
@@ -247,17 +253,27 @@ class AdapterStrategy(FedAvg):
 
     # ------------------------------------------------------------------ sampling
     def _partition_ids(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
-        """Ask nodes we have not seen for their partition id (a small query message each)."""
+        """Ask nodes we have not seen for their partition id (a small query message each).
+
+        The replies may take as long as a round's (``round_timeout``): in the simulation the queries
+        queue behind the same few client workers as training, about 0.1 s each on 2 cores, so a
+        fixed minute was too short for 1000 nodes and left most of them unknown (and sampled in no
+        reproducible order).
+        """
         unknown = [n for n in nodes if n not in self._node_partition]
         if unknown:
             msgs = [
                 Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in unknown
             ]
-            for reply in grid.send_and_receive(msgs, timeout=60.0):
+            for reply in grid.send_and_receive(msgs, timeout=max(60.0, self.round_timeout)):
                 if not reply.has_error():
                     pid = int(reply.content["metrics"]["partition-id"])
                     self._node_partition[reply.metadata.src_node_id] = pid
+            missing = sum(n not in self._node_partition for n in unknown)
+            if missing:
+                log(WARNING, "%d of %d nodes did not report their partition id; they are sampled after the others",
+                    missing, len(unknown))
         return {n: self._node_partition.get(n, 1 << 40) for n in nodes}
 
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
@@ -297,15 +313,18 @@ class AdapterStrategy(FedAvg):
         node_ids = self._sample(grid, server_round)
         self._sample_size = len(node_ids)
         lr = float(self.lr_fn(server_round))
+        head_lr = float(self.head_lr_fn(server_round)) if self.head_lr_fn is not None else lr
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config["lr"] = lr
+        config["head-lr"] = head_lr
         if not self.peft_clients:  # florg's own ClientApp builds its model and data from the run config
             config[CONFIG_KEY] = self.run_config_json
         sends = self._downlinks(arrays, grid, node_ids)
         self.round_log.update(
             server_round,
             lr=lr,
+            **({"head_lr": head_lr} if head_lr != lr else {}),
             sampled=len(sends),
             bytes_down=sum(w.count_bytes() for _, w in sends),
             bytes_down_head=sum(_head_bytes(w) for _, w in sends),
@@ -358,13 +377,18 @@ class AdapterStrategy(FedAvg):
         replies = list(replies)
         good: list[tuple[int, dict, int, float]] = []
         bytes_up = bytes_up_head = bytes_up_eval = 0
-        failures = rejected = 0
+        failures = rejected = empty = 0
         contents: list[RecordDict] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 if str(msg.error.reason).startswith(_SETTING_ERROR):
                     raise ClientSettingError(str(msg.error.reason)[len(_SETTING_ERROR):])
+                if str(msg.error.reason).startswith(_EMPTY_CLIENT):  # no data: it sat the round out
+                    empty += 1
+                    log(WARNING, "round %d: node %d skipped: %s", server_round, node,
+                        str(msg.error.reason)[len(_EMPTY_CLIENT):])
+                    continue
                 failures += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
@@ -389,11 +413,13 @@ class AdapterStrategy(FedAvg):
                               bytes_up=bytes_up, bytes_up_head=bytes_up_head, failed=not good)
         if bytes_up_eval:
             self.round_log.update(server_round, bytes_up_eval=bytes_up_eval)
+        if empty:
+            self.round_log.update(server_round, empty_clients=empty)
         if not good:
             log(WARNING, "round %d: no valid reply; the global adapter is unchanged", server_round)
             # Local DP: clients that replied did release their noisy uploads to the server.
             self._account(server_round, released=self.privacy is not None and self.privacy.mode == "local"
-                          and failures < len(replies))
+                          and failures + empty < len(replies))
             return None, None
         t0 = time.perf_counter()
         if self.privacy is not None and self.privacy.mode == "central":
@@ -517,6 +543,7 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     fed = cfg.federation
     return {
         "lr_fn": lambda rnd: round_lr(cfg.train, rnd),
+        "head_lr_fn": lambda rnd: round_head_lr(cfg.train, rnd),
         "run_config_json": cfg.to_json(),
         "seed": cfg.seed,
         "fraction_train": fed.fraction_train,

@@ -213,6 +213,14 @@ class FederatedMethod(ABC):
     #: the method's own score: ``"global"`` (``test_<metric>``, the global model on the test split) or
     #: ``"personal"`` (``personal_<metric>``, the clients' own models; needs ``client_evaluation``)
     headline: ClassVar[str] = "global"
+    #: the settings this method recommends (dotted config key -> value: lr, head lr, alpha, init ...), applied
+    #: wherever a config leaves the key to the library (:func:`florg.config.resolve_defaults`);
+    #: chosen on validation (docs/results/study-v2), shown by ``florg config --keys``
+    recommended: ClassVar[dict[str, Any]] = {}
+
+    def is_adapter_param(self, name: str) -> bool:
+        """Whether the trainable parameter ``name`` belongs to the adapter (else: head / ``modules_to_save``)."""
+        return self.adapter_param_marker in name
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

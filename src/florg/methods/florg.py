@@ -29,6 +29,7 @@ from torch import nn
 from florg.config import RunConfig, need, option
 from florg.core import AggregationResult, aggregate_model
 from florg.core import privacy as dp
+from florg.core.consensus import consensus_stats, errors_against_mean, spread_factors
 
 from .base import (
     HEAD_PREFIX,
@@ -64,6 +65,14 @@ class FLoRGOptions:
     compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the "
                                           "pretrained model.")
     eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
+    client_spread: float = option(1.0, "gamma: the weight of the clients' spread around their mean factor in Q = "
+                                       "Abar^T Abar + gamma sum_n p_n (A_n - Abar)^T (A_n - Abar). 1 = the paper's Q = "
+                                       "sum_n p_n A_n^T A_n (the exact mean of the clients' updates, where disagreeing "
+                                       "moves add up); 0 = the Gram matrix of the mean factor (they cancel, as in "
+                                       "FedAvg). Beyond the paper (docs/results/study-v2, the mechanism).")
+    consensus_diagnostics: bool = option(False, "Measure every round how the clients agree: client_cosine, "
+                                                "consensus_norm, spread_norm, spread_ratio (florg.core.consensus) "
+                                                "in metrics.jsonl.")
     bases: str = option("per-layer", "Bases L, R: 'per-layer' (drawn per layer, as in the paper) or 'per-shape' "
                                      "(memory-lean: one pair per layer shape, held once; docs/gpu.md).",
                         choices=("per-layer", "per-shape"))
@@ -71,6 +80,8 @@ class FLoRGOptions:
     def check(self, prefix: str) -> None:
         need(self.init_scale > 0, f"{prefix}.init_scale", "must be > 0 (A = 0 never trains)")
         need(0 < self.eig_rtol < 1, f"{prefix}.eig_rtol", "must be in (0, 1)")
+        need(0.0 <= self.client_spread <= 1.0, f"{prefix}.client_spread", f"must be in [0, 1] (1 = the paper's Q), "
+                                                                         f"got {self.client_spread}")
 
 
 class FLoRGMethod(FederatedMethod):
@@ -96,6 +107,12 @@ class FLoRGMethod(FederatedMethod):
         super().check_config(cfg)
         from florg.config import ConfigError
 
+        o = cfg.method.options(self.name)
+        if o.client_spread != 1.0 and (cfg.method.client_ranks or cfg.privacy.mode != "off"):
+            raise ConfigError(
+                f"config key 'method.florg.client_spread': {o.client_spread} needs one rank for every client and "
+                "privacy.mode=off (the spread is taken around the mean factor); set it to 1.0"
+            )
         if cfg.privacy.mode != "off":
             if cfg.method.client_ranks:
                 raise ConfigError(
@@ -262,10 +279,29 @@ class FLoRGMethod(FederatedMethod):
                                              **self._align_kw())
             return {key: res.factor for key, res in results.items()}, {**_summary(results.values()),
                                                                        "dp_debias_shift": shift}
+        o = self.options
+        extra: dict[str, Any] = {}
+        if o.consensus_diagnostics and previous:
+            p = normalised_weights(weights, len(uploads))
+            stats = [consensus_stats(per_layer[key], p, previous[key]) for key in keys if key in previous]
+            extra = {f"{name}_mean": sum(s[name] for s in stats) / len(stats) for name in stats[0]} if stats else {}
+        if o.client_spread != 1.0:  # Q_gamma = Abar^T Abar + gamma S, on the same thin path (florg.core.consensus)
+            p = normalised_weights(weights, len(uploads))
+            dtype = uploads[0][keys[0]].dtype
+            clients = per_layer
+            spread = {key: spread_factors([f.double() for f in per_layer[key]], p, o.client_spread) for key in keys}
+            weights = spread[keys[0]][1]
+            per_layer = {key: pair[0] for key, pair in spread.items()}
+            results = aggregate_model(per_layer, weights, previous={k: v.double() for k, v in previous.items()},
+                                      rank=self.build_rank(), blocks=self._blocks(), **self._align_kw())
+            for key, res in results.items():  # the errors stay those against the exact mean of the clients' updates
+                res.diagnostics.update(errors_against_mean(res.factor, clients[key], p, previous.get(key)))
+            new_state = {key: res.factor.to(dtype) for key, res in results.items()}
+            return new_state, {**_summary(results.values()), **extra}
         results = aggregate_model(per_layer, weights, previous=previous, rank=self.build_rank(),
                                   blocks=self._blocks(), **self._align_kw())
         new_state = {key: res.factor for key, res in results.items()}
-        return new_state, _summary(results.values())
+        return new_state, {**_summary(results.values()), **extra}
 
     def _reference(self, current: Tensors) -> Tensors:
         """The factors to align to: last round's global ``A`` (none in round 1 without ``align_initial``)."""
