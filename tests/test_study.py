@@ -147,8 +147,8 @@ def test_shipped_study_files_load_and_count():
     for path in files:
         study = load_study(path)
         counts = planned_counts(study)
-        assert counts["final"] >= 5 * len(study.tasks) and counts["tune"] > 0
-        assert len(study.final_seeds) >= 5 or "pilot" in path.stem
+        assert counts["final"] >= len(study.final_seeds) * len(study.tasks) and counts["tune"] > 0
+        assert len(study.final_seeds) >= 5 or path.stem in ("pilot", "mechanism")  # a pilot; a tuning-only study
 
 
 def test_bad_study_files_name_the_field(tmp_path):
@@ -396,3 +396,45 @@ def test_a_best_lr_at_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
     got = select_lrs(inner)["four"]["florg"]
     assert got["grid"] == [4e-4, 1e-3, 2.5e-3, 6.25e-3] and got["chosen"] == 2.5e-3
     assert "grid edge" not in (tmp_path / "inner" / "tuning.md").read_text()
+
+
+def test_sweep_axes_tune_every_point_and_the_final_runs_take_the_best_point(tmp_path, monkeypatch):
+    """``study.sweep`` (every row) and ``[rows.X].sweep`` (one row): each point of the product is tuned over the lr
+    grid like a row of its own; the row's final runs take the point whose best lr scores best on validation, and
+    an lr_from row takes the lr and the point of its source."""
+    calls = []
+    fake = _fake_engine(calls)
+
+    def with_head(cfg, run_dir, **kw):  # validation prefers head lr 0.03 and, for FLoRG, init 0.02
+        bonus = 0.01 * (cfg.train.head_lr == 0.03) + 0.005 * (cfg.method.name == "florg" and cfg.method.florg.init_scale == 0.02)
+        real = globals()["_value"]
+        globals()["_value"] = lambda c, kind, r: real(c, kind, r) + (bonus if kind == "val" else -bonus) * r / c.train.rounds
+        try:
+            return fake(cfg, run_dir, **kw)
+        finally:
+            globals()["_value"] = real
+
+    monkeypatch.setattr(simulation, "run_simulation_engine", with_head)
+    extra = '[rows.florg]\nsweep = { "method.florg.init_scale" = [0.01, 0.02] }\n'
+    path = _study_file(tmp_path, extra, rows='["florg", "fedit", "florg-noalign"]')
+    study = load_study(path, ['study.sweep={ "train.head_lr" = [0.01, 0.03] }', 'study.tasks=["four"]'])
+    assert study.rows["florg"].subrows == ["florg@hlr0.01-init0.01", "florg@hlr0.01-init0.02",
+                                           "florg@hlr0.03-init0.01", "florg@hlr0.03-init0.02"]
+    assert study.rows["fedit"].subrows == ["fedit@hlr0.01", "fedit@hlr0.03"] and not study.rows["florg-noalign"].subrows
+    assert planned_counts(study) == {"florg-best": 0, "tune": (4 + 2) * 2, "final": 3 * 3}
+    run_phase(study, "tune", log=lambda m: None)
+    assert len(calls) == 12
+    lrs = select_lrs(study)["four"]
+    assert lrs["florg"]["from"] == "florg@hlr0.03-init0.02" and lrs["florg"]["chosen"] == VAL_BEST
+    assert lrs["florg"]["settings"] == {"train.head_lr": 0.03, "method.florg.init_scale": 0.02}
+    assert lrs["fedit"]["settings"] == {"train.head_lr": 0.03}
+    assert lrs["florg-noalign"]["settings"] == lrs["florg"]["settings"]
+    final = plan_phase(study, "final")
+    assert {s.group for s in final} == {"florg", "fedit", "florg-noalign"}  # sweep points are never final rows
+    florg = [s.cfg for s in final if s.group in ("florg", "florg-noalign")]
+    assert {(c.train.head_lr, c.method.florg.init_scale, c.train.lr) for c in florg} == {(0.03, 0.02, VAL_BEST)}
+    assert {c.method.florg.procrustes for c in florg} == {"paper", "none"}
+    run_phase(study, "final", log=lambda m: None)
+    md = (tmp_path / "results" / "four" / "results.md").read_text()
+    assert "train.head_lr = 0.03, method.florg.init_scale = 0.02" in md
+    assert "best of its sweep points" in (tmp_path / "results" / "tuning.md").read_text()

@@ -139,10 +139,20 @@ class StudyRow:
     lr_from: str = ""  # no own sweep: the lr chosen for this row
     same_training_as: str = ""  # trains exactly as this row: one run measures the bytes
     headline: str = "global"
+    sweep: dict[str, list[Any]] = field(default_factory=dict)  # extra axes of the row's own sweep (dotted keys)
+    subrows: list[str] = field(default_factory=list)  # labels of its sweep points (each with its own lr sweep)
+    subrow_of: str = ""  # a sweep point of this row (tuning only; never a final row)
+    point: dict[str, Any] = field(default_factory=dict)  # a sweep point's settings
+
+    @property
+    def selects(self) -> bool:
+        """Whether the row chooses its own settings on validation (its own lr sweep, or its sweep points')."""
+        return not self.lr_from and not self.same_training_as and not self.subrow_of
 
     @property
     def tuned(self) -> bool:
-        return not self.lr_from and not self.same_training_as
+        """Whether the row runs an lr sweep of its own (a row without extra axes, or one sweep point)."""
+        return not self.lr_from and not self.same_training_as and not self.subrows
 
 
 @dataclass
@@ -162,6 +172,11 @@ class Study:
     target_fraction: float
     florg_best: dict[str, Any] | None = None
     extend_grid: int = 0  # points a row's grid may grow past an edge where its best lr lies
+    sweep: dict[str, list[Any]] = field(default_factory=dict)  # extra axes swept for every row (e.g. train.head_lr)
+
+    def final_rows(self) -> list[StudyRow]:
+        """The rows of the comparison (sweep points are tuning runs, not rows of their own)."""
+        return [row for row in self.rows.values() if not row.subrow_of]
 
     def grid(self, row: StudyRow) -> list[float]:
         return list(row.lr_grid or self.lr_grid)
@@ -246,7 +261,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     _need(not unknown, "top level", f"unknown section(s) {sorted(unknown)}; valid: study, base, tasks, rows, florg_best")
     s = data.get("study", {})
     known = {"title", "runs_dir", "results_dir", "tasks", "rows", "reference", "lr_grid", "extend_grid", "tune_seeds",
-             "final_seeds", "select", "target_fraction"}
+             "final_seeds", "select", "target_fraction", "sweep"}
     _need(not set(s) - known, "[study]", f"unknown key(s) {sorted(set(s) - known)}; valid: {', '.join(sorted(known))}")
     for key in ("runs_dir", "results_dir", "tasks", "rows", "lr_grid", "tune_seeds", "final_seeds"):
         _need(key in s, "[study]", f"'{key}' is required")
@@ -261,7 +276,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         runs_dir=Path(str(s["runs_dir"])),  # relative to the current directory (the repository root), like --dir
         results_dir=Path(str(s["results_dir"])),
         tasks=tasks,
-        rows=_rows(s["rows"], data.get("rows", {})),
+        rows=_rows(s["rows"], data.get("rows", {}), _sweep(s.get("sweep", {}), "study.sweep")),
         base=data.get("base", {}),
         reference=str(s.get("reference", "florg")),
         lr_grid=_floats(s["lr_grid"], "study.lr_grid"),
@@ -270,6 +285,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         select=str(s.get("select", "final")),
         target_fraction=float(s.get("target_fraction", 0.95)),
         extend_grid=_count(s.get("extend_grid", 0), "study.extend_grid"),
+        sweep=_sweep(s.get("sweep", {}), "study.sweep"),
     )
     _need(study.select in ("final", "last3"), "study.select", f"'{study.select}' is not 'final' or 'last3'")
     _need(0.0 < study.target_fraction <= 1.0, "study.target_fraction", "must be in (0, 1]")
@@ -279,7 +295,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     _need(study.reference in study.rows, "study.reference", f"'{study.reference}' is not one of study.rows")
     for row in study.rows.values():
         for other in (row.lr_from, row.same_training_as):
-            _need(not other or (other in study.rows and study.rows[other].tuned), f"[rows.{row.label}]",
+            _need(not other or (other in study.rows and study.rows[other].selects), f"[rows.{row.label}]",
                   f"'{other}' must be a tuned row of study.rows")
     if "florg_best" in data:
         study.florg_best = _florg_best(data["florg_best"], study)
@@ -287,7 +303,43 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     return study
 
 
-def _rows(labels: Any, extra: Mapping[str, Any]) -> dict[str, StudyRow]:
+#: short names of swept keys in sweep-point labels (else the key's last part)
+SHORT = {"train.head_lr": "hlr", "method.florg.init_scale": "init", "method.alpha": "alpha"}
+
+
+def _sweep(value: Any, where: str) -> dict[str, list[Any]]:
+    _need(isinstance(value, dict), where, f"expected a table of dotted config keys and value lists, got {value!r}")
+    out = {}
+    for key, values in value.items():
+        _need("." in key, where, f"'{key}' is not a dotted config key (e.g. \"train.head_lr\")")
+        _need(isinstance(values, list) and values and len(set(map(str, values))) == len(values), f"{where}.{key}",
+              f"expected a non-empty list of distinct values, got {values!r}")
+        out[key] = list(values)
+    return out
+
+
+def point_tag(point: Mapping[str, Any]) -> str:
+    """A sweep point's label part, e.g. ``hlr0.0125-init0.025``."""
+    return "-".join(f"{SHORT.get(k, k.rsplit('.', 1)[-1])}{v:g}" if isinstance(v, float) else
+                    f"{SHORT.get(k, k.rsplit('.', 1)[-1])}{v}" for k, v in point.items())
+
+
+def _expand(row: StudyRow, axes: Mapping[str, list[Any]]) -> list[StudyRow]:
+    """The row's sweep points (the product of ``axes``) as rows of their own, each with its own lr sweep."""
+    import itertools
+
+    points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    subs = []
+    for point in points:
+        tag = point_tag(point)
+        subs.append(StudyRow(label=f"{row.label}@{tag}", method=row.method, display=f"{row.display} ({tag})",
+                             settings={**row.settings, **point}, ablation=row.ablation, lr_grid=row.lr_grid,
+                             headline=row.headline, subrow_of=row.label, point=point))
+    row.subrows = [sub.label for sub in subs]
+    return subs
+
+
+def _rows(labels: Any, extra: Mapping[str, Any], sweep: Mapping[str, list[Any]] | None = None) -> dict[str, StudyRow]:
     from florg.methods.registry import METHODS, compare_rows
 
     registry = {r.label: r for r in compare_rows()}
@@ -296,7 +348,7 @@ def _rows(labels: Any, extra: Mapping[str, Any]) -> dict[str, StudyRow]:
     out: dict[str, StudyRow] = {}
     for label in labels:
         spec = dict(extra.get(label, {}))
-        allowed = {"method", "display", "set", "ablation", "lr_grid", "lr_from", "same_training_as"}
+        allowed = {"method", "display", "set", "ablation", "lr_grid", "lr_from", "same_training_as", "sweep"}
         _need(not set(spec) - allowed, f"[rows.{label}]", f"unknown key(s) {sorted(set(spec) - allowed)}; valid: "
               f"{', '.join(sorted(allowed))}")
         if label in registry:
@@ -319,8 +371,16 @@ def _rows(labels: Any, extra: Mapping[str, Any]) -> dict[str, StudyRow]:
             lr_grid=_floats(spec["lr_grid"], f"[rows.{label}].lr_grid") if "lr_grid" in spec else [],
             lr_from=str(spec.get("lr_from", "")), same_training_as=str(spec.get("same_training_as", "")),
             headline=str(getattr(METHODS[method], "headline", "global")),
+            sweep=_sweep(spec.get("sweep", {}), f"[rows.{label}].sweep"),
         )
-    return out
+    expanded: dict[str, StudyRow] = {}
+    for label, row in out.items():
+        expanded[label] = row
+        axes = {**(sweep or {}), **row.sweep}
+        if axes and not row.lr_from and not row.same_training_as:
+            for sub in _expand(row, axes):
+                expanded[sub.label] = sub
+    return expanded
 
 
 def _florg_best(fb: Any, study: Study) -> dict[str, Any]:
@@ -373,14 +433,15 @@ def _build_config(study: Study, settings: Sequence[Mapping[str, Any]], where: st
 
 
 def run_config(study: Study, phase: str, task: str, row: StudyRow, lr: float, seed: int,
-               variant: Mapping[str, Any] | None = None) -> RunConfig:
-    """The config of one run: base, task, the FLoRG variant, the row's own settings, lr, seed, the phase's evaluation."""
+               variant: Mapping[str, Any] | None = None, chosen: Mapping[str, Any] | None = None) -> RunConfig:
+    """The config of one run: base, task, the FLoRG variant, the row's own settings, the settings chosen on its
+    sweep's extra axes (``chosen``: final runs), lr, seed, the phase's evaluation."""
     from florg.methods import get_method
 
     layers: list[Mapping[str, Any]] = [study.tasks[task], {"method.name": row.method}]
     if variant:
         layers.append(variant)
-    layers += [row.settings, {"train.lr": lr, "seed": seed}, PHASE_EVAL[phase]]
+    layers += [row.settings, dict(chosen or {}), {"train.lr": lr, "seed": seed}, PHASE_EVAL[phase]]
     cfg = _build_config(study, layers, f"task '{task}', row '{row.label}'")
     cfg.out_dir = str(study.runs_dir)
     cfg.name = ""
@@ -595,7 +656,7 @@ def select_florg_best(study: Study) -> dict[str, Any] | None:
 
 
 def _variant_for(study: Study, row: StudyRow, fb_sel: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not study.florg_best or row.label not in study.florg_best["apply_to"]:
+    if not study.florg_best or (row.subrow_of or row.label) not in study.florg_best["apply_to"]:
         return None
     if not fb_sel or fb_sel["chosen"] is None:
         raise StudyError(f"row '{row.label}' takes the settings chosen by phase florg-best, which is not complete "
@@ -693,11 +754,39 @@ def select_lrs(study: Study, fb_sel: dict[str, Any] | None = None) -> dict[str, 
             per[row.label] = {"grid": t["grid"], "cells": t["cells"], "chosen": t["chosen"], "extended": t["extended"],
                               "key": next((c["key"] for c in t["cells"].values() if c["key"]), None)}
         for row in study.rows.values():
-            if not row.tuned:
+            if row.subrows:  # the best sweep point (its best lr's mean validation score); None until all are chosen
+                per[row.label] = _best_point(study, task, row, per)
+        for row in study.rows.values():
+            if not row.selects:
+                if row.subrow_of:
+                    continue
                 src = row.lr_from or row.same_training_as
-                per[row.label] = {"grid": [], "cells": {}, "chosen": per[src]["chosen"], "from": src, "key": None}
+                per[row.label] = {"grid": [], "cells": {}, "chosen": per[src]["chosen"], "from": src, "key": None,
+                                  "settings": dict(per[src].get("settings", {}))}
         out[task] = per
     return out
+
+
+def _best_point(study: Study, task: str, row: StudyRow, per: Mapping[str, Any]) -> dict[str, Any]:
+    """A swept row's choice: the sweep point whose chosen lr scores best on validation (first in order on a tie)."""
+    higher = _metric_info(_build_config(study, [study.tasks[task]], f"task '{task}'")).higher_is_better
+    scores = {}
+    for label in row.subrows:
+        e = per[label]
+        if e["chosen"] is None:
+            scores[label] = None
+            continue
+        scores[label] = e["cells"][e["chosen"]]["mean"]
+    chosen_point = None
+    if scores and all(label in per and per[label]["chosen"] is not None for label in row.subrows):
+        valid = {k: v for k, v in scores.items() if v is not None}
+        if valid:
+            best = max(valid.values()) if higher else min(valid.values())
+            chosen_point = next(k for k, v in valid.items() if v == best)
+    key = next((per[label]["key"] for label in row.subrows if per[label].get("key")), None)
+    return {"grid": [], "cells": {}, "points": scores, "key": key, "from": chosen_point,
+            "chosen": per[chosen_point]["chosen"] if chosen_point else None,
+            "settings": dict(study.rows[chosen_point].point) if chosen_point else {}}
 
 
 def final_specs(study: Study, fb_sel: dict[str, Any] | None, lrs: Mapping[str, Mapping[str, Any]],
@@ -706,6 +795,8 @@ def final_specs(study: Study, fb_sel: dict[str, Any] | None, lrs: Mapping[str, M
     the first final seed). Without ``strict``, rows whose lr is not chosen yet are left out."""
     specs = []
     for task, row, variant in _rows_with_settings(study, fb_sel, strict):
+        if row.subrow_of:
+            continue  # a sweep point: tuning only
         lr = lrs[task][row.label]["chosen"]
         if lr is None:
             if strict:
@@ -715,7 +806,8 @@ def final_specs(study: Study, fb_sel: dict[str, Any] | None, lrs: Mapping[str, M
         seeds = study.final_seeds[:1] if row.same_training_as else study.final_seeds
         for seed in seeds:
             specs.append(StudySpec("final", task, row.label, lr, seed,
-                                   run_config(study, "final", task, row, lr, seed, variant)))
+                                   run_config(study, "final", task, row, lr, seed, variant,
+                                              lrs[task][row.label].get("settings"))))
     return specs
 
 
@@ -959,7 +1051,7 @@ def planned_counts(study: Study) -> dict[str, int]:
     # the grids as extended so far (an extension is planned once the grid before it is done)
     n_tune = sum(len(row_tuning(study, task, r, None, with_configs=False)["grid"]) * len(study.tune_seeds)
                  for task in study.tasks for r in study.rows.values() if r.tuned)
-    n_final = len(study.tasks) * sum(1 if r.same_training_as else len(study.final_seeds) for r in study.rows.values())
+    n_final = len(study.tasks) * sum(1 if r.same_training_as else len(study.final_seeds) for r in study.final_rows())
     return {"florg-best": n_fb, "tune": n_tune, "final": n_final}
 
 

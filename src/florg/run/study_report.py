@@ -89,6 +89,12 @@ def _tuning_md(study: Study, fb: dict[str, Any] | None, lrs: dict[str, dict[str,
                   "|---|---|" + "---|" * (len(grid) + 1)]
         for label, e in per.items():
             row = study.rows[label]
+            if row.subrows:
+                pick = (f"{e['chosen']:g} at {study.rows[e['from']].display}" if e["chosen"] is not None
+                        else "– (sweep points not all chosen)")
+                lines.append(f"| **{row.display}**: best of its sweep points below | – | " + " | ".join("" for _ in grid)
+                             + f" | {pick} |")
+                continue
             if "from" in e:
                 lines.append(f"| {row.display} | – | " + " | ".join("" for _ in grid) +
                              f" | {'–' if e['chosen'] is None else format(e['chosen'], 'g')} (that of "
@@ -130,7 +136,8 @@ def _final_rows(study: Study, task: str, specs: list[Any], done: dict[str, Any],
             part = study.results_dir / "runs" / spec.rel / "partitions.json"
             if part.is_file():
                 majority = majority_rate(json.loads(part.read_text()))
-    for label, row in study.rows.items():
+    for row in study.final_rows():
+        label = row.label
         runs = by_row.get(label, {})
         note = ""
         if row.same_training_as:
@@ -145,7 +152,7 @@ def _final_rows(study: Study, task: str, specs: list[Any], done: dict[str, Any],
                 runs = {}
         rows.append(RowRuns(label=label, display=row.display, method=row.method, runs=runs, headline=row.headline,
                             ablation=row.ablation, note=note, expected_seeds=len(study.final_seeds),
-                            settings={"lr": lrs[label]["chosen"]}))
+                            settings={"lr": lrs[label]["chosen"], **lrs[label].get("settings", {})}))
     return rows, majority, notes
 
 
@@ -180,16 +187,20 @@ def _final_md(study: Study, task: str, summary: dict[str, Any], info: MetricInfo
              f"{b.model.name} on `{b.data.task}`"
              + (f" (classes: {', '.join(b.data.classes)})" if b.data.classes else "")
              + f", {b.data.num_clients} clients, {b.data.partition} partition (α = {b.data.alpha}), r = {b.method.rank}, "
-             f"α = {b.method.alpha}, {b.train.rounds} rounds × {b.train.local_steps} local steps (batch "
+             f"α = {b.method.alpha}, {b.train.rounds} rounds × "
+             + (f"{b.train.local_epochs} local epoch(s)" if b.train.local_epochs else f"{b.train.local_steps} local steps")
+             + " (batch "
              f"{b.train.batch_size}, {b.train.optimizer}), weighting '{b.method.weighting}'; test split "
              f"{b.data.max_test_examples or 'all'} examples, validation {b.data.validation_fraction:.0%} of the training "
              f"data held out. Final seeds {study.final_seeds}; each row at its lr chosen on validation "
              "([tuning.md](../tuning.md)).", "",
-             "| Row | lr |", "|---|---|"]
+             "| Row | lr | other settings chosen on validation |", "|---|---|---|"]
     for label in summary["order"]:
         e = summary["rows"][label]
         lr = e["settings"].get("lr")
-        lines.append(f"| {e['display']} | {lr if lr is not None else '–'} |")
+        other = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                          for k, v in e["settings"].items() if k != "lr") or "–"
+        lines.append(f"| {e['display']} | {lr if lr is not None else '–'} | {other} |")
     lines.append("")
     lines += markdown_tables(summary, info)
     if notes:
