@@ -51,6 +51,20 @@ def test_config_command_prints_resolved_toml(tmp_path):
     assert "rounds = 3" in res.stdout
 
 
+def test_config_shows_each_method_s_recommended_settings_and_applies_them(tmp_path, monkeypatch):
+    from florg.methods.registry import METHODS
+
+    monkeypatch.setattr(METHODS["fedit"], "recommended", {"train.lr": 0.0125, "train.head_lr": 0.03})
+    res = florg("config", "--keys", cwd=tmp_path)
+    assert res.exit_code == 0
+    row = next(line for line in res.stdout.splitlines() if "fedit" in line and "train.lr" in line)
+    assert "0.0125" in row and "train.head_lr" in row
+    res = florg("config", "--set", "method.name=fedit", cwd=tmp_path)
+    assert "lr = 0.0125" in res.stdout and "head_lr = 0.03" in res.stdout
+    res = florg("config", "--set", "method.name=fedit", "--set", "train.lr=0.002", cwd=tmp_path)
+    assert "lr = 0.002" in res.stdout and "head_lr = 0.03" in res.stdout
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch):
     res = florg("run", "--resume", str(tmp_path), cwd=tmp_path, monkeypatch=monkeypatch)
     assert res.exit_code == 2
