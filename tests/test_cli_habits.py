@@ -1,4 +1,4 @@
-"""CLI habits: --version, a light import for --help, the data.task help, the README's bring-your-own-data examples."""
+"""CLI habits: --version, a light import for --help, the data.task help, the bring-your-own-data examples of docs/usage.md."""
 
 import json
 import re
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from florg.cli.main import app
 from florg.config import config_keys
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "ray", "numpy")
 
 
@@ -56,21 +56,21 @@ def test_data_task_help_lists_every_accepted_form():
     assert "local:<path>" in help_text
 
 
-def _readme_blocks(lang):
-    """The README's bring-your-own-data section: its fenced blocks of ``lang``, with the file name above each."""
-    text = README.read_text()
+def _usage_blocks(lang):
+    """docs/usage.md's bring-your-own-data section: its fenced blocks of ``lang``, with the file name above each."""
+    text = USAGE.read_text()
     section = text.split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"`([\w./-]+\.(?:csv|jsonl|json))`[^`\n]*:\n\n```" + lang + r"\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_bring_your_own_data_examples_load(tmp_path):
+def test_usage_bring_your_own_data_examples_load(tmp_path):
     from florg.data import load_task
     from florg.data.instruct import load_instruct_task
     from florg.data.squad import load_squad
 
     files = {}
     for lang in ("csv", "jsonl", "json"):
-        for name, body in _readme_blocks(lang):
+        for name, body in _usage_blocks(lang):
             (tmp_path / name).write_text(body)
             files[name] = tmp_path / name
     assert set(files) == {"reviews.csv", "reviews.jsonl", "instructions.jsonl", "squad.json"}, files
