@@ -49,6 +49,7 @@ from benchmarks.common import (
     write_json,
 )
 from florg.core import aggregate, aggregate_model, gram_eigen
+from florg.core.aggregate import _aggregate_model_reference
 
 F64 = torch.float64
 EIG_RTOL = 1e-12
@@ -175,6 +176,9 @@ def part_b(layers: int, n: int, r: int, reps: int, shapes: dict[str, int]) -> di
     log(f"[b] {layers} layers x {list(shapes)} (k = {list(shapes.values())}), N={n}, r={r}: timing ...")
     nodiag = time_fn(lambda: aggregate_model(uploads, previous=previous, rank=r, diagnostics=False), reps=reps, warmup=2)
     diag = time_fn(lambda: aggregate_model(uploads, previous=previous, rank=r, diagnostics=True), reps=reps, warmup=1)
+    log("[b] old path (two passes, batched full eigh) vs new path (one pass; paper variant: eigenvalues only), "
+        "interleaved ...")
+    old_new = compare_paths(uploads, previous, r, reps)
 
     with PeakRSS() as mem_nodiag:
         aggregate_model(uploads, previous=previous, rank=r, diagnostics=False)
@@ -213,8 +217,49 @@ def part_b(layers: int, n: int, r: int, reps: int, shapes: dict[str, int]) -> di
         "agg_rel_error_max": agg_err_max, "sent_rel_error_max": sent_err_max, "tail_energy_mean": tail_mean,
         "gram_err_float32_out_max": max(v[0] for v in err_f32.values()),
         "gram_err_float64_max": max(v[1] for v in err_f32.values()),
-        "rank_q": rank_q, "paths": paths, "per_layer": per_layer, "loadavg": loadavg(),
+        "rank_q": rank_q, "paths": paths, "per_layer": per_layer, "old_new": old_new, "loadavg": loadavg(),
     }
+
+
+def compare_paths(uploads, previous, r: int, reps: int) -> dict[str, Any]:
+    """The round through ``_aggregate_model_reference`` (the old path) and ``aggregate_model`` (the new one).
+
+    Calls alternate (old, new, old, new, ...) so that both see the same machine load; for each
+    setting of the diagnostics: medians, minima, CPU time and the ratio new / old, plus how far
+    the results are apart (factors relative, eigenvalues relative to the largest, diagnostics).
+    """
+    import time
+
+    out: dict[str, Any] = {}
+    for diagnostics in (False, True):
+        funcs = {"old": _aggregate_model_reference, "new": aggregate_model}
+        wall: dict[str, list[float]] = {"old": [], "new": []}
+        cpu: dict[str, list[float]] = {"old": [], "new": []}
+        for fn in funcs.values():  # warm-up
+            fn(uploads, previous=previous, rank=r, diagnostics=diagnostics)
+        for _ in range(max(reps, 9)):
+            for name, fn in funcs.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn(uploads, previous=previous, rank=r, diagnostics=diagnostics)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        res = {name: {"median_s": sorted(v)[len(v) // 2], "min_s": min(v), "cpu_median_s": sorted(cpu[name])[len(v) // 2],
+                      "reps": len(v)} for name, v in wall.items()}
+        res["ratio_median"] = res["new"]["median_s"] / res["old"]["median_s"]
+        res["ratio_min"] = res["new"]["min_s"] / res["old"]["min_s"]
+        old = _aggregate_model_reference(uploads, previous=previous, rank=r, diagnostics=diagnostics)
+        new = aggregate_model(uploads, previous=previous, rank=r, diagnostics=diagnostics)
+        res["factor_rel_diff_max"] = max(
+            float(torch.linalg.matrix_norm(new[n].factor.to(F64) - old[n].factor.to(F64))
+                  / torch.linalg.matrix_norm(old[n].factor.to(F64))) for n in old)
+        res["factor_bit_identical"] = all(torch.equal(new[n].factor, old[n].factor) for n in old)
+        res["eig_rel_diff_max"] = max(
+            float((new[n].eigenvalues - old[n].eigenvalues).abs().max() / old[n].eigenvalues[0]) for n in old)
+        res["diag_abs_diff_max"] = max(
+            [abs(new[n].diagnostics[k] - v) for n in old for k, v in old[n].diagnostics.items()] or [0.0])
+        out["diag" if diagnostics else "nodiag"] = res
+    out["loadavg"] = loadavg()
+    return out
 
 
 def table_b(b: dict[str, Any]) -> str:
@@ -237,6 +282,7 @@ def table_b(b: dict[str, Any]) -> str:
         ],
         title="(b) whole-model round, Llama-3.2-3B shapes",
     )
+    text += "\n" + table_old_new(b["old_new"])
     text += "\n" + print_table(
         ["layer", "k", "m = sum r_n", "thin: M (m x k f64)", "thin: G, U, W (m x m)", "Gram path: Q (k x k f64)",
          "upload/client"],
@@ -245,6 +291,23 @@ def table_b(b: dict[str, Any]) -> str:
         title="memory per layer (thin path: O(min(sum r_n, k) * k); only one layer's M is alive at a time)",
     )
     return text
+
+
+def table_old_new(x: dict[str, Any]) -> str:
+    rows = []
+    for key, label in (("nodiag", "no diagnostics"), ("diag", "diagnostics")):
+        d = x[key]
+        rows.append([label, f"{fmt_ms(d['old']['median_s'])} ({fmt_ms(d['old']['min_s'])})",
+                     f"{fmt_ms(d['new']['median_s'])} ({fmt_ms(d['new']['min_s'])})",
+                     f"{d['ratio_median']:.2f} ({d['ratio_min']:.2f})",
+                     f"{fmt_ms(d['old']['cpu_median_s'])} / {fmt_ms(d['new']['cpu_median_s'])}",
+                     "bit-identical" if d["factor_bit_identical"] else f"{d['factor_rel_diff_max']:.1e}",
+                     f"{d['eig_rel_diff_max']:.1e}", f"{d['diag_abs_diff_max']:.1e}"])
+    return print_table(
+        ["round", "old ms median (min)", "new ms median (min)", "new / old median (min)", "CPU ms old / new",
+         "factor diff (rel.)", "eigenvalue diff (rel.)", "diagnostics diff (abs.)"],
+        rows, title="(b) Llama-3.2-3B round, old path vs new path (interleaved calls)",
+    )
 
 
 # --------------------------------------------------------------------------- (c)

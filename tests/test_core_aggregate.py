@@ -18,6 +18,7 @@ from florg.core import (
     make_bases,
     procrustes_align,
 )
+from florg.core.aggregate import _aggregate_model_reference
 from helpers import F64, dense_q, gram_of, orthonormal_rows, probs, randn, random_orthogonal, rel, top_r_truncation
 
 COUNTS = [37.0, 250.0, 4.0, 1000.0, 88.0, 12.0]
@@ -310,11 +311,12 @@ def test_aggregate_model_equals_per_layer(variant, monkeypatch):
         return real_eigh(x, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "eigh", recording_eigh)
-    batched = aggregate_model(uploads, weights, previous=previous, rank=rank, variant=variant)
+    reference = _aggregate_model_reference(uploads, weights, previous=previous, rank=rank, variant=variant)
     monkeypatch.setattr(torch.linalg, "eigh", real_eigh)
+    batched = aggregate_model(uploads, weights, previous=previous, rank=rank, variant=variant)
 
-    assert list(batched) == list(uploads)
-    assert (3, 12, 12) in eigh_batches  # the three equal-shape layers share one batched eigh
+    assert list(batched) == list(uploads) == list(reference)
+    assert (3, 12, 12) in eigh_batches  # the reference route: three equal-shape layers share one batched eigh
     assert batched["layers.0.small"].path == "gram"
     assert all(batched[n].path == "thin" for n in uploads if n != "layers.0.small")
 
@@ -593,3 +595,118 @@ def test_one_block_is_the_plain_alignment_and_bad_blocks_are_refused():
                             variant="top-r", blocks=(2, 4, 8))
     single = aggregate(factors, previous=prev, rank=8, variant="top-r", blocks=(2, 4, 8))
     assert torch.allclose(model["l0"].factor, single.factor, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- one-pass route vs the reference route
+# aggregate_model does thin layers on the host in one pass and, for the paper variant without
+# diagnostics, without eigenvectors (polar(A_prev M^T) M); _aggregate_model_reference is the
+# previous two-pass route with full eigendecompositions. Same maths: same results up to rounding,
+# and with diagnostics the same factor and eigenvalues bit for bit.
+
+
+def _fast_case_uploads(kind: str) -> dict[str, list[torch.Tensor]]:
+    if kind == "random":
+        return {
+            f"layers.{j}.{proj}": [randn(4, k, seed=500 + 97 * j + 13 * i + k) for i in range(5)]
+            for j in range(2) for proj, k in (("q", 96), ("v", 40))
+        }
+    if kind == "fl":  # clients near a shared factor, as in training: A_prev almost in the span of the uploads
+        out = {}
+        for j, k in enumerate((96, 64)):
+            shared = randn(4, k, seed=600 + j)
+            out[f"layers.{j}.q"] = [shared + 0.05 * randn(4, k, seed=610 + 10 * j + i) for i in range(6)]
+        return out
+    if kind == "dropped":  # rank Q < sum r_n: eigenvalues dropped as round-off, the eigenvector route
+        base = randn(4, 64, seed=700)
+        return {"layers.0.q": [base, randn(4, 4, seed=701) @ base, randn(2, 64, seed=702)]}
+    if kind == "mixed":  # clients of different ranks
+        return {f"layers.{j}.q": [randn(r, 80, seed=800 + 10 * j + r) for r in (2, 4, 4, 1)] for j in range(2)}
+    raise AssertionError(kind)
+
+
+def _fast_previous(uploads, rank: int, kind: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (name, fs) in enumerate(uploads.items()):
+        k = fs[0].shape[1]
+        if kind == "fl":
+            out[name] = torch.stack([f[:rank] for f in fs if f.shape[0] >= rank]).mean(0) + 1e-3 * randn(rank, k, seed=900 + i)
+        else:
+            out[name] = randn(rank, k, seed=900 + i)
+    return out
+
+
+def _assert_same_results(got, ref, *, exact: bool, aligned: bool) -> None:
+    assert list(got) == list(ref)
+    for name, r in ref.items():
+        g = got[name]
+        assert g.layer == r.layer and g.path == r.path and g.rank_q == r.rank_q, name
+        assert g.factor.shape == r.factor.shape and g.factor.dtype == r.factor.dtype
+        scale = float(r.eigenvalues[0]) if r.eigenvalues.numel() else 1.0
+        assert float((g.eigenvalues - r.eigenvalues).abs().max()) <= 1e-12 * scale, name
+        if exact:
+            assert torch.equal(g.factor, r.factor), name
+            assert torch.equal(g.eigenvalues, r.eigenvalues), name
+        if aligned:  # the aligned factor does not depend on the eigenvector basis: compare it directly
+            assert rel(g.factor, r.factor) <= 1e-12, name
+        assert rel(gram_of(g.factor), gram_of(r.factor)) <= 1e-12, name
+        assert set(g.diagnostics) == set(r.diagnostics), name
+        for key, value in r.diagnostics.items():
+            assert abs(g.diagnostics[key] - value) <= 1e-12 * max(1.0, abs(value)), (name, key)
+
+
+@pytest.mark.parametrize("kind", ["random", "fl", "dropped", "mixed"])
+@pytest.mark.parametrize("variant", ["paper", "top-r"])
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_one_pass_route_matches_reference(kind, variant, diagnostics):
+    uploads = _fast_case_uploads(kind)
+    rank = 4
+    previous = _fast_previous(uploads, rank, kind)
+    n = len(next(iter(uploads.values())))
+    weights = COUNTS[:n]
+    for prev, align, blocks in ((previous, True, None), (None, True, None), (previous, False, None),
+                                (previous, True, (2, 4))):
+        kw = dict(previous=prev, rank=rank, variant=variant, align=align, diagnostics=diagnostics, blocks=blocks)
+        got = aggregate_model(uploads, weights, **kw)
+        ref = _aggregate_model_reference(uploads, weights, **kw)
+        polar = variant == "paper" and align and prev is not None and blocks is None and not diagnostics
+        # Bit for bit where the same LAPACK routine runs on the same numbers. The reference decomposes
+        # a batch of m x m matrices, this route one at a time: MKL's rounding can depend on the
+        # memory alignment of each matrix, so equality is asserted where the batch keeps every
+        # matrix 64-byte aligned (m*m a multiple of 8, e.g. m = 80 for N = 20, r = 4).
+        m = sum(int(a.shape[0]) for a in next(iter(uploads.values())))
+        _assert_same_results(got, ref, exact=not polar and m * m % 8 == 0, aligned=align and prev is not None)
+
+
+def test_paper_route_without_diagnostics_computes_no_eigenvectors(monkeypatch):
+    uploads = _fast_case_uploads("fl")
+    previous = _fast_previous(uploads, 4, "fl")
+    ref = _aggregate_model_reference(uploads, previous=previous, rank=4, diagnostics=False)
+
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("the paper variant without diagnostics needs no eigenvectors")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    got = aggregate_model(uploads, previous=previous, rank=4, diagnostics=False)
+    assert all(res.rank_q == 24 for res in got.values())  # r' > r: the truncating case
+    _assert_same_results(got, ref, exact=False, aligned=True)
+    # float64 uploads: the factor itself within 1e-12 of the eigenvector route
+    up64 = {name: [a.to(F64) for a in fs] for name, fs in uploads.items()}
+    monkeypatch.undo()
+    ref64 = _aggregate_model_reference(up64, previous=previous, rank=4, diagnostics=False)
+    got64 = aggregate_model(up64, previous=previous, rank=4, diagnostics=False)
+    for name in ref64:
+        assert rel(got64[name].factor, ref64[name].factor) <= 1e-12
+
+
+def test_one_pass_route_reports_nan_like_reference():
+    uploads = _fast_case_uploads("random")
+    bad = dict(uploads)
+    name = list(bad)[2]
+    bad[name] = [a.clone() for a in bad[name]]
+    bad[name][1][0, 3] = float("nan")
+    with pytest.raises(ValueError) as ref_err:
+        _aggregate_model_reference(bad, rank=4)
+    with pytest.raises(ValueError) as got_err:
+        aggregate_model(bad, rank=4)
+    assert str(got_err.value) == str(ref_err.value) and name in str(got_err.value)
+

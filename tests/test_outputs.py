@@ -1,6 +1,7 @@
 """Self-describing run outputs (task_type, portable base id, labels, model card) and florg.predict / florg predict."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -120,6 +121,40 @@ def test_predict_python_and_cli(cls_run, tmp_path):
         [(r["label"], round(r["probability"], 5)) for r in rows]
     bad = CliRunner().invoke(app, ["predict", str(tmp_path), "text"])
     assert bad.exit_code == 2 and "not a florg run directory" in bad.stderr
+
+
+def test_predict_checks_arguments_before_loading_the_model(cls_run, tmp_path, monkeypatch):
+    """Every bad argument errors (exit 2, one line) without loading the model: load_run_model must not run."""
+    import shutil
+
+    import florg.run.predict as predict_mod
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(predict_mod, "load_run_model", no_load)
+    path, _, _ = cls_run
+    qa = tmp_path / "qa-run"  # the classification run relabelled as extractive QA: only config.toml is read
+    shutil.copytree(path, qa)
+    text = (qa / "config.toml").read_text()
+    (qa / "config.toml").write_text(re.sub(r'(?m)^task = ".*"$', 'task = "wordnet-qa"', text, count=1))
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(path, incomplete)
+    shutil.rmtree(incomplete / "adapter")
+    cases = [
+        ([str(qa), "what is a dog?"], "--context"),
+        ([str(path), "a", "b", "--pair", "x"], "--pair"),
+        ([str(qa), "q", "--context", "c", "--pair", "x"], "--pair"),
+        ([str(path), "a", "--top-k", "0"], "--top-k"),
+        ([str(incomplete), "a"], "has not completed"),
+        ([str(tmp_path / "missing"), "a"], "not a directory"),
+    ]
+    for args, needle in cases:
+        res = CliRunner().invoke(app, ["predict", *args])
+        assert res.exit_code == 2, (args, res.stdout, res.stderr)
+        assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+    with pytest.raises(ValueError, match="--context"):
+        florg.predict(qa, ["what is a dog?"])
 
 
 def _perturbed_run(cfg, tmp_path, seed=0, perturb_base=False):

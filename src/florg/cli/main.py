@@ -472,9 +472,11 @@ def predict_cmd(
     """Load a run's base model and final adapter and print its predictions (python: florg.predict(run_dir, texts))."""
     import json
 
-    from florg.run.predict import load_run_model, predict
+    from florg.run.predict import check_request, load_run_model, predict
 
     try:
+        # Every argument is checked against the run's config before the model is loaded (seconds).
+        check_request(run_dir, texts, context=context, pairs=pair, top_k=top_k, max_new_tokens=max_new_tokens)
         run_model = load_run_model(run_dir, device=device)
         rows = predict(run_model, texts, context=context, pairs=pair, top_k=top_k, max_new_tokens=max_new_tokens)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:

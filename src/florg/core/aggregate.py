@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -723,12 +723,73 @@ def aggregate_model(
     """Aggregate every adapted layer of a model in one call (``blocks``: see :func:`aggregate`).
 
     ``uploads[layer]`` holds the clients' factors for that layer, in the same client order
-    for every layer (``weights`` apply to clients). Layers on the thin path that share a
-    shape (same ``k`` and the same client ranks) share one batched eigendecomposition of their
-    ``m x m`` matrices ``G = M M^T`` per shape group; ``M`` itself (``m x k`` float64) is built
-    layer by layer, so memory stays ``O(m k)`` for the whole model. Returns
-    ``{layer: AggregationResult}`` with ``diagnostics["seconds"]`` unset; time the call as a whole.
+    for every layer (``weights`` apply to clients). Returns ``{layer: AggregationResult}`` with
+    ``diagnostics["seconds"]`` unset; time the call as a whole.
+
+    Thin-path layers on the host are done one at a time in a single pass: the float64 stack
+    ``M`` (``m x k``) is written into one buffer per shape group (memory ``O(m k)`` for the whole
+    model), ``G = M M^T`` and then only what the rule needs:
+
+    * ``variant="paper"``, aligned to a previous factor, no diagnostics, ``rank Q = m`` (no
+      eigenvalue dropped as round-off): the eigenvalues of ``G`` only (``eigvalsh``) and
+      ``A_new = polar(A_prev M^T) M``. This is the paper's ``S* A~``: with ``A~ = U^T M`` and ``U``
+      orthogonal, ``polar(A_prev M^T U) U^T = polar(A_prev M^T)``, so no eigenvector is needed.
+      Same factor as the eigenvector route up to rounding (about 1e-15 relative); eigenvalues
+      from LAPACK's eigenvalue-only driver (equal to those of ``eigh`` up to rounding).
+    * otherwise the full eigendecomposition of ``G``, the same LAPACK routine as the batched
+      call of :func:`_aggregate_model_reference` (the same factor, eigenvalues and diagnostics,
+      bit for bit when MKL's result does not depend on the alignment of the matrix in memory:
+      ``m * m`` a multiple of 8, e.g. ``m = 80``; otherwise up to rounding).
+
+    Uploads on a GPU keep the batched two-pass route of :func:`_aggregate_model_reference`
+    (one host round trip per shape group).
     """
+    return _aggregate_model(
+        uploads, weights, previous=previous, rank=rank, variant=variant, align=align, path=path,
+        eig_rtol=eig_rtol, diagnostics=diagnostics, blocks=blocks, fast=True,
+    )
+
+
+def _aggregate_model_reference(
+    uploads: Mapping[str, Sequence[torch.Tensor]], weights: Sequence[float] | None = None, **kwargs: Any
+) -> dict[str, AggregationResult]:
+    """The previous route of :func:`aggregate_model`, kept for comparison (tests, ``bench_server.py``).
+
+    Two passes over each shape group of thin layers: ``G = M M^T`` layer by layer, one batched
+    full eigendecomposition per group, then ``M`` is rebuilt to align and diagnose each layer.
+    """
+    return _aggregate_model(uploads, weights, fast=False, **kwargs)
+
+
+def _finish_polar(
+    layer: str, m: torch.Tensor, lam: torch.Tensor, previous: torch.Tensor, out_dtype: torch.dtype
+) -> AggregationResult:
+    """The paper variant's factor without eigenvectors: ``polar(A_prev M^T) M`` (see :func:`aggregate_model`).
+
+    Only for ``rank Q = m`` (``lam``: all ``m`` eigenvalues of ``G``, decreasing, none dropped),
+    no blocks, no diagnostics.
+    """
+    prev = previous.to(dtype=_F64, device=m.device)
+    new = _rotation(prev @ m.T) @ m
+    return AggregationResult(
+        layer=layer, factor=new.to(out_dtype), eigenvalues=lam, rank_q=int(lam.numel()), path="thin", diagnostics={},
+    )
+
+
+def _aggregate_model(
+    uploads: Mapping[str, Sequence[torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    previous: Mapping[str, torch.Tensor] | None = None,
+    rank: int | Mapping[str, int] | None = None,
+    variant: Variant = "paper",
+    align: bool = True,
+    path: Path = "auto",
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    diagnostics: bool = True,
+    blocks: Sequence[int] | None = None,
+    fast: bool = True,
+) -> dict[str, AggregationResult]:
     if not uploads:
         raise ValueError("aggregate_model: no layers were uploaded")
     previous = previous or {}
@@ -771,8 +832,31 @@ def aggregate_model(
     spectra: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}
     scales: dict[tuple, torch.Tensor] = {}  # sqrt(p_n) per stacked row; one per group (same clients)
     every_layer = [(n, uploads[n]) for n in names_in_order]
+    results: dict[str, AggregationResult] = {}
+    polar_ok = variant == "paper" and align and not diagnostics and (blocks is None or len(blocks) <= 1)
     for key, names in groups.items():
-        if key[0] == "thin":
+        if key[0] == "thin" and fast and key[4] == "cpu":
+            first = uploads[names[0]]
+            sc = _row_scales(first, meta[names[0]][2], first[0].device)
+            buf = torch.empty(sum(key[2]), key[1], dtype=_F64)  # M of one layer at a time
+            for name in names:
+                r = meta[name][1]
+                stacked = torch.cat(list(uploads[name]), out=buf).mul_(sc[:, None])  # exact cast, then scale
+                _check_finite(stacked, every_layer)
+                g = stacked @ stacked.T
+                prev = previous.get(name)
+                if polar_ok and prev is not None:
+                    lam = torch.linalg.eigvalsh(g).flip(0)
+                    if _split_eigs(lam, eig_rtol) == lam.numel():
+                        results[name] = _finish_polar(name, stacked, lam, prev, first[0].dtype)
+                        continue
+                lam_asc, u_asc = torch.linalg.eigh(g)
+                gf, thin = _thin_from_eigh(stacked, lam_asc, u_asc, eig_rtol)
+                thin.g = g
+                results[name] = _finish(
+                    name, gf, thin, prev, r, variant, align, diagnostics, first[0].dtype, blocks,
+                )
+        elif key[0] == "thin":
             grams = []
             scales[key] = _row_scales(uploads[names[0]], meta[names[0]][2], uploads[names[0]][0].device)
             total = None  # one NaN/Inf test per group (one device sync), before any decomposition
@@ -784,8 +868,9 @@ def aggregate_model(
             lam_b, u_b = _small_eigh(torch.stack(grams))
             spectra[key] = (grams, lam_b, u_b)
 
-    results: dict[str, AggregationResult] = {}
     for key, names in groups.items():
+        if key[0] == "thin" and key not in spectra:
+            continue  # done above, in one pass
         if key[0] == "gram":
             name = names[0]
             k, r, _ = meta[name]

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["RunModel", "load_run_model", "predict"]
+__all__ = ["RunModel", "check_request", "load_run_model", "predict"]
 
 
 class RunModel(SimpleNamespace):
@@ -36,6 +36,43 @@ def _adapter_dir(run_dir: Path) -> Path:
         raise FileNotFoundError(f"'{run_dir}' has no final adapter (adapter/adapter_config.json); the run has not "
                                 "completed: continue it with florg run --resume " + str(run_dir))
     return folder
+
+
+def check_request(run_dir: str | Path, texts: Sequence[str], *, context: str | None = None,
+                  pairs: Sequence[str] | None = None, top_k: int = 3, max_new_tokens: int = 64) -> str:
+    """Validate a prediction request before anything heavy is loaded; returns the run's task family name.
+
+    Reads only ``config.toml`` and checks that the run is complete (``adapter/``), that there is
+    input, and that the options fit the task family (``context`` for extractive QA, ``pairs``
+    for classification only, positive ``top_k`` / ``max_new_tokens``). Raises ``ValueError`` or
+    ``FileNotFoundError`` with the message :func:`predict` would give after loading the model.
+    """
+    from florg.config import load_config
+    from florg.tasks import family_class
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"'{run_dir}' is not a directory")
+    _adapter_dir(run_dir)
+    if not list(texts):
+        raise ValueError("predict needs at least one text")
+    cfg = load_config(run_dir / "config.toml", [])
+    kind = family_class(cfg.data.task).name
+    _check_options(kind, len(list(texts)), context, pairs, top_k, max_new_tokens)
+    return kind
+
+
+def _check_options(kind: str, n_texts: int, context: str | None, pairs: Sequence[str] | None, top_k: int,
+                   max_new_tokens: int) -> None:
+    if pairs is not None and (kind != "classification" or len(pairs) != n_texts):
+        raise ValueError("pairs (--pair) go with classification runs, one second text per text "
+                         f"({n_texts} texts, {len(pairs)} pairs)")
+    if kind == "extractive-qa" and not context:
+        raise ValueError("this run is extractive QA: give the passage to answer from (--context TEXT)")
+    if kind == "classification" and top_k < 1:
+        raise ValueError(f"top_k (--top-k) must be at least 1, got {top_k}")
+    if kind == "instruction" and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
 
 
 def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
@@ -101,16 +138,14 @@ def predict(run_dir: str | Path | RunModel, texts: Sequence[str], *, context: st
     texts = [str(t) for t in texts]
     if not texts:
         raise ValueError("predict needs at least one text")
+    if not isinstance(run_dir, RunModel):  # a bad request fails before the model is loaded
+        check_request(run_dir, texts, context=context, pairs=pairs, top_k=top_k, max_new_tokens=max_new_tokens)
     run = run_dir if isinstance(run_dir, RunModel) else load_run_model(run_dir, device=device)
     kind = run.family.name
-    if pairs is not None and (kind != "classification" or len(pairs) != len(texts)):
-        raise ValueError("pairs (--pair) go with classification runs, one second text per text "
-                         f"({len(texts)} texts, {len(pairs)} pairs)")
+    _check_options(kind, len(texts), context, pairs, top_k, max_new_tokens)
     if kind == "classification":
         return _classify(run, texts, top_k, [str(p) for p in pairs] if pairs is not None else None)
     if kind == "extractive-qa":
-        if not context:
-            raise ValueError("this run is extractive QA: give the passage to answer from (--context TEXT)")
         return _answer(run, texts, context)
     if kind == "instruction":
         return _generate(run, texts, max_new_tokens)
