@@ -475,7 +475,8 @@ def predict_cmd(
     from florg.run.predict import check_request, load_run_model, predict
 
     try:
-        # Every argument is checked against the run's config before the model is loaded (seconds).
+        # Every argument is checked against the run's config.toml before torch or the model is loaded
+        # (check_request imports neither: a bad argument fails in well under a second).
         check_request(run_dir, texts, context=context, pairs=pair, top_k=top_k, max_new_tokens=max_new_tokens)
         run_model = load_run_model(run_dir, device=device)
         rows = predict(run_model, texts, context=context, pairs=pair, top_k=top_k, max_new_tokens=max_new_tokens)

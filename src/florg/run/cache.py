@@ -16,7 +16,9 @@ With ``cache.enabled`` (the default) the first process stores, and every later o
   of florg's data, task and model modules.
 * **bases** (``bases-<hash>.safetensors``): FLoRG's ``(L, R)`` per layer in the base dtype
   (:mod:`florg.adapters.florg.stored_bases`), keyed by the seed, the model name, its dtype and the
-  adapted modules.
+  adapted modules, the torch version and the source of the draw (``core/bases.py``) only, so that
+  ``florg predict`` finds the file of a run made before an unrelated code change (each tensor in
+  the file is named by its seed, layer, shape and dtype as well).
 
 The model's own weights are read from safetensors checkpoints already (the Hugging Face cache,
 or florg's converted copy for ``smollm2``/GGUF files), memory-mapped by ``from_pretrained``.
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: bump when the layout of a cache entry changes
 CACHE_FORMAT = 1
+#: the source a drawn basis depends on (:func:`florg.core.make_bases`)
+_BASES_SOURCE = "core/bases.py"
 _SOURCES = ("data", "tasks", "models.py", "run/cache.py", "run/experiment.py", "core/seeds.py", "core/bases.py")
 
 
@@ -125,10 +129,24 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
 
 
+@functools.lru_cache(maxsize=1)
+def _bases_digest() -> str:
+    """SHA-256 over what a drawn basis depends on: the source of the draw and torch's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "-"
+    h = hashlib.sha256(torch_version.encode())
+    h.update((Path(__file__).resolve().parents[1] / _BASES_SOURCE).read_bytes())
+    return h.hexdigest()
+
+
 def bases_path(cfg: RunConfig, targets: list[str]) -> Path:
     """The bases file of ``cfg``'s model, seed, dtype and adapted modules."""
     key = {"format": CACHE_FORMAT, "seed": cfg.seed, "model": cfg.model.name, "dtype": cfg.model.dtype,
-           "targets": sorted(targets), "code": _source_digest()}
+           "targets": sorted(targets), "code": _bases_digest()}
     return cache_root(cfg) / f"bases-{_digest(key)}.safetensors"
 
 

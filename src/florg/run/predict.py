@@ -8,17 +8,28 @@ base-weight deltas of methods that change them), then applies the final adapter 
 * classification: each text's class, with the probabilities of the ``top_k`` likeliest classes;
 * extractive QA: each text is a question, answered from ``context`` (the best span, as evaluated);
 * instruction tuning: each text is a user turn, answered by greedy generation (``max_new_tokens``).
+
+Start-up habits: :func:`check_request` (run first by ``florg predict`` and :func:`predict`) reads
+only ``config.toml`` and imports no torch, so a bad argument fails in a fraction of a second; and
+:func:`load_run_model` takes FLoRG's fixed bases ``L``, ``R`` from the experiment cache's bases
+file (:func:`florg.run.cache.bases_path`, the file the run itself wrote with ``cache.enabled``)
+instead of drawing them again (a QR per adapted layer: most of the load time). The stored bases
+are bit-identical to a fresh draw; on a cache miss they are drawn and stored for the next load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["RunModel", "check_request", "load_run_model", "predict"]
+__all__ = ["RunModel", "check_request", "family_name", "load_run_model", "predict"]
+
+log = logging.getLogger(__name__)
 
 
 class RunModel(SimpleNamespace):
@@ -42,24 +53,60 @@ def check_request(run_dir: str | Path, texts: Sequence[str], *, context: str | N
                   pairs: Sequence[str] | None = None, top_k: int = 3, max_new_tokens: int = 64) -> str:
     """Validate a prediction request before anything heavy is loaded; returns the run's task family name.
 
-    Reads only ``config.toml`` and checks that the run is complete (``adapter/``), that there is
-    input, and that the options fit the task family (``context`` for extractive QA, ``pairs``
-    for classification only, positive ``top_k`` / ``max_new_tokens``). Raises ``ValueError`` or
-    ``FileNotFoundError`` with the message :func:`predict` would give after loading the model.
+    Reads only ``data.task`` from ``config.toml`` and checks that the run is complete
+    (``adapter/``), that there is input, and that the options fit the task family (``context``
+    for extractive QA, ``pairs`` for classification only, positive ``top_k`` /
+    ``max_new_tokens``). Raises ``ValueError`` or ``FileNotFoundError`` with the message
+    :func:`predict` would give after loading the model. Imports neither torch nor florg's
+    methods (``load_config`` does: seconds), so a bad request fails in a fraction of a second;
+    the full config is read and validated by :func:`load_run_model`.
     """
-    from florg.config import load_config
-    from florg.tasks import family_class
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"'{run_dir}' is not a directory")
     _adapter_dir(run_dir)
     if not list(texts):
         raise ValueError("predict needs at least one text")
-    cfg = load_config(run_dir / "config.toml", [])
-    kind = family_class(cfg.data.task).name
+    kind = family_name(_run_task(run_dir))
     _check_options(kind, len(list(texts)), context, pairs, top_k, max_new_tokens)
     return kind
+
+
+def _run_task(run_dir: Path) -> str:
+    """``data.task`` of the run in ``run_dir``, read straight from its ``config.toml`` (its default when absent)."""
+    import tomllib
+
+    from florg.config import DataConfig
+
+    file = run_dir / "config.toml"
+    if not file.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a florg run directory (no config.toml)")
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{file} is not valid TOML: {exc}") from None
+    section = data.get("data", {})
+    task = section.get("task", DataConfig.task) if isinstance(section, dict) else None
+    if not isinstance(task, str):
+        raise ValueError(f"{file}: data.task must be a string, got {task!r}")
+    return task
+
+
+def family_name(task: str) -> str:
+    """The name of the task family that owns ``data.task = task``, without importing torch.
+
+    The same answer as ``florg.tasks.family_class(task).name`` (tested for every task form), whose
+    family modules import torch: seconds on a loaded machine, too slow for argument checking.
+    The order is :data:`florg.tasks.FAMILIES`' (extractive QA, instruction, classification).
+    """
+    from florg.data.instruct import is_instruct_task
+
+    low = task.strip().lower()
+    if low in ("squad", "wordnet-qa") or low.startswith("squad:"):  # ExtractiveQAFamily.accepts
+        return "extractive-qa"
+    if is_instruct_task(task):  # InstructionFamily.accepts
+        return "instruction"
+    return "classification"  # ClassificationFamily accepts every other form
 
 
 def _check_options(kind: str, n_texts: int, context: str | None, pairs: Sequence[str] | None, top_k: int,
@@ -103,7 +150,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
     # head; PeftModelForQuestionAnswering drops token_type_ids): load as the run trained, without one
     config = PeftConfig.from_pretrained(str(adapter))
     config.task_type = None
-    model = PeftModel.from_pretrained(model, str(adapter), config=config)
+    with _stored_bases(cfg, family, model):  # FLoRG's L, R from the bases file instead of a QR per layer
+        model = PeftModel.from_pretrained(model, str(adapter), config=config)
     delta_file = run_dir / "base_delta.safetensors"
     if delta_file.is_file():
         from safetensors.torch import load_file
@@ -123,6 +171,29 @@ def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {n: i for i, n in enumerate(labels)}
     return RunModel(model=model, tokenizer=tokenizer, cfg=cfg, family=family, labels=labels)
+
+
+@contextlib.contextmanager
+def _stored_bases(cfg: Any, family: Any, model: Any) -> Iterator[None]:
+    """FLoRG layers built inside the block take their bases from the run's experiment-cache file.
+
+    The file is the one the run's own build used (:func:`florg.run.cache.bases_path` of the seed,
+    the model, its dtype and the adapted modules, as :func:`florg.run.experiment.build_experiment`
+    computes them), so a run on this machine is usually a hit. On a miss the bases are drawn as
+    without a store and added to the file; a file that cannot be written costs only that (a
+    warning). Nothing changes with ``cache.enabled = false``.
+    """
+    if not cfg.cache.enabled:
+        yield
+        return
+    from florg.adapters import basis_store
+    from florg.run.cache import bases_path
+
+    targets = list(cfg.model.target_modules) or family.target_modules(model)
+    with basis_store(bases_path(cfg, targets), strict=False) as store:
+        yield
+    if store is not None:
+        log.debug("florg predict: %d layers' bases read from %s", store.hits, store.path)
 
 
 def predict(run_dir: str | Path | RunModel, texts: Sequence[str], *, context: str | None = None,

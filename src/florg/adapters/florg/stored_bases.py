@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ import torch
 from ...core.bases import make_bases
 
 __all__ = ["BasisStore", "basis_store", "get_bases"]
+
+log = logging.getLogger(__name__)
 
 _ACTIVE: contextvars.ContextVar[BasisStore | None] = contextvars.ContextVar("florg_basis_store", default=None)
 
@@ -123,18 +126,34 @@ def _restore(value: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def basis_store(path: str | os.PathLike[str] | None) -> Iterator[BasisStore | None]:
-    """Make FLoRG layers built inside the block use the bases file ``path`` (None: no store)."""
+def basis_store(path: str | os.PathLike[str] | None, *, strict: bool = True) -> Iterator[BasisStore | None]:
+    """Make FLoRG layers built inside the block use the bases file ``path`` (None: no store).
+
+    ``strict=False``: a file that cannot be read is ignored (every basis is drawn) and one that
+    cannot be written is left as it is, each with a warning; the bases are the same either way.
+    """
     if path is None:
         yield None
         return
-    store = BasisStore(path)
+    try:
+        store = BasisStore(path)
+    except Exception as exc:  # strict=False: an unreadable file only costs the draws
+        if strict:
+            raise
+        log.warning("florg bases: ignoring the unreadable file %s (%s: %s)", path, type(exc).__name__, exc)
+        yield None  # no store: every basis is drawn, and the file is left as it is
+        return
     token = _ACTIVE.set(store)
     try:
         yield store
     finally:
         _ACTIVE.reset(token)
-    store.save()
+    try:
+        store.save()
+    except Exception as exc:  # strict=False: the bases in use are right; only storing failed
+        if strict:
+            raise
+        log.warning("florg bases: could not store new bases in %s (%s: %s)", path, type(exc).__name__, exc)
 
 
 def get_bases(d_out: int, d_in: int, *, seed: int, layer_name: str, dtype: torch.dtype,
