@@ -49,6 +49,7 @@ from florg.train import (
     train_steps,
 )
 
+from .client_state import get_state, put_state
 from .records import CONFIG_KEY, from_record, to_record
 
 __all__ = ["EMPTY_CLIENT", "SETTING_ERROR", "app", "client_device", "evaluate_local", "faults_off_mod", "query",
@@ -159,20 +160,21 @@ def train(msg: Message, context: Context) -> Message:
     model, method = exp.model, exp.method
     set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     info = ClientInfo(partition_id=pid, server_round=server_round)
-    local = _local_state(context)
+    local = _local_state(context, pid)
     received = from_record(msg.content["arrays"])
     method.client_load(model, received, info, local)
 
     torch.manual_seed(derive_seed(cfg.seed, server_round, pid))  # adapter dropout etc. (CPU and CUDA generators)
     optimizer = make_optimizer(param_groups(model.named_parameters(), lr, head_lr, method.is_adapter_param),
                                cfg.train, lr)
-    if not cfg.train.reset_optimizer and _OPTIM_KEY in context.state:
-        _load_optimizer(optimizer, context.state[_OPTIM_KEY], [lr, head_lr])
+    saved = None if cfg.train.reset_optimizer else get_state(context, _OPTIM_KEY, pid)
+    if saved is not None:
+        _load_optimizer(optimizer, saved, [lr, head_lr])
     loader = exp.client_loader(pid, server_round)
     stats = train_steps(model, cycle(loader), optimizer, local_steps(cfg.train, len(loader)),
                         device=device, grad_accum=cfg.train.grad_accum, dtype=exp.dtype)
     if not cfg.train.reset_optimizer:
-        context.state[_OPTIM_KEY] = _save_optimizer(optimizer)
+        put_state(context, _OPTIM_KEY, pid, _save_optimizer(optimizer))
 
     metrics = MetricRecord({
         "num-examples": len(exp.partitions[pid]),
@@ -185,7 +187,7 @@ def train(msg: Message, context: Context) -> Message:
         gen = noise_generator(cfg.privacy.reproducible_noise, cfg.seed, server_round, pid, "local")
         upload = method.privatize_upload(upload, received, gen)
     if local:
-        context.state[_LOCAL_KEY] = to_record(local)
+        put_state(context, _LOCAL_KEY, pid, to_record(local))
     return Message(RecordDict({"arrays": to_record(upload, cfg.federation.wire_dtype), "metrics": metrics}),
                    reply_to=msg)
 
@@ -210,7 +212,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         return _empty_client(msg, pid)
     exp.use_device(device)
     info = ClientInfo(partition_id=pid, server_round=int(config.get("server-round", 0)))
-    exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context))
+    exp.method.client_load(exp.model, from_record(msg.content["arrays"]), info, _local_state(context, pid))
     res = exp.evaluate(exp.personal_eval_set())
     score = exp.family.client_score(res, exp.partition_summary[pid]["label_counts"])
     metrics = MetricRecord({"num-examples": len(exp.partitions[pid]), exp.family.primary_metric: score,
@@ -226,9 +228,11 @@ def _empty_client(msg: Message, pid: int) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{EMPTY_CLIENT}{reason}"), reply_to=msg)
 
 
-def _local_state(context: Context) -> dict[str, torch.Tensor]:
-    """This client's persistent method state (a plain dict; empty before its first round)."""
-    return from_record(context.state[_LOCAL_KEY]) if _LOCAL_KEY in context.state else {}
+def _local_state(context: Context, pid: int) -> dict[str, torch.Tensor]:
+    """This client's persistent method state (a plain dict; empty before its first round); in the Context, or
+    on disk in the embedded simulation (:mod:`florg.fl.client_state`)."""
+    record = get_state(context, _LOCAL_KEY, pid)
+    return from_record(record) if record is not None else {}
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer) -> ArrayRecord:

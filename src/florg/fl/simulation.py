@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from logging import WARNING
@@ -30,14 +32,17 @@ from florg.config import ConfigError, RunConfig
 from florg.run.experiment import set_offline_env
 from florg.run.rundir import RunDir
 
+from .client_state import STATE_DIR_ENV
 from .progress import ProgressFn, RunInterrupted
 from .server_app import Reporter, run_server
 
 if TYPE_CHECKING:
     from flwr.app import Context
     from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid
 
-__all__ = ["RunFailed", "RunInterrupted", "backend_config", "check_gpu_settings", "run_simulation_engine"]
+__all__ = ["RunFailed", "RunInterrupted", "backend_config", "check_gpu_settings", "run_simulation_engine",
+           "wait_for_nodes"]
 
 
 class RunFailed(RuntimeError):
@@ -149,7 +154,7 @@ def run_simulation_engine(
     """
     set_offline_env()
     from flwr.common.logger import log
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from florg.run.checkpoint import load_checkpoint
@@ -177,6 +182,7 @@ def run_simulation_engine(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         holder["thread"] = threading.current_thread()
+        wait_for_nodes(grid, cfg.data.num_clients, cfg.federation.round_timeout, stop)
         holder["summary"] = run_server(grid, cfg, run_dir, reporter, resume=resume, on_progress=on_progress,
                                        stop=stop)
 
@@ -186,6 +192,12 @@ def run_simulation_engine(
     failure: Exception | None = None
     children_before = _children()
     guard = _SignalGuard(run_dir, children_before) if handle_signals else None
+    # The clients' state between rounds (kept optimizer moments, a method's local factors) goes to files in a
+    # folder of this run's own instead of Flower's per-node Contexts, which all live in this process and would
+    # grow with every client sampled (florg.fl.client_state); the Ray workers inherit the variable.
+    state_dir = tempfile.mkdtemp(prefix="florg-client-state-")
+    previous_state_dir = os.environ.get(STATE_DIR_ENV)
+    os.environ[STATE_DIR_ENV] = state_dir
     try:
         if guard is not None:
             guard.install()
@@ -209,6 +221,11 @@ def run_simulation_engine(
         flwr_logger.removeFilter(quiet)
         if guard is not None:
             guard.uninstall()
+        if previous_state_dir is None:
+            os.environ.pop(STATE_DIR_ENV, None)
+        else:
+            os.environ[STATE_DIR_ENV] = previous_state_dir
+        shutil.rmtree(state_dir, ignore_errors=True)
     if "summary" not in holder:
         if run_dir.status().get("status") == "interrupted":  # stopped by the caller's stop request
             raise RunInterrupted(f"the run was interrupted; continue with: florg run --resume {run_dir.path}")
@@ -216,6 +233,22 @@ def run_simulation_engine(
             f"{type(failure).__name__}: {failure}" if failure else "the simulation ended without finishing the run")
         raise RunFailed(f"{error} (run directory {run_dir.path}; status.json says 'failed')") from failure
     return holder["summary"]
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float, stop: threading.Event | None = None) -> None:
+    """Wait until all ``n`` simulated nodes are registered (or ``timeout`` seconds, or ``stop``).
+
+    Flower registers the simulated SuperNodes in a thread of its own while the ServerApp already runs;
+    with 1000 clients the first ``get_node_ids`` saw 928 of them, so the first round sampled from (and
+    asked the partition ids of) whichever nodes happened to be registered: not reproducible.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(grid.get_node_ids()) < n and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------ interruption
