@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from florg.run.rundir import RunDir
-from florg.run.stats import paired_test, summarise_values
-from florg.run.study import COPIED
+from florg.study.spec import COPIED
+from florg.study.stats import paired_test, summarise_values
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "docs" / "results" / "study"

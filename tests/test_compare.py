@@ -8,7 +8,7 @@ import pytest
 import florg.fl.simulation as simulation
 from florg.config import ConfigError, load_config
 from florg.methods.registry import compare_rows
-from florg.run.compare import (
+from florg.study.compare import (
     COMPARE_DEFAULTS,
     METHOD_ORDER,
     bytes_to_target,

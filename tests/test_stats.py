@@ -1,10 +1,10 @@
-"""florg.run.stats against values computed by hand (and scipy where scipy is the reference)."""
+"""florg.study.stats against values computed by hand (and scipy where scipy is the reference)."""
 
 import math
 
 import pytest
 
-from florg.run.stats import (
+from florg.study.stats import (
     bytes_to_target,
     final_value,
     last_k_mean,

@@ -8,18 +8,10 @@ import pytest
 
 import florg.fl.simulation as simulation
 from florg.fl.server_app import evaluated_splits
-from florg.run.report import MetricInfo, RowRuns, markdown_tables, summarise_rows
-from florg.run.study import (
-    StudyError,
-    load_study,
-    measured_costs,
-    plan_phase,
-    planned_counts,
-    run_phase,
-    select_florg_best,
-    select_lrs,
-    validation_score,
-)
+from florg.study.execution import measured_costs, run_phase
+from florg.study.selection import plan_phase, planned_counts, select_florg_best, select_lrs, validation_score
+from florg.study.spec import StudyError, load_study
+from florg.study.tables import MetricInfo, RowRuns, markdown_tables, summarise_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

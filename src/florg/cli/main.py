@@ -20,7 +20,7 @@ from rich.table import Table
 from florg.config import RUNTIME_KEYS, ConfigError, RunConfig, config_keys, load_config, recommended_settings
 
 if TYPE_CHECKING:
-    from florg.run.compare import RunSpec
+    from florg.study.compare import RunSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with FLoRG on Flower.")
 console = Console(highlight=False, soft_wrap=True)
@@ -284,8 +284,8 @@ def compare(
 ) -> None:
     """Run every method (and the FLoRG alignment ablation) on one configuration and tabulate them."""
     from florg.fl.progress import RunInterrupted
-    from florg.run.compare import DISPLAY, compare_config, parse_methods, run_compare
     from florg.run.experiment import set_offline_env
+    from florg.study.compare import DISPLAY, compare_config, parse_methods, run_compare
 
     set_offline_env()
     try:
@@ -328,7 +328,7 @@ def compare(
 
 
 study_app = typer.Typer(no_args_is_help=True, help="A comparison with an equal tuning budget: lr sweep and FLoRG "
-                        "variants selected on validation, then final seeds on the test split (florg.run.study).")
+                        "variants selected on validation, then final seeds on the test split (florg.study).")
 app.add_typer(study_app, name="study")
 StudyFile = Annotated[Path, typer.Argument(help="Study file, e.g. configs/studies/h12.toml.")]
 StudySet = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a [study] key: --set "
@@ -336,7 +336,7 @@ StudySet = Annotated[list[str] | None, typer.Option("--set", "-s", help="Overrid
 
 
 def _load_study(path: Path, overrides: list[str] | None):  # noqa: ANN202
-    from florg.run.study import load_study
+    from florg.study.spec import load_study
 
     try:
         return load_study(path, overrides or [])
@@ -353,7 +353,9 @@ def study_plan(
                                                              "per run instead of the runs recorded so far.")] = None,
 ) -> None:
     """Print the number of runs of every phase, how many are done, and the projected time left."""
-    from florg.run.study import PHASES, measured_costs, planned_counts
+    from florg.study.execution import measured_costs
+    from florg.study.selection import planned_counts
+    from florg.study.spec import PHASES
 
     study = _load_study(file, set_)
     counts = planned_counts(study)
@@ -400,7 +402,8 @@ def study_run(
 ) -> None:
     """Run (or resume) a phase of a study; tables and plots in the results folder are rewritten after every run."""
     from florg.run.experiment import set_offline_env
-    from florg.run.study import PHASES, run_phase
+    from florg.study.execution import run_phase
+    from florg.study.spec import PHASES
 
     set_offline_env()
     study = _load_study(file, set_)
@@ -445,7 +448,7 @@ def study_run(
 @study_app.command("report")
 def study_report(file: StudyFile, set_: StudySet = None) -> None:
     """Rewrite the tables and plots of a study's results folder from its recorded runs."""
-    from florg.run.study import write_reports
+    from florg.study.execution import write_reports
 
     study = _load_study(file, set_)
     try:

@@ -42,6 +42,17 @@ class Series:
     style: dict[str, Any] = field(default_factory=dict)
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean, sample std)`` (``n - 1``; 0 for one value): :func:`florg.study.stats.mean_std`, which the
+    run layer does not import (the study layer sits above it)."""
+    import math
+
+    mean = math.fsum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def mean_band(runs: Sequence[Rows], key: str, x_key: str = "round") -> tuple[list[float], list[float], list[float]]:
     """``(x, mean, std)`` of ``key`` over runs, per round present in every run (x: mean of ``x_key``).
 
@@ -49,8 +60,6 @@ def mean_band(runs: Sequence[Rows], key: str, x_key: str = "round") -> tuple[lis
     x position in bytes (0 at round 0).
     """
     import math
-
-    from .stats import mean_std
 
     if not runs:
         return [], [], []
@@ -60,7 +69,7 @@ def mean_band(runs: Sequence[Rows], key: str, x_key: str = "round") -> tuple[lis
     for rnd in rounds:
         rows = [b[rnd] for b in by_round]
         x = [float(r.get(x_key, 0) if x_key != "round" else rnd) for r in rows]
-        m, s = mean_std([float(r[key]) for r in rows])
+        m, s = _mean_std([float(r[key]) for r in rows])
         xs.append(math.fsum(x) / len(x))
         means.append(m)
         stds.append(s)

@@ -5,22 +5,21 @@ Layout of ``results_dir`` (besides the hand-written ``README.md``)::
     results.md                 progress per phase, the choices made, links
     selection.json             the florg-best and lr grids, every validation score, the chosen values
     tuning.md                  the same as tables
-    <task>/results.md          the final comparison (tables of florg.run.report)
+    <task>/results.md          the final comparison (tables of florg.study.tables)
     <task>/summary.json        its numbers
     <task>/plots/*.png         <metric> vs round, <metric> vs cumulative MB (linear, from round 0), loss
-    runs/<task>/<phase>/<row>/lr<lr>-seed<seed>/   each run's small files (see florg.run.study)
+    runs/<task>/<phase>/<row>/lr<lr>-seed<seed>/   each run's small files (see florg.study.execution)
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .report import MetricInfo, RowRuns, jsonable, majority_rate, markdown_tables, summarise_rows
-
-if TYPE_CHECKING:
-    from .study import Study
+from .selection import final_specs, florg_best_specs, phase_results, select_florg_best, select_lrs, tune_specs
+from .spec import Study, build_config, lr_tag
+from .tables import MetricInfo, RowRuns, jsonable, majority_rate, markdown_tables, summarise_rows
 
 __all__ = ["write_study_reports"]
 
@@ -53,8 +52,6 @@ def _fmt_score(info: MetricInfo, cell: dict[str, Any]) -> str:
 
 
 def _tuning_md(study: Study, fb: dict[str, Any] | None, lrs: dict[str, dict[str, Any]]) -> str:
-    from .study import lr_tag
-
     lines = [f"# {study.title}: tuning on the validation split", "",
              f"Score: the validation {('final-round value' if study.select == 'final' else 'mean of the last 3 rounds')} "
              f"of the row's headline metric, mean over the tuning seeds {study.tune_seeds}; the test split is never "
@@ -213,16 +210,7 @@ def _final_md(study: Study, task: str, summary: dict[str, Any], info: MetricInfo
 
 def write_study_reports(study: Study) -> list[Path]:
     """Rebuild results.md, selection.json, tuning.md and every task's final tables and plots."""
-    from .plots import Series, plot_rows
-    from .study import (
-        _build_config,
-        final_specs,
-        florg_best_specs,
-        phase_results,
-        select_florg_best,
-        select_lrs,
-        tune_specs,
-    )
+    from florg.run.plots import Series, plot_rows
 
     out = study.results_dir
     written: list[Path] = []
@@ -243,7 +231,7 @@ def write_study_reports(study: Study) -> list[Path]:
     done_final = phase_results(study, specs_final)
     task_links = []
     for task in study.tasks:
-        base_cfg = _build_config(study, [study.tasks[task]], f"task '{task}'")
+        base_cfg = build_config(study, [study.tasks[task]], f"task '{task}'")
         info = MetricInfo.of_task(base_cfg.data.task)
         rows, majority, notes = _final_rows(study, task, specs_final, done_final, lrs[task])
         if not any(r.runs for r in rows):

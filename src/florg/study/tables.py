@@ -4,7 +4,7 @@ Shared by ``florg compare`` and ``florg study``. Input: :class:`RowRuns` (a row'
 ``metrics.jsonl`` rows) and the task's :class:`MetricInfo` (primary metric, direction). Output:
 :func:`summarise_rows` (a JSON-able dict) and :func:`markdown_tables` (the tables of results.md).
 
-Per row, over its seeds (:mod:`florg.run.stats` has the formulas):
+Per row, over its seeds (:mod:`florg.study.stats` has the formulas):
 
 * the **headline metric** of the row: ``test_<primary>`` (the global model on the test split), or
   ``personal_accuracy`` for a method whose own metric is personalised (FedSA-LoRA; its constructed

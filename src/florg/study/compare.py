@@ -242,8 +242,8 @@ def _status(path: Path) -> str | None:
 
 def bytes_to_target(rows: Sequence[dict[str, Any]], target: float, key: str = "test_accuracy",
                     higher_is_better: bool = True) -> int | None:
-    """Cumulative bytes (up + down) when ``key`` first reaches ``target`` (None: never); see :mod:`florg.run.stats`."""
-    from florg.run.stats import bytes_to_target as _b2t
+    """Cumulative bytes (up + down) when ``key`` first reaches ``target`` (None: never); see :mod:`florg.study.stats`."""
+    from .stats import bytes_to_target as _b2t
 
     return _b2t(rows, key, target, higher_is_better)
 
@@ -264,11 +264,12 @@ def summarise(
 ) -> dict[str, Any]:
     """Read the complete runs of a compare directory; write ``results.md``, ``summary.json`` and plots.
 
-    The numbers are those of :func:`florg.run.report.summarise_rows` (the task's own primary metric,
+    The numbers are those of :func:`florg.study.tables.summarise_rows` (the task's own primary metric,
     mean ± std, 95 % t interval, last-3-rounds mean, paired differences against FLoRG, bytes to target).
     """
     from florg.run.plots import Series, plot_rows
-    from florg.run.report import MetricInfo, RowRuns, jsonable, majority_rate, summarise_rows
+
+    from .tables import MetricInfo, RowRuns, jsonable, majority_rate, summarise_rows
 
     compare_dir = Path(compare_dir)
     rows_by_label = _rows()
@@ -312,7 +313,7 @@ def _pm(info: Any, s: dict[str, Any]) -> str:
 
 
 def _markdown(summary: dict[str, Any], base: RunConfig | None, info: Any) -> str:
-    from florg.run.report import markdown_tables
+    from .tables import markdown_tables
 
     per = summary["rows"]
     methods = [m for m in summary["methods"] if not per[m]["ablation"]]
