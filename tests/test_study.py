@@ -140,7 +140,8 @@ def test_shipped_study_files_load_and_count():
         study = load_study(path)
         counts = planned_counts(study)
         assert counts["final"] >= len(study.final_seeds) * len(study.tasks) and counts["tune"] > 0
-        assert len(study.final_seeds) >= 5 or path.stem in ("pilot", "mechanism", "mechanism-remedy")  # a pilot; a tuning-only study
+        # a pilot; the tuning-only studies
+        assert len(study.final_seeds) >= 5 or path.stem in ("pilot", "mechanism", "mechanism-remedy")
 
 
 def test_bad_study_files_name_the_field(tmp_path):
