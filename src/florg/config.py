@@ -9,7 +9,16 @@ r = 4.
 Options shared by every federated method live under ``method.*`` (name, rank, alpha, ...); each
 method's own options live under ``method.<name>.*`` (e.g. ``method.florg.procrustes``), in a small
 dataclass declared next to the method (:attr:`florg.methods.base.FederatedMethod.options_class`).
-The ``method`` section is assembled from the method registry the first time it is needed.
+
+Imports: this module sits below the methods. :class:`ConfigError`, :func:`option` and :func:`need` live in
+:mod:`florg.options` (a leaf that imports nothing of florg; re-exported here), so the methods and
+:mod:`florg.core` import them from there, never from here. What the config needs to know of the methods
+(their ``method.<name>.*`` sections and recommended settings) the method registry hands in through
+:func:`register_methods` when :mod:`florg.methods.registry` is imported. The one import of anything above
+this module is the lazy bootstrap in :func:`_registered_methods`: a ``RunConfig()`` built before anyone
+imported the registry imports it there (it registers itself), so every caller (CLI, Flower apps, tests,
+examples) gets the method sections without importing methods itself, and ``import florg.config`` stays
+torch-free (``florg --help`` starts fast). At module level there is no import circle.
 """
 
 from __future__ import annotations
@@ -20,25 +29,16 @@ import difflib
 import json
 import math
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NamedTuple, get_type_hints
 
-__all__ = ["RUNTIME_KEYS", "ConfigError", "RunConfig", "load_config", "config_keys", "apply_overrides", "given_keys",
-           "option", "parse_faults", "recommended_settings", "resolve_defaults", "validate"]
+from florg.options import ConfigError, need, option
 
-
-class ConfigError(ValueError):
-    """A bad configuration value. The message names the field and the fix."""
-
-
-def option(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its help text (and optional ``choices``), as every field of the tree uses."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
+__all__ = ["RUNTIME_KEYS", "ConfigError", "MethodSection", "RunConfig", "load_config", "config_keys", "apply_overrides",
+           "given_keys", "method_names", "need", "option", "parse_faults", "recommended_settings", "register_methods",
+           "resolve_defaults", "validate"]
 
 _f = option
 
@@ -109,23 +109,61 @@ def _attr(key: str) -> str:
     return key.replace("-", "_")
 
 
-_METHOD_CONFIG_CLASS: type | None = None
+# ---- what the config knows of the methods: handed in by the method registry --------------------------------
+
+
+class MethodSection(NamedTuple):
+    """What the config needs of one federated method: its ``method.<name>.*`` options dataclass (``None``:
+    no own options) and its recommended settings (``{dotted key: value}``)."""
+
+    options_class: type | None
+    recommended: Mapping[str, Any]
+
+
+#: set by :func:`register_methods`: returns ``{method name: MethodSection}`` in registry order, read on every use
+_method_source: Callable[[], Mapping[str, MethodSection]] | None = None
+
+
+def register_methods(source: Callable[[], Mapping[str, MethodSection]]) -> None:
+    """Install the method registry's hook (:mod:`florg.methods.registry` calls this when imported)."""
+    global _method_source
+    _method_source = source
+
+
+def _registered_methods() -> Mapping[str, MethodSection]:
+    """``{method name: MethodSection}`` as the registry reports it now.
+
+    Bootstrap: the registry registers itself on import; until someone has imported it, this imports it
+    here, lazily (it imports torch). This is the only import of a module above ``florg.config``.
+    """
+    if _method_source is None:
+        import florg.methods.registry  # noqa: F401  (bootstrap: the import calls register_methods)
+    assert _method_source is not None, "florg.methods.registry did not call florg.config.register_methods"
+    return _method_source()
+
+
+def method_names() -> list[str]:
+    """The registered methods' names (``method.name``'s valid values), in registry order."""
+    return list(_registered_methods())
+
+
+_METHOD_CONFIG_CLASSES: dict[tuple[tuple[str, type], ...], type] = {}
 
 
 def method_config_class() -> type:
     """``MethodConfig`` plus one ``method.<name>`` section per registered method that declares options."""
-    global _METHOD_CONFIG_CLASS
-    if _METHOD_CONFIG_CLASS is None:
-        from florg.methods.registry import option_classes
-
+    sections = tuple((name, sec.options_class) for name, sec in _registered_methods().items()
+                     if sec.options_class is not None)
+    cls = _METHOD_CONFIG_CLASSES.get(sections)
+    if cls is None:  # one class per set of sections (a method added at run time, e.g. by a test, gets its own)
         extra = [
-            (_attr(name), cls, field(default_factory=cls, metadata={"key": name, "help": f"Options of method '{name}'."}))
-            for name, cls in option_classes().items()
+            (_attr(name), opts, field(default_factory=opts, metadata={"key": name, "help": f"Options of method '{name}'."}))
+            for name, opts in sections
         ]
-        _METHOD_CONFIG_CLASS = dataclasses.make_dataclass(
+        cls = _METHOD_CONFIG_CLASSES[sections] = dataclasses.make_dataclass(
             "MethodConfig", extra, bases=(MethodConfig,), namespace={"__module__": __name__}
         )
-    return _METHOD_CONFIG_CLASS
+    return cls
 
 
 def _new_method_config() -> MethodConfig:
@@ -388,12 +426,6 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return cfg
 
 
-def need(cond: bool, key: str, msg: str) -> None:
-    """Raise ``ConfigError("config key '<key>': <msg>")`` unless ``cond``."""
-    if not cond:
-        raise ConfigError(f"config key '{key}': {msg}")
-
-
 def validate(cfg: RunConfig) -> None:
     """Check values that can be checked without loading data or a model."""
     for key, obj, attr, f in _leaves(cfg):
@@ -581,10 +613,8 @@ def given_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
 
 def recommended_settings(method_name: str) -> dict[str, Any]:
     """``{dotted key: value}``: the settings method ``method_name`` recommends (empty for an unknown name)."""
-    from florg.methods.registry import METHODS  # deferred: config is imported by every method module
-
-    cls = METHODS.get(method_name)
-    return dict(getattr(cls, "recommended", {}) or {}) if cls is not None else {}
+    section = _registered_methods().get(method_name)
+    return dict(section.recommended or {}) if section is not None else {}
 
 
 def resolve_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:

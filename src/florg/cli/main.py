@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from florg.config import RUNTIME_KEYS, ConfigError, RunConfig, config_keys, load_config, recommended_settings
+from florg.config import RUNTIME_KEYS, ConfigError, RunConfig, config_keys, load_config, method_names, recommended_settings
 
 if TYPE_CHECKING:
     from florg.study.compare import RunSpec
@@ -251,12 +251,10 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
         for key, (default, help_text) in config_keys().items():
             table.add_row(key, repr(default), help_text)
         console.print(table)
-        from florg.methods.registry import METHODS  # deferred: the registry imports torch (florg --help stays fast)
-
         rec = Table(title="Each method's recommended settings: they apply wherever a config file or --set leaves the key")
         rec.add_column("method")
         rec.add_column("settings")
-        for name in METHODS:
+        for name in method_names():
             settings = recommended_settings(name)
             rec.add_row(name, ", ".join(f"{k} = {v!r}" for k, v in settings.items()) or "(the defaults above)")
         console.print(rec)

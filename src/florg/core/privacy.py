@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from florg.options import ConfigError
+
 from .aggregate import DEFAULT_EIG_RTOL, AggregationResult, Variant, aggregate_gram
 from .validation import check_factors
 
@@ -61,7 +63,6 @@ Tensors = Mapping[str, torch.Tensor]
 def check_accounting_available() -> None:
     """Raise :class:`florg.config.ConfigError` when the accountant's backend (``dp-accounting``) is missing."""
     if importlib.util.find_spec("dp_accounting") is None:
-        from florg.config import ConfigError
 
         raise ConfigError(
             "config key 'privacy.mode': privacy accounting needs the package dp-accounting "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from florg.options import ConfigError
+
 from .base import FederatedMethod
 from .federa import FeDeRAMethod
 from .fedex_lora import FedExLoRAMethod
@@ -20,7 +22,6 @@ if TYPE_CHECKING:
 
 def get_method(cfg: RunConfig) -> FederatedMethod:
     """Instantiate the method named by ``cfg.method.name`` (its ``check_config`` runs first)."""
-    from florg.config import ConfigError
 
     try:
         cls = METHODS[cfg.method.name]

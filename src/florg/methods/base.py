@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from florg.options import ConfigError
+
 if TYPE_CHECKING:
     from florg.config import RunConfig
 
@@ -268,8 +270,6 @@ class FederatedMethod(ABC):
 
         Called on construction, i.e. before any data or model is loaded and before training.
         """
-        from florg.config import ConfigError
-
         from .registry import METHODS
 
         if cfg.method.client_ranks and not self.supports_client_ranks:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from florg.config import option
+from florg.options import option
 
 from .base import SERVER_PREFIX, Tensors, Variant
 from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors, product_svd

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from florg.config import need, option
+from florg.options import need, option
 
 from .base import (
     EVAL_PREFIX,

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from florg.config import option
+from florg.options import ConfigError, option
 
 from .base import HEAD_PREFIX, SERVER_PREFIX, ClientInfo, Tensors, Variant, check_tensors, head_state
 from .lora_common import (
@@ -140,7 +140,6 @@ class FLoRAMethod(LoRAMethod):
 
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        from florg.config import ConfigError
 
         if not cfg.train.reset_optimizer:
             raise ConfigError(

@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from florg.config import RunConfig, need, option
 from florg.core import AggregationResult, aggregate_model
 from florg.core import privacy as dp
 from florg.core.consensus import consensus_stats, errors_against_mean, spread_factors
+from florg.options import ConfigError, need, option
 
 from .base import (
     HEAD_PREFIX,
@@ -43,6 +43,9 @@ from .base import (
     split_head,
     summarise_layers,
 )
+
+if TYPE_CHECKING:
+    from florg.config import RunConfig
 
 A_PREFIX = "A/"
 #: the key suffix of a FLoRG factor in a PEFT state dict (``get_peft_model_state_dict``)
@@ -105,7 +108,6 @@ class FLoRGMethod(FederatedMethod):
 
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        from florg.config import ConfigError
 
         o = cfg.method.options(self.name)
         if o.client_spread != 1.0 and (cfg.method.client_ranks or cfg.privacy.mode != "off"):

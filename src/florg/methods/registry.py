@@ -2,14 +2,18 @@
 
 ``REGISTRY`` is the single list of methods. Everything that enumerates methods derives from it:
 ``method.name``'s valid values, the ``method.<name>.*`` config sections (each method's
-``options_class``), and the rows of ``florg compare`` with their display names (each method,
-followed by its non-ablation variants; ablation variants last).
+``options_class``) and its recommended settings, which this module hands to :mod:`florg.config`
+through :func:`florg.config.register_methods` when it is imported (the config never imports a method),
+and the rows of ``florg compare`` with their display names (each method, followed by its
+non-ablation variants; ablation variants last).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from florg.config import MethodSection, register_methods
 
 from .base import FederatedMethod
 from .federa import FeDeRAMethod
@@ -20,7 +24,7 @@ from .ffa_lora import FFALoRAMethod
 from .flora import FLoRAMethod
 from .florg import FLoRGMethod
 
-__all__ = ["REGISTRY", "METHODS", "CompareRow", "compare_rows", "option_classes"]
+__all__ = ["REGISTRY", "METHODS", "CompareRow", "compare_rows", "config_sections", "option_classes"]
 
 #: every federated method, in the order of the comparison tables (the paper's, then FLoRA)
 REGISTRY: list[type[FederatedMethod]] = [
@@ -39,6 +43,15 @@ METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in REGISTRY}
 def option_classes() -> dict[str, type]:
     """``{method name: options dataclass}`` for the methods that declare own options."""
     return {cls.name: cls.options_class for cls in REGISTRY if cls.options_class is not None}
+
+
+def config_sections() -> dict[str, MethodSection]:
+    """What the config tree needs of each method, in registry order: its ``method.<name>.*`` options class
+    and its recommended settings (read on every call, so a method added at run time joins the config)."""
+    return {cls.name: MethodSection(cls.options_class, dict(cls.recommended or {})) for cls in REGISTRY}
+
+
+register_methods(config_sections)  # the config's method sections and recommended settings come from here
 
 
 @dataclass(frozen=True)
