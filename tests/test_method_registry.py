@@ -3,6 +3,7 @@ the config tree (``method.name=toy``, ``method.toy.*``, its recommended settings
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -67,3 +68,19 @@ def test_a_method_added_to_the_registry_joins_the_cli(toy, tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert 'name = "toy"' in res.stdout and "knob = 7" in res.stdout and "lr = 0.0421" in res.stdout
 
+
+
+def test_a_drop_in_strategy_for_a_new_method_is_a_thin_subclass(toy):
+    from florg.fl.florg_strategy import DropInStrategy
+
+    class Toy(DropInStrategy):
+        """The toy method as a drop-in strategy."""
+
+        method_name = "toy"
+
+    params = inspect.signature(Toy).parameters
+    assert {"rank", "lr", "toy_knob", "config"} <= set(params) and "procrustes" not in params
+    strategy = Toy(rank=2, toy_knob=9)
+    assert (strategy.config.method.name, strategy.config.method.rank, strategy.config.method.toy.knob) == ("toy", 2, 9)
+    with pytest.raises(TypeError, match="procrustes"):
+        Toy(procrustes="paper")

@@ -37,15 +37,16 @@ from typing import Any, NamedTuple, get_type_hints
 from florg.options import ConfigError, need, option
 
 __all__ = ["RUNTIME_KEYS", "ConfigError", "MethodSection", "RunConfig", "load_config", "config_keys", "apply_overrides",
-           "given_keys", "method_names", "need", "option", "parse_faults", "recommended_settings", "register_methods",
-           "resolve_defaults", "validate"]
+           "field_aliases", "given_keys", "method_names", "need", "option", "parse_faults", "recommended_settings",
+           "register_methods", "resolve_defaults", "validate"]
 
 _f = option
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("minilm", "Model: 'minilm' (offline MiniLM), 'smollm2' (offline SmolLM2-135M), a hub id or a local path.")
+    name: str = _f("minilm", "Model: 'minilm' (offline MiniLM), 'smollm2' (offline SmolLM2-135M), a hub id or a local path.",
+                   app_key="model")
     target_modules: list[str] = _f([], "Modules to adapt; empty = the architecture's default (query/value or q_proj/v_proj).")
     max_length: int = _f(32, "Maximum tokenised sequence length.")
     dtype: str = _f("float32", "Dtype of the frozen base weights: float32, bfloat16 or float16 (float16: CUDA only). The "
@@ -61,12 +62,12 @@ class DataConfig:
                               "save_to_disk folder). Instruction tuning (causal LM): 'wordnet-define' (embedded), "
                               "instruct:<path> (Alpaca/chat JSONL file or folder), instruct:hub:<dataset id>. "
                               "Extractive QA: 'wordnet-qa' (embedded), 'squad' (SQuAD v1.1 from data.data_dir, else "
-                              "the Hub), squad:<path> (a SQuAD v1.1 JSON file or folder).")
+                              "the Hub), squad:<path> (a SQuAD v1.1 JSON file or folder).", app_key="task")
     data_dir: str = _f("", "Local data folder (WordNet dict folder for wordnet / wordnet-nouns / wordnet-define / "
                            "wordnet-qa, GLUE files / a save_to_disk folder, or a SQuAD v1.1 folder).")
-    num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).")
+    num_clients: int = _f(20, "Number of clients (data partitions, one SuperNode each).", app_key="num-clients")
     partition: str = _f("dirichlet", "Partitioning: dirichlet, iid or pathological.",
-                        choices=("dirichlet", "iid", "pathological"))
+                        choices=("dirichlet", "iid", "pathological"), app_key="partition")
     alpha: float = _f(0.5, "Dirichlet concentration (the paper uses 0.5); smaller is more skewed.")
     classes_per_client: int = _f(2, "Classes per client for the pathological partitioning.")
     max_train_examples: int = _f(6000, "Cap on training examples (0 = all), drawn by seed.")
@@ -88,13 +89,15 @@ class DataConfig:
 class MethodConfig:
     """Options shared by every federated method; ``method.<name>.*`` sections are added per method."""
 
-    name: str = _f("florg", "Federated method (florg config --keys lists each method's own options under method.<name>).")
-    rank: int = _f(4, "Adapter rank r (the paper's default is 4).")
-    alpha: float = _f(16.0, "LoRA-style alpha; the scale is s = alpha / rank (the paper's '16' with r = 4 gives s = 4).")
+    name: str = _f("florg", "Federated method (florg config --keys lists each method's own options under method.<name>).",
+                   app_key="method")
+    rank: int = _f(4, "Adapter rank r (the paper's default is 4).", strategy_keyword="rank", app_key="rank")
+    alpha: float = _f(16.0, "LoRA-style alpha; the scale is s = alpha / rank (the paper's '16' with r = 4 gives s = 4).",
+                      strategy_keyword="alpha", app_key="alpha")
     dropout: float = _f(0.0, "Adapter dropout, as in LoRA.")
     weighting: str = _f("examples", "Aggregation weights: 'examples' (client example counts) "
                                     "or 'uniform' (1/N, as in the paper).",
-                        choices=("examples", "uniform"))
+                        choices=("examples", "uniform"), strategy_keyword="weighting")
     train_head: bool = _f(True, "Train the classification head and FedAvg it (counted separately in the bytes).")
     client_ranks: list[int] = _f([], "Per-client adapter ranks for methods that allow heterogeneous ranks: "
                                      "client i uses client_ranks[i % len]; empty = every client uses method.rank.")
@@ -172,20 +175,24 @@ def _new_method_config() -> MethodConfig:
 
 @dataclass
 class TrainConfig:
-    rounds: int = _f(6, "Federated rounds.")
-    local_steps: int = _f(10, "Local optimizer steps per client per round (0 when train.local_epochs is set).")
+    rounds: int = _f(6, "Federated rounds.", strategy_keyword="num_rounds", app_key="num-server-rounds")
+    local_steps: int = _f(10, "Local optimizer steps per client per round (0 when train.local_epochs is set).",
+                          app_key="local-steps")
     local_epochs: int = _f(0, "Local epochs per client per round: each round is this many passes over the client's "
                               "shard (ceil(examples / batch_size) steps each), the paper's regime. 0 = off (use "
                               "train.local_steps). Setting it makes train.local_steps 0 unless that is set too, which "
-                              "is an error: the two are exclusive.")
-    batch_size: int = _f(16, "Local batch size.")
+                              "is an error: the two are exclusive.", app_key="local-epochs")
+    batch_size: int = _f(16, "Local batch size.", app_key="batch-size")
     lr: float = _f(5e-3, "Peak learning rate of the adapter (decided by the server, sent each round). Each method "
-                         "has a recommended value that applies unless a config sets it (florg config --keys).")
+                         "has a recommended value that applies unless a config sets it (florg config --keys).",
+                         strategy_keyword="lr", app_key="lr")
     head_lr: float = _f(0.0, "Peak learning rate of the classification head and every other modules_to_save entry "
                              "(same schedule as train.lr, scaled). 0 = train.lr. Under Adam the adapter's lr and "
-                             "method.alpha trade off, but the head's lr is its own: give it its own value.")
-    lr_schedule: str = _f("constant", "Learning-rate schedule across rounds: constant or cosine.", choices=("constant", "cosine"))
-    lr_min: float = _f(0.0, "Final learning rate of the cosine schedule.")
+                             "method.alpha trade off, but the head's lr is its own: give it its own value.",
+                             strategy_keyword="head_lr", app_key="head-lr")
+    lr_schedule: str = _f("constant", "Learning-rate schedule across rounds: constant or cosine.", choices=("constant", "cosine"),
+                          strategy_keyword="lr_schedule")
+    lr_min: float = _f(0.0, "Final learning rate of the cosine schedule.", strategy_keyword="lr_min")
     optimizer: str = _f("adamw", "Local optimizer: adamw or sgd.", choices=("adamw", "sgd"))
     weight_decay: float = _f(0.0, "Weight decay of the local optimizer.")
     reset_optimizer: bool = _f(True, "Reset the local optimizer state every round (False keeps it in the client's state).")
@@ -200,19 +207,21 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    fraction_train: float = _f(1.0, "Fraction of clients sampled per round (the paper uses full participation).")
-    min_train_nodes: int = _f(2, "Minimum clients per training round.")
-    min_available_nodes: int = _f(2, "Minimum connected clients before a round starts.")
+    fraction_train: float = _f(1.0, "Fraction of clients sampled per round (the paper uses full participation).",
+                               strategy_keyword="fraction_train", app_key="fraction-train")
+    min_train_nodes: int = _f(2, "Minimum clients per training round.", strategy_keyword="min_train_nodes")
+    min_available_nodes: int = _f(2, "Minimum connected clients before a round starts.", strategy_keyword="min_available_nodes")
     client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray); 1 on a 2-core machine runs 2 clients at once.")
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client.")
     backend_cpus: int = _f(0, "CPUs given to the simulation backend (0 = all of this machine's cores).")
-    round_timeout: float = _f(600.0, "Seconds to wait for client replies each round.")
+    round_timeout: float = _f(600.0, "Seconds to wait for client replies each round.", strategy_keyword="round_timeout")
     wire_dtype: str = _f("float32", "Dtype of adapter tensors on the wire both ways: float32, float16 or bfloat16 "
                                     "(the head stays float32).",
-                         choices=("float32", "float16", "bfloat16"))
+                         choices=("float32", "float16", "bfloat16"), strategy_keyword="wire_dtype", app_key="wire-dtype")
     faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, "
                                "norm, examples, error, stall, oom) or dropout:FRACTION. Empty = off.")
-    max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).")
+    max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).",
+                         strategy_keyword="max_norm")
 
 
 @dataclass
@@ -259,7 +268,7 @@ class PrivacyConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = _f(0, "Global seed: bases, initial A, partitioning, data order.")
+    seed: int = _f(0, "Global seed: bases, initial A, partitioning, data order.", strategy_keyword="seed", app_key="seed")
     out_dir: str = _f("runs", "Parent folder of run directories.")
     name: str = _f("", "Run directory name (default: <method>-<task>-seed<seed>-<timestamp>).")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -320,6 +329,13 @@ def config_keys(cfg: Any | None = None) -> dict[str, tuple[Any, str]]:
     """``{dotted.key: (value, help)}`` for every leaf field (the defaults when ``cfg`` is None)."""
     cfg = cfg if cfg is not None else RunConfig()
     return {key: (getattr(obj, attr), f.metadata.get("help", "")) for key, obj, attr, f in _leaves(cfg)}
+
+
+def field_aliases(meta: str) -> dict[str, str]:
+    """``{alias: dotted key}``, in tree order, for every leaf whose field metadata names one under ``meta``:
+    ``strategy_keyword`` (the drop-in strategies' keyword arguments) or ``app_key`` (the Flower App's
+    ``[tool.flwr.app.config]`` keys). Method sections included (every registered method's)."""
+    return {f.metadata[meta]: key for key, _, _, f in _leaves(RunConfig()) if meta in f.metadata}
 
 
 #: keys that moved (old -> new), for a precise message when an old config is loaded

@@ -6,51 +6,87 @@ Each takes FedAvg's parameters plus its method's, and works with any ClientApp t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 from flwr.app import MetricRecord, RecordDict
 
-from florg.config import RunConfig
+from florg.config import RunConfig, field_aliases
 from florg.methods import get_method
 
 from .strategy import AdapterStrategy, RoundLog, config_settings
 
 __all__ = ["FLoRG", "FeDeRA", "FedIT", "FedSALoRA", "FFALoRA", "DropInStrategy"]
 
-# keyword argument -> dotted config key
-_FIELDS = {
-    "rank": "method.rank",
-    "alpha": "method.alpha",
-    "procrustes": "method.florg.procrustes",
-    "eig_rtol": "method.florg.eig_rtol",
-    "align_initial": "method.florg.align_initial",
-    "federa_mode": "method.federa.mode",
-    "weighting": "method.weighting",
-    "fraction_train": "federation.fraction_train",
-    "min_train_nodes": "federation.min_train_nodes",
-    "min_available_nodes": "federation.min_available_nodes",
-    "lr": "train.lr",
-    "head_lr": "train.head_lr",
-    "lr_schedule": "train.lr_schedule",
-    "lr_min": "train.lr_min",
-    "num_rounds": "train.rounds",
-    "wire_dtype": "federation.wire_dtype",
-    "round_timeout": "federation.round_timeout",
-    "max_norm": "federation.max_norm",
-    "seed": "seed",
+#: keyword argument -> dotted config key, for every method: the config fields whose metadata names a
+#: ``strategy_keyword`` (``option(..., strategy_keyword="rank")``; a method's own under ``method.<name>.*``)
+_FIELDS = field_aliases("strategy_keyword")
+
+#: FedAvg's own keyword arguments with their defaults (passed through to ``FedAvg``)
+_FEDAVG: dict[str, tuple[Any, Any]] = {
+    "fraction_evaluate": (0.0, float),
+    "min_evaluate_nodes": (0, int),
+    "weighted_by_key": ("num-examples", str),
+    "arrayrecord_key": ("arrays", str),
+    "configrecord_key": ("config", str),
+    "train_metrics_aggr_fn": (None, Callable[[list[RecordDict], str], MetricRecord] | None),
+    "evaluate_metrics_aggr_fn": (None, Callable[[list[RecordDict], str], MetricRecord] | None),
 }
 
 
+def strategy_keywords(method: str) -> dict[str, str]:
+    """``{keyword: dotted config key}`` of the drop-in strategy for ``method``: the shared shortcuts plus
+    the method's own (``method.<method>.*`` fields with a ``strategy_keyword``), in config order (``seed`` last)."""
+    def section(key: str) -> str | None:
+        parts = key.split(".")
+        return parts[1] if len(parts) == 3 and parts[0] == "method" else None
+
+    mine = [(kw, key) for kw, key in field_aliases("strategy_keyword").items() if section(key) in (None, method)]
+    return dict(sorted(mine, key=lambda item: "." not in item[1]))  # top-level keys (seed) after the sections
+
+
+def _signature(method: str) -> inspect.Signature:
+    """The keyword-only signature of ``method``'s drop-in strategy (what ``help()`` and IDEs show)."""
+    cfg = RunConfig()
+    params = []
+    for kw, key in strategy_keywords(method).items():
+        *path, leaf = key.split(".")
+        owner: Any = cfg
+        for part in path:
+            owner = getattr(owner, part)
+        params.append(inspect.Parameter(kw, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=get_type_hints(type(owner))[leaf] | None))
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ)
+               for name, (default, typ) in _FEDAVG.items()]
+    params += [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunConfig | None),
+               inspect.Parameter("round_log", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RoundLog | None)]
+    return inspect.Signature(params, return_annotation=None)
+
+
 class DropInStrategy(AdapterStrategy):
-    """The shared part of the drop-in strategies: settings from keywords or a config, never both disagreeing."""
+    """The shared part of the drop-in strategies: settings from keywords or a config, never both disagreeing.
+
+    A subclass names its method (``method_name``); its keyword arguments are that method's
+    :func:`strategy_keywords` (each ``None`` by default: the config's value), FedAvg's own (``_FEDAVG``),
+    ``config`` and ``round_log``. Its ``__signature__`` lists them.
+    """
 
     method_name: ClassVar[str]
 
-    def _setup(self, keywords: dict[str, Any], config: RunConfig | None, round_log: RoundLog | None,
-               fedavg: dict[str, Any]) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method_name" in cls.__dict__:
+            cls.__signature__ = _signature(cls.method_name)  # type: ignore[attr-defined]
+
+    def __init__(self, *, config: RunConfig | None = None, round_log: RoundLog | None = None, **keywords: Any) -> None:
+        fedavg = {name: keywords.pop(name, default) for name, (default, _) in _FEDAVG.items()}
+        shortcuts = strategy_keywords(self.method_name)
+        for name in keywords:
+            if name not in shortcuts:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
         cfg = _resolve(self.method_name, type(self).__name__, config,
-                       {k: v for k, v in keywords.items() if v is not None})
+                       {k: v for k, v in keywords.items() if v is not None}, shortcuts)
         self.config = cfg
         AdapterStrategy.__init__(self, get_method(cfg), **config_settings(cfg), round_log=round_log,
                                  client_format="auto", **fedavg)
@@ -120,51 +156,6 @@ class FLoRG(DropInStrategy):
 
     method_name = "florg"
 
-    def __init__(
-        self,
-        *,
-        rank: int | None = None,
-        alpha: float | None = None,
-        procrustes: str | None = None,
-        weighting: str | None = None,
-        fraction_train: float | None = None,
-        min_train_nodes: int | None = None,
-        min_available_nodes: int | None = None,
-        lr: float | None = None,
-        head_lr: float | None = None,
-        lr_schedule: str | None = None,
-        lr_min: float | None = None,
-        num_rounds: int | None = None,
-        eig_rtol: float | None = None,
-        align_initial: bool | None = None,
-        wire_dtype: str | None = None,
-        round_timeout: float | None = None,
-        max_norm: float | None = None,
-        seed: int | None = None,
-        fraction_evaluate: float = 0.0,
-        min_evaluate_nodes: int = 0,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        config: RunConfig | None = None,
-        round_log: RoundLog | None = None,
-    ) -> None:
-        given = {
-            "rank": rank, "alpha": alpha, "procrustes": procrustes, "weighting": weighting,
-            "fraction_train": fraction_train, "min_train_nodes": min_train_nodes,
-            "min_available_nodes": min_available_nodes, "lr": lr, "head_lr": head_lr,
-            "lr_schedule": lr_schedule, "lr_min": lr_min,
-            "num_rounds": num_rounds, "eig_rtol": eig_rtol, "align_initial": align_initial,
-            "wire_dtype": wire_dtype, "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed,
-        }
-        self._setup(given, config, round_log, dict(
-            fraction_evaluate=fraction_evaluate, min_evaluate_nodes=min_evaluate_nodes,
-            weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        ))
-
 
 class _LoRAStrategy(DropInStrategy):
     """A LoRA baseline as a drop-in strategy (see the subclasses; the server rule is the method's).
@@ -180,47 +171,6 @@ class _LoRAStrategy(DropInStrategy):
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
         As in :class:`flwr.serverapp.strategy.FedAvg`.
     """
-
-    def __init__(
-        self,
-        *,
-        rank: int | None = None,
-        alpha: float | None = None,
-        weighting: str | None = None,
-        fraction_train: float | None = None,
-        min_train_nodes: int | None = None,
-        min_available_nodes: int | None = None,
-        lr: float | None = None,
-        head_lr: float | None = None,
-        lr_schedule: str | None = None,
-        lr_min: float | None = None,
-        num_rounds: int | None = None,
-        wire_dtype: str | None = None,
-        round_timeout: float | None = None,
-        max_norm: float | None = None,
-        seed: int | None = None,
-        fraction_evaluate: float = 0.0,
-        min_evaluate_nodes: int = 0,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        config: RunConfig | None = None,
-        round_log: RoundLog | None = None,
-        **method_keywords: Any,
-    ) -> None:
-        given = {
-            "rank": rank, "alpha": alpha, "weighting": weighting, "fraction_train": fraction_train,
-            "min_train_nodes": min_train_nodes, "min_available_nodes": min_available_nodes, "lr": lr,
-            "head_lr": head_lr, "lr_schedule": lr_schedule, "lr_min": lr_min, "num_rounds": num_rounds, "wire_dtype": wire_dtype,
-            "round_timeout": round_timeout, "max_norm": max_norm, "seed": seed, **method_keywords,
-        }
-        self._setup(given, config, round_log, dict(
-            fraction_evaluate=fraction_evaluate, min_evaluate_nodes=min_evaluate_nodes,
-            weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        ))
 
 
 class FedIT(_LoRAStrategy):
@@ -250,16 +200,15 @@ class FeDeRA(_LoRAStrategy):
 
     method_name = "federa"
 
-    def __init__(self, *, federa_mode: str | None = None, **keywords: Any) -> None:
-        super().__init__(federa_mode=federa_mode, **keywords)
 
-
-def _resolve(method: str, strategy: str, config: RunConfig | None, keywords: dict[str, Any]) -> RunConfig:
-    """The run config: ``config`` checked against ``keywords``, or the defaults with ``keywords`` applied."""
+def _resolve(method: str, strategy: str, config: RunConfig | None, keywords: dict[str, Any],
+             fields: dict[str, str]) -> RunConfig:
+    """The run config: ``config`` checked against ``keywords``, or the defaults with ``keywords`` applied
+    (``fields``: keyword -> dotted config key)."""
     if config is None:  # florg's defaults for this method (its recommended settings) with the keywords applied
         data: dict[str, Any] = {"method": {"name": method}}
         for name, value in keywords.items():
-            *path, leaf = _FIELDS[name].split(".")
+            *path, leaf = fields[name].split(".")
             cur = data
             for part in path:
                 cur = cur.setdefault(part, {})
@@ -271,11 +220,11 @@ def _resolve(method: str, strategy: str, config: RunConfig | None, keywords: dic
             "use AdapterStrategy.from_config(florg.methods.get_method(config), config)"
         )
     for name, value in keywords.items():
-        owner, leaf = _owner(config, _FIELDS[name])
+        owner, leaf = _owner(config, fields[name])
         have = getattr(owner, leaf)
         if value != have:
             raise ValueError(
-                f"{strategy}({name}={value!r}) contradicts config.{_FIELDS[name]} = {have!r}; pass the value in one "
+                f"{strategy}({name}={value!r}) contradicts config.{fields[name]} = {have!r}; pass the value in one "
                 f"place only (drop {name}= or change the config)"
             )
     cfg = RunConfig.from_dict(config.to_dict())  # a validated copy: later changes to `config` do not leak in

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.config import ConfigError, RunConfig, config_keys, load_config
+from florg.config import ConfigError, RunConfig, config_keys, field_aliases, load_config
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
@@ -275,26 +275,9 @@ def _save_adapters(exp: Experiment, run_dir: RunDir) -> None:
     exp.method.save_artifacts(exp.model, run_dir.path)
 
 
-#: ``[tool.flwr.app.config]`` keys of florg's Flower App -> the florg config keys they set (the app's
-#: pyproject.toml holds florg's defaults for them)
-APP_CONFIG_KEYS = {
-    "num-server-rounds": "train.rounds",
-    "num-clients": "data.num_clients",
-    "method": "method.name",
-    "rank": "method.rank",
-    "alpha": "method.alpha",
-    "task": "data.task",
-    "model": "model.name",
-    "partition": "data.partition",
-    "fraction-train": "federation.fraction_train",
-    "local-steps": "train.local_steps",
-    "local-epochs": "train.local_epochs",
-    "batch-size": "train.batch_size",
-    "lr": "train.lr",
-    "head-lr": "train.head_lr",
-    "wire-dtype": "federation.wire_dtype",
-    "seed": "seed",
-}
+#: ``[tool.flwr.app.config]`` keys of florg's Flower App -> the florg config keys they set: the config fields
+#: whose metadata names an ``app_key`` (the app's pyproject.toml holds florg's defaults for them)
+APP_CONFIG_KEYS = field_aliases("app_key")
 
 
 def app_config(run_config: Mapping[str, Any]) -> RunConfig:

@@ -55,7 +55,7 @@ class FeDeRAOptions:
 
     mode: str = option("fedavg", "FeDeRA server rule: 'fedavg' (the paper's: FedAvg of A and B) or 'product_svd' "
                                  "(aggregate sum p_n s B_n A_n exactly, re-split by a rank-r SVD: FlexLoRA's rule).",
-                       choices=("fedavg", "product_svd"), renamed=_RENAMED)
+                       choices=("fedavg", "product_svd"), renamed=_RENAMED, strategy_keyword="federa_mode")
 
 
 class FeDeRAMethod(LoRAMethod):

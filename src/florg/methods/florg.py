@@ -60,14 +60,15 @@ class FLoRGOptions:
     """``method.florg.*``: FLoRG's own choices where the paper is silent (docs/methods.md)."""
 
     procrustes: str = option("paper", "Procrustes alignment: 'paper' (keep all r' eigenpairs), 'top-r', or 'none' (ablation).",
-                             choices=("paper", "top-r", "none"))
+                             choices=("paper", "top-r", "none"), strategy_keyword="procrustes")
     align_initial: bool = option(True, "Align round 1's factor to the random initial A0 (true, the paper's rule read "
                                        "literally); false: round 1 sends the unaligned top eigen-factor and alignment "
-                                       "starts in round 2.")
+                                       "starts in round 2.", strategy_keyword="align_initial")
     init_scale: float = option(0.01, "A0 = init_scale * N(0, 1) from the seed (A must start non-zero).")
     compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the "
                                           "pretrained model.")
-    eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.")
+    eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.",
+                             strategy_keyword="eig_rtol")
     client_spread: float = option(1.0, "gamma: the weight of the clients' spread around their mean factor in Q = "
                                        "Abar^T Abar + gamma sum_n p_n (A_n - Abar)^T (A_n - Abar). 1 = the paper's Q = "
                                        "sum_n p_n A_n^T A_n (the exact mean of the clients' updates, where disagreeing "
