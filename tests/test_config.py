@@ -181,14 +181,19 @@ def test_a_method_s_recommended_settings_apply_unless_the_config_sets_them(monke
     cfg = load_config(None, ["method.name=fedit"])
     assert (cfg.train.lr, cfg.train.head_lr, cfg.method.alpha) == (0.0125, 0.03, 8.0)
     cfg = load_config(None, ["method.name=fedit", "train.lr=0.001"])
-    assert (cfg.train.lr, cfg.train.head_lr) == (0.001, 0.03)
+    assert (cfg.train.lr, cfg.train.head_lr) == (0.001, 0.0)  # one lr named: the head follows it
+    cfg = load_config(None, ["method.name=fedit", "train.lr=0.001", "train.head_lr=0.004"])
+    assert (cfg.train.lr, cfg.train.head_lr) == (0.001, 0.004)
     p = tmp_path / "c.toml"
     p.write_text('[method]\nname = "fedit"\nalpha = 32.0\n')
     assert load_config(p).method.alpha == 32.0 and load_config(p).train.lr == 0.0125
     assert RunConfig.from_dict({"method": {"name": "fedit"}}).train.head_lr == 0.03
     full = load_config(None, ["method.name=fedit", "train.lr=0.001"])
     assert RunConfig.from_json(full.to_json()).train.lr == 0.001  # a resolved config reloads as it is
-    assert load_config(None, ["method.name=ffa-lora"]).train.lr == RunConfig().train.lr  # others untouched
+    old = tmp_path / "old.toml"  # a run directory's config.toml from before train.head_lr existed
+    old.write_text('[method]\nname = "fedit"\nalpha = 16.0\n[train]\nlr = 0.005\n')
+    assert load_config(old).train.head_lr == 0.0 and load_config(old).train.lr == 0.005
+    assert load_config(None, ["method.name=federa"]).train.lr == RunConfig().train.lr  # others untouched
 
 
 def test_every_method_s_recommended_settings_are_valid_config_keys_and_values():

@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from florg.config import RunConfig, load_config
+from florg.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_demo_toml_equals_the_defaults():
-    assert load_config(CONFIGS / "demo.toml") == RunConfig()
+    assert load_config(CONFIGS / "demo.toml") == load_config()
 
 
 def test_every_shipped_config_loads():

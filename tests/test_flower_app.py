@@ -26,7 +26,7 @@ def test_the_app_exposes_the_main_settings_with_florgs_defaults():
     for app_key, key in APP_CONFIG_KEYS.items():
         assert APP_DEFAULTS[app_key] == defaults[key][0], app_key
         assert type(APP_DEFAULTS[app_key]) is type(defaults[key][0]), app_key
-    assert app_config(_rc()).to_dict() == RunConfig().to_dict()
+    assert app_config(_rc()).to_dict() == load_config().to_dict()  # the defaults, the method's recommended included
 
 
 def test_run_config_keys_set_florg_config_keys():

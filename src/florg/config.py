@@ -187,8 +187,9 @@ class TrainConfig:
                          "has a recommended value that applies unless a config sets it (florg config --keys).",
                          strategy_keyword="lr", app_key="lr")
     head_lr: float = _f(0.0, "Peak learning rate of the classification head and every other modules_to_save entry "
-                             "(same schedule as train.lr, scaled). 0 = train.lr. Under Adam the adapter's lr and "
-                             "method.alpha trade off, but the head's lr is its own: give it its own value.",
+                             "(same schedule as train.lr, scaled). 0 = train.lr. Left unset, it is the method's "
+                             "recommended head lr, unless the config sets train.lr (then the head follows it). Under "
+                             "Adam the adapter's lr and method.alpha trade off, but the head's lr is its own.",
                              strategy_keyword="head_lr", app_key="head-lr")
     lr_schedule: str = _f("constant", "Learning-rate schedule across rounds: constant or cosine.", choices=("constant", "cosine"),
                           strategy_keyword="lr_schedule")
@@ -638,12 +639,17 @@ def resolve_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
 
     * The method's recommended settings (``FederatedMethod.recommended``: lr, head lr, alpha, ...) for every
       key not in ``given``: ``--set method.name=fedit`` trains FedIT at FedIT's settings, not FLoRG's.
+      One exception: a config that gives ``train.lr`` but not ``train.head_lr`` trains the head at that lr
+      (``head_lr`` stays 0): one lr named is one lr for everything, and every config written before
+      ``train.head_lr`` existed (a run directory's ``config.toml``, a study's base) trains as it did.
     * ``train.local_epochs`` set without ``train.local_steps``: ``local_steps`` becomes 0 (a round is epochs).
     """
     def is_given(key: str) -> bool:
         return key in given or any(key.startswith(g + ".") for g in given)
 
     for key, value in recommended_settings(cfg.method.name).items():
+        if key == "train.head_lr" and is_given("train.lr"):
+            continue  # the head follows the lr the config names
         if not is_given(key):
             _merge(cfg, _nested(key, value), prefix="")
     if is_given("train.local_epochs") and not is_given("train.local_steps") and cfg.train.local_epochs > 0:

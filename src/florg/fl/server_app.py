@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from florg.config import ConfigError, RunConfig, config_keys, field_aliases, load_config
+from florg.config import ConfigError, RunConfig, config_keys, field_aliases, given_keys, load_config, read_toml
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
@@ -291,6 +291,8 @@ def app_config(run_config: Mapping[str, Any]) -> RunConfig:
     file = str(run_config.get("config-file", "")) or None
     overrides = shlex.split(str(run_config.get("overrides", "")))
     base = load_config(file, overrides)
+    given = given_keys(read_toml(file, "config file", "configs/demo.toml")) if file else set()
+    given |= {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
     defaults, have = config_keys(RunConfig()), config_keys(base)
     settings = []
     for app_key, key in APP_CONFIG_KEYS.items():
@@ -299,7 +301,7 @@ def app_config(run_config: Mapping[str, Any]) -> RunConfig:
         value, default, current = run_config[app_key], defaults[key][0], have[key][0]
         if value == default:
             continue
-        if current not in (default, value):
+        if key in given and current not in (default, value):  # a value the file/overrides set, not a method's default
             raise ConfigError(
                 f"config key '{key}' is {current!r} in config-file/overrides and {value!r} in the run config key "
                 f"'{app_key}'; set it in one place (--run-config \"{app_key}=...\" or the file/overrides)"

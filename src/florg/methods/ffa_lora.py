@@ -25,6 +25,8 @@ class FFALoRAMethod(LoRAMethod):
     train_A = False
     arrays_per_layer = (1, 1)
     peft_factors = ("lora_B",)  # A: frozen at the same seeded init on every client
+    #: only B trains: its best lr lay at 1.25e-2 or above on both tasks of the first study (docs/results/study)
+    recommended = {"train.lr": 1.25e-2, "train.head_lr": 1.25e-2}
 
     def wire_numel(self, d_out: int, d_in: int, rank: int, client_rank: int | None = None,
                    round_ranks: Sequence[int] | None = None) -> tuple[int, int]:

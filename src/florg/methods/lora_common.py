@@ -297,6 +297,8 @@ class LoRAMethod(FederatedMethod):
     """
 
     adapter_param_marker = "lora_"
+    #: the head at 1.25e-2, the adapter at train.lr (5e-3): chosen on validation (docs/results/mechanism)
+    recommended = {"train.head_lr": 1.25e-2}
     #: PEFT ``init_lora_weights`` ("pissa" = SVD of W0 with the principal part subtracted)
     init_lora_weights: ClassVar[Any] = True
     #: keep the pretrained W0 on each layer and let states carry ``<layer>.w0_delta``
