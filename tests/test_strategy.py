@@ -213,11 +213,11 @@ def test_florg_keywords_never_silently_override_a_config():
 
 
 def test_florg_keywords_without_a_config_change_the_defaults():
-    from florg.config import RunConfig
+    from florg.config import RunConfig, load_config
     from florg.fl import FLoRG
 
     s = FLoRG(rank=6, min_available_nodes=3)
-    expected = RunConfig()
-    expected.method.rank, expected.federation.min_available_nodes = 6, 3
-    assert s.config.to_dict() == expected.to_dict()
+    expected = load_config(None, ["method.rank=6", "federation.min_available_nodes=3"])  # FLoRG's recommended lrs
+    assert s.config.to_dict() == expected.to_dict() and s.config.train.head_lr == 0.0125
+    assert FLoRG(lr=0.002).config.train.head_lr == 0.0  # an lr given: the head follows it
     assert (s.wire_dtype, s.node_wait_timeout) == ("float32", RunConfig().federation.round_timeout)
