@@ -7,8 +7,10 @@ from florg.config import load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_demo_toml_equals_the_defaults():
-    assert load_config(CONFIGS / "demo.toml") == load_config()
+def test_demo_toml_is_the_defaults_with_shorter_glosses():
+    demo = load_config(CONFIGS / "demo.toml")
+    assert demo.model.max_length == 24
+    assert demo == load_config(overrides=["model.max_length=24"])
 
 
 def test_every_shipped_config_loads():

@@ -45,11 +45,11 @@ def test_run_config_keys_for_local_epochs_and_the_head_lr():
 
 def test_a_key_at_its_default_keeps_the_files_value_and_a_contradiction_is_an_error(tmp_path):
     file = tmp_path / "run.toml"
-    file.write_text("[train]\nrounds = 5\n[method]\nrank = 8\n")
+    file.write_text("[train]\nrounds = 7\n[method]\nrank = 8\n")
     cfg = app_config(_rc(config_file=str(file)))
-    assert (cfg.train.rounds, cfg.method.rank) == (5, 8)
-    assert app_config(_rc(config_file=str(file), num_server_rounds=5)).train.rounds == 5  # agreeing is fine
-    with pytest.raises(ConfigError, match=r"'train.rounds' is 5 in config-file/overrides and 3 .* 'num-server-rounds'"):
+    assert (cfg.train.rounds, cfg.method.rank) == (7, 8)
+    assert app_config(_rc(config_file=str(file), num_server_rounds=7)).train.rounds == 7  # agreeing is fine
+    with pytest.raises(ConfigError, match=r"'train.rounds' is 7 in config-file/overrides and 3 .* 'num-server-rounds'"):
         app_config(_rc(config_file=str(file), num_server_rounds=3))
     with pytest.raises(ConfigError, match=r"'data.num_clients' is 2 .* and 4 .*'num-clients'"):
         app_config(_rc(overrides="data.num_clients=2", num_clients=4))

@@ -175,7 +175,7 @@ def _new_method_config() -> MethodConfig:
 
 @dataclass
 class TrainConfig:
-    rounds: int = _f(6, "Federated rounds.", strategy_keyword="num_rounds", app_key="num-server-rounds")
+    rounds: int = _f(5, "Federated rounds.", strategy_keyword="num_rounds", app_key="num-server-rounds")
     local_steps: int = _f(10, "Local optimizer steps per client per round (0 when train.local_epochs is set).",
                           app_key="local-steps")
     local_epochs: int = _f(0, "Local epochs per client per round: each round is this many passes over the client's "
