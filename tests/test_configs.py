@@ -9,8 +9,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_demo_toml_is_the_defaults_with_shorter_glosses():
     demo = load_config(CONFIGS / "demo.toml")
-    assert demo.model.max_length == 24
-    assert demo == load_config(overrides=["model.max_length=24"])
+    assert demo.model.max_length == 20
+    assert demo == load_config(overrides=["model.max_length=20"])
 
 
 def test_every_shipped_config_loads():
