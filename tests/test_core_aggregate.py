@@ -710,3 +710,24 @@ def test_one_pass_route_reports_nan_like_reference():
         aggregate_model(bad, rank=4)
     assert str(got_err.value) == str(ref_err.value) and name in str(got_err.value)
 
+
+
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_one_pass_route_does_not_depend_on_the_thread_count(diagnostics):
+    # aggregate_model spreads the layers over the intra-op threads, one layer per thread at a time:
+    # the result is the same bit for bit with one thread or several, and the thread count is restored.
+    uploads = _fast_case_uploads("fl")
+    previous = _fast_previous(uploads, 4, "fl")
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(aggregate_model(uploads, previous=previous, rank=4, diagnostics=diagnostics))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for name, res in results[0].items():
+            assert torch.equal(other[name].factor, res.factor) and torch.equal(other[name].eigenvalues, res.eigenvalues)
+            assert other[name].diagnostics == res.diagnostics

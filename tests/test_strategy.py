@@ -204,7 +204,7 @@ def test_florg_keywords_never_silently_override_a_config():
         FLoRG(config=cfg, rank=4)
     with pytest.raises(ValueError, match=r"min_train_nodes=2.*config\.federation\.min_train_nodes = 3"):
         FLoRG(config=cfg, min_train_nodes=2)
-    with pytest.raises(ValueError, match=r"num_rounds=9.*config\.train\.rounds = 6"):
+    with pytest.raises(ValueError, match=r"num_rounds=9.*config\.train\.rounds = 5"):
         FLoRG(config=cfg, num_rounds=9)
     with pytest.raises(ValueError, match=r"method\.name = 'florg'.*'fedit'"):
         FLoRG(config=load_config(None, ["method.name=fedit"]))

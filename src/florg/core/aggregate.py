@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -734,12 +735,17 @@ def aggregate_model(
       eigenvalue dropped as round-off): the eigenvalues of ``G`` only (``eigvalsh``) and
       ``A_new = polar(A_prev M^T) M``. This is the paper's ``S* A~``: with ``A~ = U^T M`` and ``U``
       orthogonal, ``polar(A_prev M^T U) U^T = polar(A_prev M^T)``, so no eigenvector is needed.
+      ``G`` and ``A_prev M^T`` come from two GEMMs over one stack (:func:`_gram_and_cross`), and the
+      row scaling ``sqrt(p_n)`` is applied to ``G`` and to ``r x m`` matrices, not to ``M``.
       Same factor as the eigenvector route up to rounding (about 1e-15 relative); eigenvalues
       from LAPACK's eigenvalue-only driver (equal to those of ``eigh`` up to rounding).
     * otherwise the full eigendecomposition of ``G``, the same LAPACK routine as the batched
       call of :func:`_aggregate_model_reference` (the same factor, eigenvalues and diagnostics,
       bit for bit when MKL's result does not depend on the alignment of the matrix in memory:
       ``m * m`` a multiple of 8, e.g. ``m = 80``; otherwise up to rounding).
+
+    The layers are spread over the host's intra-op threads (:func:`_map_layers`: one layer per thread
+    at a time), so a layer's result does not depend on the thread count's effect on one GEMM.
 
     Uploads on a GPU keep the batched two-pass route of :func:`_aggregate_model_reference`
     (one host round trip per shape group).
@@ -761,19 +767,63 @@ def _aggregate_model_reference(
     return _aggregate_model(uploads, weights, fast=False, **kwargs)
 
 
+def _gram_and_cross(s: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S_m S_m^T, P S_m^T)`` for ``s = [S_m; P]`` (``S_m``: the first ``m`` rows), in two GEMMs, not four.
+
+    ``G = S_m S_m^T`` is symmetric: with ``S_m = [S_1; S_2]`` (halves), ``s @ S_1^T`` gives ``G``'s first block
+    column and ``P S_1^T``, and ``[S_2; P] @ S_2^T`` the last block of ``G`` and ``P S_2^T``; ``S_1 S_2^T`` is the
+    transpose of a block already computed. About a quarter fewer multiply-adds than ``S_m S_m^T`` and
+    ``P S_m^T`` apart, and one read of ``s`` fewer. Equal to those products up to rounding.
+    """
+    h = m // 2
+    first = s @ s[:h].T  # (m + r) x h: [S_1 S_1^T; S_2 S_1^T; P S_1^T]
+    second = s[h:] @ s[h:m].T  # (m - h + r) x (m - h): [S_2 S_2^T; P S_2^T]
+    g = torch.empty(m, m, dtype=s.dtype)
+    g[:, :h] = first[:m]
+    g[:h, h:] = first[h:m].T
+    g[h:, h:] = second[: m - h]
+    return g, torch.cat([first[m:], second[m - h:]], dim=1)
+
+
 def _finish_polar(
-    layer: str, m: torch.Tensor, lam: torch.Tensor, previous: torch.Tensor, out_dtype: torch.dtype
+    layer: str, m: torch.Tensor, scales: torch.Tensor, lam: torch.Tensor, cross: torch.Tensor,
+    out_dtype: torch.dtype,
 ) -> AggregationResult:
     """The paper variant's factor without eigenvectors: ``polar(A_prev M^T) M`` (see :func:`aggregate_model`).
 
-    Only for ``rank Q = m`` (``lam``: all ``m`` eigenvalues of ``G``, decreasing, none dropped),
-    no blocks, no diagnostics.
+    ``m`` is the unscaled stack, ``scales`` its row scales ``D`` (``M = D m``) and ``cross = A_prev m^T``:
+    ``polar(A_prev m^T D) D m``, so the scaling touches two ``r x m`` matrices instead of ``m``. Only for
+    ``rank Q = m`` (``lam``: all ``m`` eigenvalues of ``G``, decreasing, none dropped), no blocks, no diagnostics.
     """
-    prev = previous.to(dtype=_F64, device=m.device)
-    new = _rotation(prev @ m.T) @ m
+    new = (_rotation(cross.mul_(scales)) * scales) @ m
     return AggregationResult(
         layer=layer, factor=new.to(out_dtype), eigenvalues=lam, rank_q=int(lam.numel()), path="thin", diagnostics={},
     )
+
+
+def _map_layers(fn: Any, jobs: Sequence[tuple[str, torch.Tensor]]) -> list[AggregationResult]:
+    """``[fn(*job) for job in jobs]``, spread over the host's intra-op threads.
+
+    Each layer is one small problem (a skinny GEMM, an ``m x m`` eigenproblem, an ``r x m`` SVD) that one
+    core does about as fast as two, so with ``t = torch.get_num_threads() > 1`` threads the layers go to
+    ``t`` workers that each run one layer at a time on one thread (``torch.set_num_threads(1)`` for the
+    duration of the call, restored after). A layer's result depends only on its own inputs, not on which
+    worker ran it, so the result is the same every time. The first failing layer (in ``jobs`` order)
+    raises, as in a plain loop.
+    """
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(jobs) <= 1:
+        torch.set_num_threads(1)
+        try:
+            return [fn(*job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(jobs)), thread_name_prefix="florg-aggregate") as pool:
+            return list(pool.map(lambda job: fn(*job), jobs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _aggregate_model(
@@ -834,28 +884,11 @@ def _aggregate_model(
     every_layer = [(n, uploads[n]) for n in names_in_order]
     results: dict[str, AggregationResult] = {}
     polar_ok = variant == "paper" and align and not diagnostics and (blocks is None or len(blocks) <= 1)
+    one_pass: list[tuple[str, torch.Tensor]] = []  # host thin layers done in one pass: (name, row scales)
     for key, names in groups.items():
         if key[0] == "thin" and fast and key[4] == "cpu":
-            first = uploads[names[0]]
-            sc = _row_scales(first, meta[names[0]][2], first[0].device)
-            buf = torch.empty(sum(key[2]), key[1], dtype=_F64)  # M of one layer at a time
-            for name in names:
-                r = meta[name][1]
-                stacked = torch.cat(list(uploads[name]), out=buf).mul_(sc[:, None])  # exact cast, then scale
-                _check_finite(stacked, every_layer)
-                g = stacked @ stacked.T
-                prev = previous.get(name)
-                if polar_ok and prev is not None:
-                    lam = torch.linalg.eigvalsh(g).flip(0)
-                    if _split_eigs(lam, eig_rtol) == lam.numel():
-                        results[name] = _finish_polar(name, stacked, lam, prev, first[0].dtype)
-                        continue
-                lam_asc, u_asc = torch.linalg.eigh(g)
-                gf, thin = _thin_from_eigh(stacked, lam_asc, u_asc, eig_rtol)
-                thin.g = g
-                results[name] = _finish(
-                    name, gf, thin, prev, r, variant, align, diagnostics, first[0].dtype, blocks,
-                )
+            sc = _row_scales(uploads[names[0]], meta[names[0]][2], uploads[names[0]][0].device)
+            one_pass += [(name, sc) for name in names]
         elif key[0] == "thin":
             grams = []
             scales[key] = _row_scales(uploads[names[0]], meta[names[0]][2], uploads[names[0]][0].device)
@@ -867,6 +900,30 @@ def _aggregate_model(
             _check_finite(total, every_layer)
             lam_b, u_b = _small_eigh(torch.stack(grams))
             spectra[key] = (grams, lam_b, u_b)
+
+    def one_layer(name: str, sc: torch.Tensor) -> AggregationResult:
+        factors = uploads[name]
+        prev = previous.get(name)
+        m = int(sc.numel())
+        if polar_ok and prev is not None:
+            # [m; A_prev] in float64 (exact casts, unscaled): G and A_prev m^T from one stack
+            both = torch.cat([*factors, prev.to(device=factors[0].device)]).to(_F64)
+            g, x = _gram_and_cross(both, m)
+            g.mul_(sc[:, None]).mul_(sc)  # D (m m^T) D = M M^T
+            _check_finite(g.diagonal(), every_layer)  # diag G = row sums of squares: finite iff the rows are
+            lam = torch.linalg.eigvalsh(g).flip(0)
+            if _split_eigs(lam, eig_rtol) == lam.numel():
+                return _finish_polar(name, both[:m], sc, lam, x, factors[0].dtype)
+        stacked = torch.cat(list(factors)).to(_F64).mul_(sc[:, None])  # exact cast, then scale
+        _check_finite(stacked, every_layer)
+        g = stacked @ stacked.T
+        lam_asc, u_asc = torch.linalg.eigh(g)
+        gf, thin = _thin_from_eigh(stacked, lam_asc, u_asc, eig_rtol)
+        thin.g = g
+        return _finish(name, gf, thin, prev, meta[name][1], variant, align, diagnostics, factors[0].dtype, blocks)
+
+    for name, res in zip([n for n, _ in one_pass], _map_layers(one_layer, one_pass)):
+        results[name] = res
 
     for key, names in groups.items():
         if key[0] == "thin" and key not in spectra:
