@@ -820,7 +820,9 @@ def _map_layers(fn: Any, jobs: Sequence[tuple[str, torch.Tensor]]) -> list[Aggre
             torch.set_num_threads(threads)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=min(threads, len(jobs)), thread_name_prefix="florg-aggregate") as pool:
+        # set_num_threads in each worker too: OpenMP's thread count is per calling thread
+        with ThreadPoolExecutor(max_workers=min(threads, len(jobs)), thread_name_prefix="florg-aggregate",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
             return list(pool.map(lambda job: fn(*job), jobs))
     finally:
         torch.set_num_threads(threads)
