@@ -105,3 +105,48 @@ def test_flwr_run_of_florgs_app_with_its_run_config_keys(deployments, tmp_path, 
         assert [r["round"] for r in rows] == [0, 1] and rows[1]["participants"] == 2
         pids = dep.all_pids()
     assert not [pid for pid in pids if pid_alive(pid)]
+
+
+SERVER_ONLY = ["method.florg.procrustes=top-r", "method.florg.eig_rtol=1e-9", "method.florg.align_initial=false",
+               "method.florg.consensus_diagnostics=true", "federation.fraction_train=0.5", "federation.max_norm=50",
+               "eval.test_rounds=first-last", "federation.backend_cpus=1"]
+
+
+def test_clients_get_the_run_config_without_the_server_only_options():
+    from florg.config import client_view, server_only_keys
+    from florg.fl.strategy import config_settings
+
+    cfg = load_config(None, SERVER_ONLY)
+    sent = RunConfig.from_json(config_settings(cfg)["run_config_json"])
+    defaults, given = config_keys(RunConfig()), config_keys(cfg)
+    assert {item.split("=")[0] for item in SERVER_ONLY} <= set(server_only_keys())
+    for key, (value, _) in config_keys(sent).items():
+        assert value == (defaults[key][0] if key in server_only_keys() else given[key][0]), key
+    assert client_view(cfg) == sent and cfg.method.florg.procrustes == "top-r"  # the server keeps its own
+    # every server-only option is valid alone at its default: the client's view validates wherever cfg does
+    for key in server_only_keys():
+        assert client_view(load_config(None, [f"{key}={config_keys(cfg)[key][0]}".lower()])) == client_view(load_config())
+
+
+def test_server_only_options_do_not_split_the_clients_cache():
+    from florg.run.experiment import _cache_key
+
+    assert _cache_key(load_config(None, SERVER_ONLY)) == _cache_key(load_config())
+    assert _cache_key(load_config(None, ["method.florg.init_scale=0.02"])) != _cache_key(load_config())
+
+
+def test_a_client_parses_the_run_config_once_per_process(monkeypatch, flower_task):
+    from florg.fl import client_app
+
+    client_app._parse.cache_clear()
+    parsed = []
+    real = RunConfig.from_dict
+    monkeypatch.setattr(RunConfig, "from_dict", classmethod(lambda cls, d: parsed.append(1) or real(d)))
+    text = load_config(None, ["train.rounds=3"]).to_json()
+
+    def message(rnd):
+        content = RecordDict({"config": ConfigRecord({"florg-config": text, "server-round": rnd})})
+        return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+    first, second = client_app.run_settings(message(1)), client_app.run_settings(message(2))
+    assert first is second and first.train.rounds == 3 and len(parsed) == 1

@@ -36,7 +36,8 @@ from typing import Any, NamedTuple, get_type_hints
 
 from florg.options import ConfigError, need, option
 
-__all__ = ["RUNTIME_KEYS", "ConfigError", "MethodSection", "RunConfig", "load_config", "config_keys", "apply_overrides",
+__all__ = ["RUNTIME_KEYS", "ConfigError", "MethodSection", "RunConfig", "load_config", "client_view", "config_keys",
+           "apply_overrides", "server_only_keys",
            "field_aliases", "given_keys", "method_names", "need", "option", "parse_faults", "recommended_settings",
            "register_methods", "resolve_defaults", "validate"]
 
@@ -209,12 +210,12 @@ class TrainConfig:
 @dataclass
 class FederationConfig:
     fraction_train: float = _f(1.0, "Fraction of clients sampled per round (the paper uses full participation).",
-                               strategy_keyword="fraction_train", app_key="fraction-train")
+                               strategy_keyword="fraction_train", app_key="fraction-train", server_only=True)
     min_train_nodes: int = _f(2, "Minimum clients per training round.", strategy_keyword="min_train_nodes")
     min_available_nodes: int = _f(2, "Minimum connected clients before a round starts.", strategy_keyword="min_available_nodes")
     client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray); 1 on a 2-core machine runs 2 clients at once.")
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client.")
-    backend_cpus: int = _f(0, "CPUs given to the simulation backend (0 = all of this machine's cores).")
+    backend_cpus: int = _f(0, "CPUs given to the simulation backend (0 = all of this machine's cores).", server_only=True)
     round_timeout: float = _f(600.0, "Seconds to wait for client replies each round.", strategy_keyword="round_timeout")
     wire_dtype: str = _f("float32", "Dtype of adapter tensors on the wire both ways: float32, float16 or bfloat16 "
                                     "(the head stays float32).",
@@ -222,7 +223,7 @@ class FederationConfig:
     faults: list[str] = _f([], "Fault injection for reliability tests: KIND@PARTITION (nan, inf, shape, missing, dtype, "
                                "norm, examples, error, stall, oom) or dropout:FRACTION. Empty = off.")
     max_norm: float = _f(1e4, "Replies with an uploaded tensor whose Frobenius norm exceeds this are dropped (0 = no bound).",
-                         strategy_keyword="max_norm")
+                         strategy_keyword="max_norm", server_only=True)
 
 
 @dataclass
@@ -242,10 +243,10 @@ class EvalConfig:
     max_new_tokens: int = _f(32, "Instruction tuning: most tokens generated per answer.")
     test_rounds: str = _f("all", "Rounds in which the server evaluates the test split: 'all' (every round, from round 0) or "
                                  "'first-last' (round 0 and the final round only, e.g. for tuning runs).",
-                          choices=("all", "first-last"))
+                          choices=("all", "first-last"), server_only=True)
     validation_rounds: str = _f("all", "Rounds in which the server evaluates the validation split (data.validation_fraction "
                                        "> 0): 'all', 'last3' (the last 3 rounds) or 'none' (held out but not evaluated).",
-                                choices=("all", "last3", "none"))
+                                choices=("all", "last3", "none"), server_only=True)
 
 
 @dataclass
@@ -330,6 +331,25 @@ def config_keys(cfg: Any | None = None) -> dict[str, tuple[Any, str]]:
     """``{dotted.key: (value, help)}`` for every leaf field (the defaults when ``cfg`` is None)."""
     cfg = cfg if cfg is not None else RunConfig()
     return {key: (getattr(obj, attr), f.metadata.get("help", "")) for key, obj, attr, f in _leaves(cfg)}
+
+
+def client_view(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as a client needs it: every server-only option (field metadata ``server_only``: the Procrustes
+    variant, the eigenvalue tolerance, the sampling fraction, the server's evaluation rounds, ...) back at its
+    default. The ServerApp sends this view, so a server-only setting neither travels nor splits the clients'
+    caches (:func:`florg.run.experiment.get_experiment`). Each reset option is valid on its own at its
+    default, so the view validates wherever ``cfg`` does."""
+    view = copy.deepcopy(cfg)
+    for _, obj, attr, f in _leaves(view):
+        if f.metadata.get("server_only"):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            setattr(obj, attr, default)
+    return view
+
+
+def server_only_keys() -> list[str]:
+    """The dotted keys that :func:`client_view` resets (in tree order)."""
+    return [key for key, _, _, f in _leaves(RunConfig()) if f.metadata.get("server_only")]
 
 
 def field_aliases(meta: str) -> dict[str, str]:

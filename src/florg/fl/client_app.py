@@ -1,8 +1,10 @@
 """The florg ClientApp: receive the global adapter, train locally, reply with the upload.
 
-The run config arrives in every training message (``florg-config``); the model and data are
-built once per process and cached (:func:`florg.run.experiment.get_experiment`; across processes
-the data and bases come from the disk cache, :mod:`florg.run.cache`). Each client reads its shard
+The run config arrives in every message (``florg-config``: the client's view of it, without the
+server-only options, :func:`florg.config.client_view`); it is parsed and validated once per process
+(:func:`run_settings`), and the model and data are built once per process and cached
+(:func:`florg.run.experiment.get_experiment`; across processes the data and bases come from the disk
+cache, :mod:`florg.run.cache`). Each client reads its shard
 from ``context.node_config["partition-id"]``.
 
 Device: ``train.device`` of the run config, unless the node config has a ``device`` key (a
@@ -53,7 +55,7 @@ from .client_state import get_state, put_state
 from .records import CONFIG_KEY, from_record, to_record
 
 __all__ = ["EMPTY_CLIENT", "SETTING_ERROR", "app", "client_device", "evaluate_local", "faults_off_mod", "query",
-           "train"]
+           "run_settings", "train"]
 
 #: prefix of the error reason of a reply that failed because of a setting (the server stops the run)
 SETTING_ERROR = "florg setting error: "
@@ -65,6 +67,17 @@ app = ClientApp()  # no mods: the production ClientApp injects no faults (see fl
 
 _OPTIM_KEY = "florg.optimizer"
 _LOCAL_KEY = "florg.local"  # the method's own per-client state (e.g. FedSA-LoRA's local B)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(text: str) -> RunConfig:
+    return RunConfig.from_json(text)
+
+
+def run_settings(msg: Message) -> RunConfig:
+    """The run config a message carries, parsed and validated once per process for each distinct text
+    (every round of a run sends the same one). Shared between messages: read it, never change it."""
+    return _parse(str(msg.content["config"][CONFIG_KEY]))
 
 
 def _partition_id(context: Context) -> int:
@@ -144,7 +157,7 @@ def query(msg: Message, context: Context) -> Message:
 @_setting_errors
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
+    cfg = run_settings(msg)
     server_round = int(config["server-round"])
     lr = float(config["lr"])
     head_lr = float(config["head-lr"]) if "head-lr" in config else lr
@@ -204,7 +217,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     ``num-examples`` is the client's training-set size (the server's averaging weight).
     """
     config = msg.content["config"]
-    cfg = RunConfig.from_json(str(config[CONFIG_KEY]))
+    cfg = run_settings(msg)
     pid = _partition_id(context)
     device = client_device(context, cfg)
     exp = get_experiment(cfg)

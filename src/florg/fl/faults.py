@@ -43,7 +43,7 @@ from florg.config import FAULT_KINDS, RunConfig, parse_faults
 from florg.core.seeds import derive_seed
 
 from . import client_app as _production
-from .records import CONFIG_KEY, from_record, to_record
+from .records import from_record, to_record
 
 __all__ = ["FAULT_KINDS", "InjectedFault", "app", "dropped_out", "fault_mod", "parse_faults"]
 
@@ -87,7 +87,7 @@ def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
     """Apply ``federation.faults`` to training replies; pass everything else through."""
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
-    cfg = RunConfig.from_json(str(msg.content["config"][CONFIG_KEY]))
+    cfg = _production.run_settings(msg)
     if not cfg.federation.faults:
         return call_next(msg, context)
     per_client, dropout = parse_faults(cfg.federation.faults)

@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from florg.config import ConfigError, RunConfig
+from florg.config import ConfigError, RunConfig, client_view
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
 from florg.methods import FederatedMethod
@@ -550,7 +550,7 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     return {
         "lr_fn": lambda rnd: round_lr(cfg.train, rnd),
         "head_lr_fn": lambda rnd: round_head_lr(cfg.train, rnd),
-        "run_config_json": cfg.to_json(),
+        "run_config_json": client_view(cfg).to_json(),  # what a client needs: no server-only option
         "seed": cfg.seed,
         "fraction_train": fed.fraction_train,
         "min_train_nodes": fed.min_train_nodes,

@@ -60,23 +60,23 @@ class FLoRGOptions:
     """``method.florg.*``: FLoRG's own choices where the paper is silent (docs/methods.md)."""
 
     procrustes: str = option("paper", "Procrustes alignment: 'paper' (keep all r' eigenpairs), 'top-r', or 'none' (ablation).",
-                             choices=("paper", "top-r", "none"), strategy_keyword="procrustes")
+                             choices=("paper", "top-r", "none"), strategy_keyword="procrustes", server_only=True)
     align_initial: bool = option(True, "Align round 1's factor to the random initial A0 (true, the paper's rule read "
                                        "literally); false: round 1 sends the unaligned top eigen-factor and alignment "
-                                       "starts in round 2.", strategy_keyword="align_initial")
+                                       "starts in round 2.", strategy_keyword="align_initial", server_only=True)
     init_scale: float = option(0.01, "A0 = init_scale * N(0, 1) from the seed (A must start non-zero).")
     compensate_init: bool = option(False, "Subtract the initial delta from W0 so training starts exactly at the "
                                           "pretrained model.")
     eig_rtol: float = option(1e-12, "Eigenvalues below eig_rtol * largest are treated as round-off.",
-                             strategy_keyword="eig_rtol")
+                             strategy_keyword="eig_rtol", server_only=True)
     client_spread: float = option(1.0, "gamma: the weight of the clients' spread around their mean factor in Q = "
                                        "Abar^T Abar + gamma sum_n p_n (A_n - Abar)^T (A_n - Abar). 1 = the paper's Q = "
                                        "sum_n p_n A_n^T A_n (the exact mean of the clients' updates, where disagreeing "
                                        "moves add up); 0 = the Gram matrix of the mean factor (they cancel, as in "
-                                       "FedAvg). Beyond the paper (docs/results/study-v2, the mechanism).")
+                                       "FedAvg). Beyond the paper (docs/results/study-v2, the mechanism).", server_only=True)
     consensus_diagnostics: bool = option(False, "Measure every round how the clients agree: client_cosine, "
                                                 "consensus_norm, spread_norm, spread_ratio (florg.core.consensus) "
-                                                "in metrics.jsonl.")
+                                                "in metrics.jsonl.", server_only=True)
     bases: str = option("per-layer", "Bases L, R: 'per-layer' (drawn per layer, as in the paper) or 'per-shape' "
                                      "(memory-lean: one pair per layer shape, held once; docs/gpu.md).",
                         choices=("per-layer", "per-shape"))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from florg.config import ConfigError, RunConfig
+from florg.config import ConfigError, RunConfig, client_view
 from florg.core.seeds import derive_seed
 from florg.env import OFFLINE_ENV
 from florg.methods import FederatedMethod, get_method
@@ -120,8 +120,9 @@ class Experiment:
 
 def _cache_key(cfg: RunConfig) -> str:
     """Everything the cached objects depend on: the seed (bases, initial factors, partition, head
-    init), the model, the data and the method with all its options (the adapter it builds)."""
-    d = cfg.to_dict()
+    init), the model, the data and the method with its options (the adapter it builds); not the
+    server-only ones (:func:`florg.config.client_view`), which build nothing on a client."""
+    d = client_view(cfg).to_dict()
     return json.dumps({k: d[k] for k in ("seed", "model", "data", "method")}, sort_keys=True)
 
 
