@@ -187,7 +187,7 @@ class Runner:
     """One method's model and optimizer; a step is florg's: autocast in the base dtype when it is half precision."""
 
     def __init__(self, name: str, model: torch.nn.Module, device: torch.device, lr: float = 1e-4):
-        from florg.train import autocast
+        from florg.device import autocast
 
         self.name = name
         self.model = model.to(device)

@@ -209,10 +209,11 @@ def section_c(device: torch.device, dry: bool) -> dict[str, Any]:
 def section_d(device: torch.device, dry: bool) -> dict[str, Any]:
     from benchmarks.bench_client import llama_base, wrap
     from florg.config import load_config
+    from florg.device import autocast
     from florg.methods import get_method
     from florg.methods.base import ClientInfo
     from florg.run.experiment import float32_trainables
-    from florg.train import autocast, make_optimizer, train_steps
+    from florg.train import make_optimizer, train_steps
 
     shape, (batch, seq) = ("tiny", (2, 32)) if dry else ("1b", (8, 512))
     clients, rounds, steps = (2, 2, 2) if dry else (4, 2, 5)

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from florg.config import ConfigError, load_config
-from florg.fl import simulation
-from florg.train import (
+from florg.device import (
     EVAL_MEMORY_FIX,
     TRAIN_MEMORY_FIX,
     DeviceMemoryError,
@@ -24,6 +23,7 @@ from florg.train import (
     memory_guard,
     resolve_device,
 )
+from florg.fl import simulation
 
 
 @pytest.fixture

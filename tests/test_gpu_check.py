@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_prints_the_table_and_updates_only_its_section(tmp_pat
 
 
 def test_gpu_check_imports_no_flower_ray_or_datasets():
-    code = ("import sys, benchmarks.gpu_check as g; import florg.methods, florg.train, florg.adapters, florg.core; "
+    code = ("import sys, benchmarks.gpu_check as g; import florg.methods, florg.train, florg.device, florg.adapters, florg.core; "
             "from florg.run.experiment import float32_trainables; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'ray', 'datasets', 'flwr_datasets', "
             "'pandas'}); print(bad); sys.exit(1 if bad else 0)")

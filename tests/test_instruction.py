@@ -24,7 +24,7 @@ from florg.data.instruct import (
     load_instruct_task,
     read_records,
 )
-from florg.models import make_loader
+from florg.data.loaders import make_loader
 from florg.run.experiment import build_experiment
 from florg.tasks import InstructionFamily, family_class, task_forms
 from florg.tasks.instruction import (

@@ -8,16 +8,9 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from florg.data import TaskData
-from florg.models import (
-    ModelNotFoundError,
-    default_target_modules,
-    encode,
-    head_module_names,
-    load_model,
-    make_collate,
-    make_loader,
-    resolve_model,
-)
+from florg.data.loaders import make_collate, make_loader
+from florg.models import ModelNotFoundError, default_target_modules, head_module_names, load_model, resolve_model
+from florg.tasks.classification import encode
 
 
 @pytest.fixture(scope="module")

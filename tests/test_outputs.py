@@ -49,7 +49,7 @@ def cls_run(tmp_path_factory, tiny_encoder):
 
 def _test_batches(cfg):
     """The run's test split, collated as the run evaluated it (labels dropped)."""
-    from florg.models import make_loader
+    from florg.data.loaders import make_loader
 
     exp = get_experiment(cfg)
     loader = make_loader(exp.test, 64, shuffle=False, seed=0, tokenizer=exp.tokenizer)

@@ -1,4 +1,4 @@
-"""Sequence-classification models, their LoRA targets, tokenization and data loaders.
+"""Model loading: resolving a name to a checkpoint, loading it, its LoRA targets and its head.
 
 Model names accepted by :func:`load_model`:
 
@@ -25,13 +25,12 @@ a Hub id
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,13 +41,10 @@ __all__ = [
     "MODEL_ALIASES",
     "ModelNotFoundError",
     "default_target_modules",
-    "encode",
     "florg_cache_dir",
     "head_module_names",
     "load_model",
     "load_pretrained",
-    "make_collate",
-    "make_loader",
     "portable_model_id",
     "resolve_model",
 ]
@@ -370,168 +366,3 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
             f"top-level modules: {', '.join(children)})"
         )
     return names
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization and loading
-
-
-def _detect_text_fields(columns: Sequence[str]) -> tuple[str, ...]:
-    for pair in (("text_a", "text_b"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
-                 ("question", "sentence"), ("question1", "question2")):  # fmt: skip
-        if all(c in columns for c in pair):
-            return pair
-    for single in ("text", "sentence"):
-        if single in columns:
-            return (single,)
-    raise ValueError(f"cannot tell which columns hold the text (columns: {', '.join(columns)}); pass text_fields")
-
-
-def encode(
-    data: Any,
-    tokenizer: Any,
-    max_length: int = 128,
-    *,
-    text_fields: Sequence[str] | None = None,
-    split: str = "train",
-    label_column: str = "label",
-    batch_size: int = 1000,
-) -> Any:
-    """Tokenize a dataset for sequence classification (batched, truncating to ``max_length``).
-
-    Parameters
-    ----------
-    data:
-        A ``datasets.Dataset``, or a :class:`~florg.data.TaskData` (then ``split`` picks
-        ``train`` or ``test`` and its ``text_fields`` are used).
-    tokenizer:
-        The tokenizer from :func:`load_model`.
-    max_length:
-        Truncation length in tokens; sentence pairs are truncated longest-first.
-    text_fields:
-        One column, or two for sentence pairs; detected from the column names when omitted.
-
-    Returns
-    -------
-    datasets.Dataset
-        Columns ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer
-        makes them, e.g. BERT pairs) and ``labels``; unpadded (pad per batch with
-        :func:`make_loader`).
-    """
-    if int(max_length) < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if hasattr(data, "text_fields") and hasattr(data, "train"):
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        fields = tuple(text_fields) if text_fields else tuple(data.text_fields)
-        ds = getattr(data, split)
-    else:
-        ds = data
-        fields = tuple(text_fields) if text_fields else _detect_text_fields(ds.column_names)
-    if not 1 <= len(fields) <= 2:
-        raise ValueError(f"text_fields must name one or two columns, got {fields!r}")
-    missing = [c for c in (*fields, label_column) if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"columns {missing} not in the dataset (columns: {', '.join(ds.column_names)})")
-
-    def tok(batch: dict[str, list]) -> dict[str, list]:
-        texts = [batch[f] for f in fields]
-        out = tokenizer(*texts, truncation=True, max_length=int(max_length), padding=False)
-        enc = {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in out}
-        enc["labels"] = [int(y) for y in batch[label_column]]
-        return enc
-
-    import datasets
-
-    # datasets would otherwise fingerprint the map by pickling ``tok`` with the whole tokenizer
-    # (about 0.1 s of CPU per call, most of the cost of encoding a small partition); the
-    # fingerprint only names in-memory results here, so a digest of the inputs does.
-    fingerprint = hashlib.sha256(repr((
-        getattr(ds, "_fingerprint", None), type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
-        len(tokenizer), int(max_length), fields, label_column,
-    )).encode()).hexdigest()[:32]
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return ds.map(tok, batched=True, batch_size=batch_size, remove_columns=ds.column_names, keep_in_memory=True,
-                      new_fingerprint=fingerprint)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-class _Columns(torch.utils.data.Dataset):
-    """Encoded columns held as Python lists (fast per-example access for the DataLoader)."""
-
-    def __init__(self, ds: Any) -> None:
-        self.keys = list(ds.column_names)
-        if "input_ids" not in self.keys:
-            raise ValueError(
-                f"make_loader needs an encoded dataset (see encode); columns: {', '.join(ds.column_names)}"
-            )
-        self.cols = ds[:] if len(ds) else {k: [] for k in self.keys}
-        self.n = len(ds)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {k: self.cols[k][i] for k in self.keys}
-
-
-def make_collate(pad_token_id: int = 0) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """Collate function: right-pad a list of encoded examples to the longest one.
-
-    ``input_ids`` are padded with ``pad_token_id``; ``attention_mask``/``token_type_ids`` with 0;
-    ``labels`` become a ``long`` tensor.
-    """
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(ex["input_ids"]) for ex in batch)
-        out: dict[str, torch.Tensor] = {}
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            if key not in batch[0]:
-                continue
-            fill = pad_token_id if key == "input_ids" else 0
-            rows = [list(ex[key]) + [fill] * (longest - len(ex[key])) for ex in batch]
-            out[key] = torch.tensor(rows, dtype=torch.long)
-        out["labels"] = torch.tensor([int(ex["labels"]) for ex in batch], dtype=torch.long)
-        return out
-
-    return collate
-
-
-def make_loader(
-    ds: Any,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    *,
-    pad_token_id: int | None = None,
-    tokenizer: Any = None,
-    drop_last: bool = False,
-    collate_fn: Any = None,
-) -> torch.utils.data.DataLoader:
-    """A ``DataLoader`` over an encoded dataset with per-batch padding.
-
-    Shuffling draws from a ``torch.Generator`` seeded with ``seed``, so two loaders built with
-    the same seed yield the same batches (epoch after epoch). ``collate_fn`` pads a batch (a task
-    family's :meth:`~florg.tasks.base.TaskFamily.collate`); without it, the classification
-    collate of :func:`make_collate` is used: pass the tokenizer (or its ``pad_token_id``), as
-    causal-LM classifiers locate the last real token through the pad id. Without either, input
-    ids are padded with 0 (BERT's ``[PAD]``).
-    """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if pad_token_id is None:
-        pad_token_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return torch.utils.data.DataLoader(
-        _Columns(ds),
-        batch_size=int(batch_size),
-        shuffle=bool(shuffle),
-        generator=generator,
-        collate_fn=collate_fn or make_collate(0 if pad_token_id is None else int(pad_token_id)),
-        drop_last=drop_last,
-        num_workers=0,
-    )

@@ -144,8 +144,8 @@ def run(
     t0 = time.perf_counter()
     console.print(f"[bold]florg run[/]: {cfg.method.name} on {cfg.data.task} with {cfg.model.name}, "
                   f"{cfg.data.num_clients} clients, {cfg.train.rounds} rounds, r={cfg.method.rank}")
+    from florg.device import resolve_device
     from florg.fl.simulation import check_gpu_settings
-    from florg.train import resolve_device
 
     try:
         exp = get_experiment(cfg)  # validates data, model and targets before anything is written

@@ -11,8 +11,8 @@ Extractive-QA data lives in :mod:`florg.data.squad` (SQuAD v1.1 JSON files or th
 :mod:`florg.data.wordnet_qa` (the embedded WordNet QA task).
 """
 
+from .catalog import GLUE_HUB_ID, GLUE_TASKS, DataUnavailableError, TaskData, available_tasks, load_local, load_task
 from .partition import PARTITION_SCHEMES, format_partition_stats, partition_dataset, partition_stats
-from .tasks import GLUE_HUB_ID, GLUE_TASKS, DataUnavailableError, TaskData, available_tasks, load_local, load_task
 from .wordnet import (
     DEFAULT_CLASSES,
     DEFAULT_WORDNET_DIR,

@@ -54,7 +54,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .tasks import DataUnavailableError, TaskData, random_subset, stratified_holdout
+from .catalog import DataUnavailableError, TaskData, random_subset, stratified_holdout
 from .wordnet import WORDNET_LEXNAMES, clean_gloss, iter_synsets, resolve_wordnet_dir
 
 __all__ = [

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .tasks import DataUnavailableError, TaskData
+from .catalog import DataUnavailableError, TaskData
 
 __all__ = [
     "QA_COLUMNS",

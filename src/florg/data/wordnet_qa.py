@@ -38,8 +38,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from .catalog import TaskData
 from .squad import QA_COLUMNS, capped, group_holdout, qa_dataset
-from .tasks import TaskData
 from .wordnet import WORDNET_LEXNAMES, clean_gloss, iter_synsets, resolve_wordnet_dir
 
 __all__ = ["QUESTION_TEMPLATE", "base_forms", "build_wordnet_qa", "find_lemma", "load_wordnet_qa", "morphy_exceptions",

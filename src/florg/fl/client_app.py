@@ -39,17 +39,10 @@ from flwr.common.logger import log
 from florg.config import ConfigError, RunConfig
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
+from florg.device import resolve_device
 from florg.methods.base import ClientInfo
 from florg.run.experiment import get_experiment
-from florg.train import (
-    cycle,
-    local_steps,
-    make_optimizer,
-    param_groups,
-    resolve_device,
-    set_gradient_checkpointing,
-    train_steps,
-)
+from florg.train import cycle, local_steps, make_optimizer, param_groups, set_gradient_checkpointing, train_steps
 
 from .client_state import get_state, put_state
 from .records import CONFIG_KEY, from_record, to_record

@@ -23,10 +23,10 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from florg.config import ConfigError, RunConfig, config_keys, field_aliases, given_keys, load_config, read_toml
+from florg.device import autocast, resolve_device
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
 from florg.run.rundir import RunDir
-from florg.train import autocast, resolve_device
 
 from .progress import ProgressFn, ProgressGrid, RunInterrupted, log_progress
 from .records import from_record, quantize, to_record

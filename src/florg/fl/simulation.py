@@ -76,7 +76,7 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
 
 def check_gpu_settings(cfg: RunConfig, *, warn: bool = True) -> None:
     """Refuse (:class:`ConfigError`) GPU settings the simulated clients cannot run with; warn about idle GPUs."""
-    from florg.train import resolve_device
+    from florg.device import resolve_device
 
     device, gpus = cfg.train.device, cfg.federation.client_gpus
     resolve_device(device)  # cuda on a machine without a GPU: the plain "no CUDA device" error first

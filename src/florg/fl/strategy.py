@@ -458,7 +458,7 @@ class AdapterStrategy(FedAvg):
 
     def _aggregation_device(self) -> torch.device:
         """``train.device``; the CPU under differential privacy (florg.core.privacy works on the CPU)."""
-        from florg.train import resolve_device
+        from florg.device import resolve_device
 
         return torch.device("cpu") if self.privacy is not None else resolve_device(self.device)
 

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 
 from florg.config import ConfigError, RunConfig, client_view
 from florg.core.seeds import derive_seed
+from florg.device import EVAL_MEMORY_FIX, autocast, base_dtype, check_dtype, memory_guard
 from florg.env import OFFLINE_ENV
 from florg.methods import FederatedMethod, get_method
 from florg.tasks import TaskFamily
-from florg.train import EVAL_MEMORY_FIX, autocast, base_dtype, check_dtype, memory_guard
 
 __all__ = ["Experiment", "build_experiment", "float32_trainables", "get_experiment", "set_offline_env"]
 
@@ -82,7 +82,7 @@ class Experiment:
         return device
 
     def client_loader(self, partition_id: int, server_round: int) -> DataLoader:
-        from florg.models import make_loader
+        from florg.data.loaders import make_loader
 
         if not 0 <= partition_id < len(self.partitions):
             raise ValueError(
@@ -184,7 +184,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 def _load_and_partition(cfg: RunConfig, family: TaskFamily) -> tuple[Any, list[Any]]:
     """The family's raw splits (with the validation split held out) and the clients' partitions."""
     from florg.data import partition_dataset
-    from florg.data.tasks import random_subset, stratified_holdout
+    from florg.data.catalog import random_subset, stratified_holdout
 
     task = family.load_data()
     if cfg.data.validation_fraction > 0 and task.validation is None:

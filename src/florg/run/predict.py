@@ -129,10 +129,10 @@ def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
 
     import florg.adapters  # noqa: F401 - registers the FLORG PEFT type
     from florg.config import load_config
+    from florg.device import base_dtype
     from florg.run.experiment import float32_trainables, set_offline_env
     from florg.run.outputs import LABELS_FILE
     from florg.tasks import get_family
-    from florg.train import base_dtype
 
     set_offline_env()
     run_dir = Path(run_dir)
@@ -231,7 +231,8 @@ def _classify(run: RunModel, texts: list[str], top_k: int, pairs: list[str] | No
     import datasets
     import torch
 
-    from florg.models import encode, make_collate
+    from florg.data.loaders import make_collate
+    from florg.tasks.classification import encode
 
     columns = {"text_a": texts, "text_b": pairs} if pairs is not None else {"text_a": texts}
     ds = datasets.Dataset.from_dict({**columns, "label": [0] * len(texts)})

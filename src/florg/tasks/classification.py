@@ -2,19 +2,20 @@
 
 Tasks (``data.task``): ``wordnet`` (embedded, WordNet gloss -> category), ``glue/<task>``
 (local files or the Hub), ``local:<path>`` (your own CSV/TSV/JSONL/save_to_disk data); see
-:mod:`florg.data.tasks`. Model: ``AutoModelForSequenceClassification`` with a fresh head, trained
+:mod:`florg.data.catalog`. Model: ``AutoModelForSequenceClassification`` with a fresh head, trained
 fully and FedAvg'd. Loss: cross-entropy. Metrics: accuracy (primary) and mean cross-entropy.
 Partitioning label: the class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from florg.models import make_loader
+from florg.data.loaders import make_collate, make_loader
 
 from .base import TaskFamily
 
@@ -67,13 +68,9 @@ class ClassificationFamily(TaskFamily):
         return head_module_names(model)
 
     def encode(self, ds: Any, tokenizer: Any, *, train: bool) -> Any:
-        from florg.models import encode
-
-        return encode(ds, tokenizer, self.cfg.model.max_length, text_fields=self._text_fields)
+        return encode(ds, tokenizer, self.cfg.model.max_length, text_fields=self._text_fields)  # the module's
 
     def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        from florg.models import make_collate
-
         return make_collate(int(tokenizer.pad_token_id or 0))
 
     def evaluate(self, model: torch.nn.Module, data: Any, *, batch_size: int, tokenizer: Any,
@@ -139,3 +136,91 @@ def label_weighted_accuracy(result: dict[str, Any], label_counts: list[int]) -> 
     if mass <= 0:
         return float(result["accuracy"])
     return sum(w * correct[c] / total[c] for c, w in weights.items()) / mass
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def _detect_text_fields(columns: Sequence[str]) -> tuple[str, ...]:
+    for pair in (("text_a", "text_b"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
+                 ("question", "sentence"), ("question1", "question2")):  # fmt: skip
+        if all(c in columns for c in pair):
+            return pair
+    for single in ("text", "sentence"):
+        if single in columns:
+            return (single,)
+    raise ValueError(f"cannot tell which columns hold the text (columns: {', '.join(columns)}); pass text_fields")
+
+
+def encode(
+    data: Any,
+    tokenizer: Any,
+    max_length: int = 128,
+    *,
+    text_fields: Sequence[str] | None = None,
+    split: str = "train",
+    label_column: str = "label",
+    batch_size: int = 1000,
+) -> Any:
+    """Tokenize a dataset for sequence classification (batched, truncating to ``max_length``).
+
+    Parameters
+    ----------
+    data:
+        A ``datasets.Dataset``, or a :class:`~florg.data.TaskData` (then ``split`` picks
+        ``train`` or ``test`` and its ``text_fields`` are used).
+    tokenizer:
+        The tokenizer from :func:`florg.models.load_model`.
+    max_length:
+        Truncation length in tokens; sentence pairs are truncated longest-first.
+    text_fields:
+        One column, or two for sentence pairs; detected from the column names when omitted.
+
+    Returns
+    -------
+    datasets.Dataset
+        Columns ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer
+        makes them, e.g. BERT pairs) and ``labels``; unpadded (pad per batch with
+        :func:`make_loader`).
+    """
+    if int(max_length) < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if hasattr(data, "text_fields") and hasattr(data, "train"):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        fields = tuple(text_fields) if text_fields else tuple(data.text_fields)
+        ds = getattr(data, split)
+    else:
+        ds = data
+        fields = tuple(text_fields) if text_fields else _detect_text_fields(ds.column_names)
+    if not 1 <= len(fields) <= 2:
+        raise ValueError(f"text_fields must name one or two columns, got {fields!r}")
+    missing = [c for c in (*fields, label_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"columns {missing} not in the dataset (columns: {', '.join(ds.column_names)})")
+
+    def tok(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[f] for f in fields]
+        out = tokenizer(*texts, truncation=True, max_length=int(max_length), padding=False)
+        enc = {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in out}
+        enc["labels"] = [int(y) for y in batch[label_column]]
+        return enc
+
+    import datasets
+
+    # datasets would otherwise fingerprint the map by pickling ``tok`` with the whole tokenizer
+    # (about 0.1 s of CPU per call, most of the cost of encoding a small partition); the
+    # fingerprint only names in-memory results here, so a digest of the inputs does.
+    fingerprint = hashlib.sha256(repr((
+        getattr(ds, "_fingerprint", None), type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+        len(tokenizer), int(max_length), fields, label_column,
+    )).encode()).hexdigest()[:32]
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return ds.map(tok, batched=True, batch_size=batch_size, remove_columns=ds.column_names, keep_in_memory=True,
+                      new_fingerprint=fingerprint)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()

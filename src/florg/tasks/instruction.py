@@ -168,7 +168,7 @@ class InstructionFamily(TaskFamily):
     # ---- metrics -------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, data: Any, *, batch_size: int, tokenizer: Any,
                  device: torch.device | None = None) -> dict[str, Any]:
-        from florg.models import make_loader
+        from florg.data.loaders import make_loader
 
         loader = make_loader(data, batch_size, shuffle=False, seed=0, collate_fn=self.collate(tokenizer))
         return evaluate_lm(model, loader, device=device)

@@ -1,4 +1,5 @@
-"""Task registry: turn a task name (plus an optional local data folder) into train/test splits.
+"""The catalog of labelled text datasets: turn a task name (and an optional local data folder) into
+train/test splits.
 
 Supported names
 ---------------
