@@ -18,9 +18,10 @@ no Flower, Ray or ``datasets`` is needed. Sections:
 (c) parity: a tiny Llama with FLoRG trained 8 steps from one seed with florg's training loop on the
     GPU and on the CPU. Tolerance: the losses agree within 1e-4 (relative) in float32; the bfloat16
     run is shown for information (tolerance 3e-2).
-(d) federated rounds in process with florg's own client and server logic (``FederatedMethod``
-    client_load / ``train_steps`` / client_upload, the server rule on the GPU, the global state
-    through the CPU as on the wire), 4 clients x 2 rounds x 5 steps, Llama-3.2-1B shape, bfloat16,
+(d) federated rounds in process with florg's own client and server logic (the library's Flower-free
+    round, :func:`florg.methods.driver.run_round`: downlink, client_load, ``train_steps``,
+    client_upload and its check, the server rule on the GPU, the global state through the CPU as on
+    the wire; a client's time is its training), 4 clients x 2 rounds x 5 steps, Llama-3.2-1B shape, bfloat16,
     batch 8 x 512; against a bare PEFT LoRA loop doing the same steps (fresh AdamW per client,
     autocast). Target: florg's time per client <= 1.10x the bare loop's. The same client logic
     with method ``fedit`` (plain LoRA) isolates florg's own machinery from the adapter.
@@ -212,6 +213,7 @@ def section_d(device: torch.device, dry: bool) -> dict[str, Any]:
     from florg.device import autocast
     from florg.methods import get_method
     from florg.methods.base import ClientInfo
+    from florg.methods.driver import run_round
     from florg.run.experiment import float32_trainables
     from florg.train import make_optimizer, train_steps
 
@@ -231,24 +233,21 @@ def section_d(device: torch.device, dry: bool) -> dict[str, Any]:
         float32_trainables(model)
         state = {k: v.detach().cpu() for k, v in method.initial_global(model).items()}
         per_client, per_server = [], []
-        for rnd in range(1, rounds + 1):
-            uploads = []
-            for pid in range(clients):
-                sync(device)
-                t0 = time.perf_counter()
-                info_ = ClientInfo(partition_id=pid, server_round=rnd)
-                method.client_load(model, state, info_, {})
-                torch.manual_seed(rnd * 100 + pid)
-                opt = make_optimizer(model.parameters(), cfg.train, 1e-4)
-                train_steps(model, iter(data[pid]), opt, steps, device=device, dtype=dtype)
-                uploads.append({k: v.detach().cpu() for k, v in method.client_upload(model, info_, {}).items()})
-                sync(device)
-                per_client.append(time.perf_counter() - t0)
+
+        def train(model: torch.nn.Module, info_: ClientInfo) -> None:
+            sync(device)
             t0 = time.perf_counter()
-            new, _ = method.aggregate([{k: v.to(device) for k, v in u.items()} for u in uploads], [1] * clients,
-                                      {k: v.to(device) for k, v in state.items()})
-            state = {k: v.detach().cpu() for k, v in new.items()}
-            per_server.append(time.perf_counter() - t0)
+            torch.manual_seed(info_.server_round * 100 + info_.partition_id)
+            opt = make_optimizer(model.parameters(), cfg.train, 1e-4)
+            train_steps(model, iter(data[info_.partition_id]), opt, steps, device=device, dtype=dtype)
+            sync(device)
+            per_client.append(time.perf_counter() - t0)
+
+        for rnd in range(1, rounds + 1):  # the library's Flower-free round: downlink, load, train, upload, rule
+            res = run_round(method, model, state, train, server_round=rnd, clients=range(clients),
+                            weights=[1] * clients, server_device=device)
+            state = res.state
+            per_server.append(res.server_seconds)
         return {"per_client_s": per_client, "per_server_s": per_server}
 
     def bare_rounds(model_base: torch.nn.Module) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from florg.config import ConfigError, load_config
 from florg.fl.records import to_record
 from florg.methods import METHODS, compare_rows, get_method
 from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval, wire_state
+from florg.methods.driver import run_round
 from florg.methods.flora import stack_uploads
 from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
 from florg.tasks.classification import label_weighted_accuracy
@@ -162,32 +163,29 @@ def local_train(model, seed, steps=3, lr=0.05, family="classification"):
 
 
 def run_rounds(label, rounds=2, overrides=(), family="classification"):
-    """Two federated rounds on one shared model; returns the last round's data."""
+    """Federated rounds (the library's Flower-free driver) on one shared model; returns the last round's data."""
     cfg, method, model = setup(label, *overrides, family=family)
     state = method.initial_global(model)
     method.load_global(model, state)
     global_delta = deltas(model, family)
     local = {pid: {} for pid in range(3)}
     for rnd in range(1, rounds + 1):
-        uploads, client_deltas, received = [], [], []
-        for pid in range(3):
-            info = ClientInfo(partition_id=pid, server_round=rnd)
-            down = method.client_downlink(wire_state(state), pid)
-            received.append(down)
-            method.client_load(model, down, info, local[pid])
-            local_train(model, seed=100 * rnd + pid, family=family)
+        client_deltas = []
+
+        def train(model, info, client_deltas=client_deltas):
+            local_train(model, seed=100 * info.server_round + info.partition_id, family=family)
             client_deltas.append(deltas(model, family))
-            up = method.client_upload(model, info, local[pid])
-            assert method.check_upload(up, state, 1e4) == []
-            uploads.append(up)
+
         previous, previous_delta = state, global_delta
-        state, diag = method.aggregate(uploads, EXAMPLES, state)
+        res = run_round(method, model, state, train, server_round=rnd, clients=range(3), weights=EXAMPLES,
+                        local=local)
+        state, diag = res.state, res.diagnostics
         method.load_global(model, state)  # the server's view of the new global model
         global_delta = deltas(model, family)
     target = {n: sum(p * d[n] for p, d in zip(P, client_deltas)) for n in global_delta}
-    return dict(cfg=cfg, method=method, model=model, state=state, previous=previous, uploads=uploads,
+    return dict(cfg=cfg, method=method, model=model, state=state, previous=previous, uploads=res.uploads,
                 diag=diag, target=target, global_delta=global_delta, previous_delta=previous_delta, local=local,
-                received=received)
+                received=res.received)
 
 
 def rel(a, b):
@@ -588,13 +586,11 @@ def test_communication_measured_equals_formula(label, family):
     local = {pid: {} for pid in range(3)}
     round_ranks = []  # ranks of the uploads the downlink carries (FLoRA's stacked pair): none in round 1
     for rnd in (1, 2):
-        uploads = []
-        for pid in range(3):
+        res = run_round(method, model, state, lambda model, info: None, server_round=rnd, clients=range(3),
+                        weights=EXAMPLES, local=local)
+        for pid, (down, upload) in enumerate(zip(res.received, res.uploads)):
             rk = _rank_of(method, pid)
-            down = method.client_downlink(wire_state(state), pid)
-            method.client_load(model, down, ClientInfo(pid, rnd), local[pid])
-            up_protocol, up_eval = split_eval(method.client_upload(model, ClientInfo(pid, rnd), local[pid]))
-            uploads.append({**up_protocol, **up_eval})
+            up_protocol, up_eval = split_eval(upload)
             f_up, f_down = _formula(method, dims, RANK, rk, round_ranks)
             up_bytes, up_over = _payload_bytes(up_protocol)
             down_bytes, down_over = _payload_bytes(down)
@@ -610,7 +606,7 @@ def test_communication_measured_equals_formula(label, family):
                 assert up_eval == {}
             assert any(k.startswith(HEAD_PREFIX) for k in down) == (has_head and method.shares_head)
         round_ranks = [_rank_of(method, pid) or RANK for pid in range(3)]
-        state, _ = method.aggregate(uploads, EXAMPLES, state)
+        state = res.state
 
 
 @pytest.mark.parametrize("label", ALL + list(EXTRA))
@@ -845,3 +841,22 @@ def test_florg_align_initial_marker_is_server_only():
     method.load_global(model, state)  # the server's own evaluation model ignores it
     _, default, model2 = setup("florg")
     assert not any(k.startswith("server/") for k in default.initial_global(model2))  # unchanged by default
+
+
+def test_the_round_driver_checks_uploads_as_the_server_does(monkeypatch):
+    cfg, method, model = setup("florg")
+    state = method.initial_global(model)
+    real = method.client_upload
+
+    def bad_upload(model, info, local):
+        up = real(model, info, local)
+        if info.partition_id == 1:
+            key = sorted(up)[0]
+            up[key] = up[key].clone().fill_(float("nan"))
+        return up
+
+    monkeypatch.setattr(method, "client_upload", bad_upload)
+    with pytest.raises(ValueError, match=r"client 1's upload is invalid"):
+        run_round(method, model, state, lambda model, info: None, server_round=1, clients=range(3), weights=EXAMPLES)
+    with pytest.raises(ValueError, match=r"3 clients but 2 weights"):
+        run_round(method, model, state, lambda model, info: None, server_round=1, clients=range(3), weights=[1, 2])

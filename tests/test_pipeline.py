@@ -7,24 +7,24 @@ import torch
 
 from florg.adapters import florg_layers
 from florg.config import load_config
+from florg.methods.driver import run_round
 from florg.run.experiment import build_experiment
 from florg.train import cycle, make_optimizer, train_steps
 
 
 def _one_round(exp, lr=5e-3):
     cfg, model, method = exp.cfg, exp.model, exp.method
-    start = exp.initial_state
     before = exp.evaluate()
-    uploads, counts = [], []
-    for pid in range(len(exp.partitions)):
-        method.load_global(model, start)
+
+    def train(model, info):
         opt = make_optimizer(model.parameters(), cfg.train, lr)
-        train_steps(model, cycle(exp.client_loader(pid, 1)), opt, cfg.train.local_steps)
-        uploads.append(method.upload(model))
-        counts.append(len(exp.partitions[pid]))
-    new, diag = method.aggregate(uploads, counts, start)
-    method.load_global(model, new)
-    return before, exp.evaluate(), new, diag
+        train_steps(model, cycle(exp.client_loader(info.partition_id, info.server_round)), opt, cfg.train.local_steps)
+
+    clients = range(len(exp.partitions))
+    res = run_round(method, model, exp.initial_state, train, server_round=1, clients=clients,
+                    weights=[len(exp.partitions[pid]) for pid in clients])
+    method.load_global(model, res.state)
+    return before, exp.evaluate(), res.state, res.diagnostics
 
 
 def _write_rte(folder, n_train=48, n_test=16):
