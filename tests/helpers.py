@@ -116,6 +116,40 @@ def save_tiny_llama(folder, chat_template: bool = True, seed: int = 0) -> str:
     return str(folder)
 
 
+def save_tiny_encoder(folder, seed: int = 0) -> str:
+    """A tiny random BERT encoder saved *with* its pooler (as MiniLM's checkpoint is), with MiniLM's tokenizer.
+
+    Only the classifier is new when it loads as a sequence classifier, so plain PEFT loading can
+    reproduce a run (a checkpoint without the pooler would get a random one at every load)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from florg.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=128)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def perturb_adapter(model: torch.nn.Module, std: float, seed: int, head_std: float | None = None) -> torch.nn.Module:
+    """Pretend training happened: add ``std * N(0, 1)`` to every FLoRG ``A`` and ``head_std`` (default: ``std``)
+    times the same to every saved module (the head); seeded. Returns the model."""
+    from florg.adapters import florg_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    head_std = std if head_std is None else head_std
+    with torch.no_grad():
+        for layer in florg_layers(model).values():
+            a = layer.florg_A["default"]
+            a.add_(std * torch.randn(a.shape, generator=gen, dtype=a.dtype))
+        for name, p in model.named_parameters():
+            if "modules_to_save.default" in name:
+                p.add_(head_std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
 # ------------------------------------------------------------------------ tiny run configuration
 
 # 3 clients, 2 rounds of 2 local steps on small splits: an end-to-end run in well under a minute.

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import florg.adapters as fa
+from helpers import perturb_adapter
 
 # PEFT triggers a transformers deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -25,15 +26,7 @@ def trained(model, std=0.05, head_std=0.3, seed=3):
     ``std=0.05`` gives updates ``s L A^T A R`` with spectral norms comparable to the tiny model's
     own weights (a strong but realistic fine-tuning change).
     """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in fa.florg_layers(model).values():
-            a = layer.florg_A["default"]
-            a.add_(std * torch.randn(a.shape, generator=gen, dtype=a.dtype))
-        for name, p in model.named_parameters():
-            if "modules_to_save.default" in name:
-                p.add_(head_std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return perturb_adapter(model, std, seed, head_std)
 
 
 def make_case(tmp_path, kind, compensate, tiny_bert, tiny_gpt2):

@@ -15,26 +15,15 @@ from florg.models import portable_model_id, resolve_model
 from florg.run.experiment import get_experiment
 from florg.run.outputs import describe_adapters
 from florg.run.rundir import RunDir
-from helpers import TINY_OVERRIDES, save_tiny_llama
+from helpers import TINY_OVERRIDES, save_tiny_encoder, save_tiny_llama
 
 TEXTS = ["a domestic animal kept for companionship", "a plant with green leaves", "food made from flour"]
 
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    """A tiny random BERT encoder saved *with* its pooler (as MiniLM's checkpoint is), with MiniLM's tokenizer.
-
-    Only the classifier is new when it loads as a sequence classifier, so plain PEFT loading can
-    reproduce the run (a checkpoint without the pooler would get a random one at every load)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-encoder")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=128)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    """A tiny random BERT encoder (with its pooler) and MiniLM's tokenizer (helpers.save_tiny_encoder)."""
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
 
 
 @pytest.fixture(scope="module")

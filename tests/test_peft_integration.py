@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 import florg.adapters as fa
 from florg.adapters import _peft_registry
+from helpers import perturb_adapter
 
 # PEFT triggers a transformers deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -27,14 +28,7 @@ def fresh_copy(make, state):
 
 def perturb(model, std=0.3, seed=5):
     """Give every A and the head a non-trivial value, as after training."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in fa.florg_layers(model).values():
-            a = layer.florg_A["default"]
-            a.add_(std * torch.randn(a.shape, generator=gen, dtype=a.dtype))
-        for name, p in model.named_parameters():
-            if "modules_to_save.default" in name:
-                p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_adapter(model, std, seed)
 
 
 # ----------------------------------------------------------------------------- registry

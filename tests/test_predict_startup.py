@@ -21,10 +21,10 @@ import florg
 import florg.run.predict as predict_mod
 from florg.config import load_config
 from florg.core import make_bases
-from florg.models import resolve_model
 from florg.run.experiment import get_experiment
 from florg.run.outputs import describe_adapters
 from florg.run.rundir import RunDir
+from helpers import save_tiny_encoder
 
 TEXTS = ["a domestic animal kept for companionship", "a plant with green leaves", "food made from flour"]
 HEAVY = ("torch", "transformers", "peft", "datasets", "flwr", "numpy")
@@ -32,16 +32,8 @@ HEAVY = ("torch", "transformers", "peft", "datasets", "flwr", "numpy")
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    """A tiny random BERT encoder (with its pooler) and MiniLM's tokenizer, as in test_outputs.py."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-encoder")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=128)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    """A tiny random BERT encoder (with its pooler) and MiniLM's tokenizer (helpers.save_tiny_encoder)."""
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
 
 
 @pytest.fixture(scope="module")
