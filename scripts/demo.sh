@@ -4,11 +4,7 @@
 # Extra arguments go to `florg run`, e.g. bash scripts/demo.sh --set train.rounds=4; with a --config of
 # your own, that file replaces configs/demo.toml.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
-cd "$ROOT"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 for arg in "$@"; do
   case "$arg" in --config|--config=*|-c) exec .venv/bin/florg run "$@" ;; esac
 done
