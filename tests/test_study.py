@@ -9,7 +9,14 @@ import pytest
 import florg.fl.simulation as simulation
 from florg.fl.server_app import evaluated_splits
 from florg.study.execution import measured_costs, run_phase
-from florg.study.selection import plan_phase, planned_counts, select_florg_best, select_lrs, validation_score
+from florg.study.selection import (
+    plan_phase,
+    planned_counts,
+    recorded_status,
+    select_florg_best,
+    select_lrs,
+    validation_score,
+)
 from florg.study.spec import StudyError, load_study
 from florg.study.tables import MetricInfo, RowRuns, markdown_tables, summarise_rows
 
@@ -89,13 +96,17 @@ def _value(cfg, kind: str, r: int) -> float:
     return 0.25 + (quality - 0.25) * r / cfg.train.rounds
 
 
-def _fake_engine(calls, fail=(), interrupt_at=None, no_replies=()):
+def _fake_engine(calls, fail=(), interrupt_at=None, no_replies=(), crash=(), terminate_at=None):
     def fake(cfg, run_dir, reporter=None, verbose=False, **kw):
         stalled = any(f in str(run_dir.path) for f in no_replies)  # every reply rejected: the model never moves
         calls.append(str(run_dir.path))
         if any(f in str(run_dir.path) for f in fail):
             run_dir.set_status("failed", error="boom")
             raise RuntimeError("boom")
+        if any(f in str(run_dir.path) for f in crash):  # fails before it could record its status
+            raise RuntimeError("crash")
+        if terminate_at is not None and len(calls) == terminate_at:
+            raise simulation.RunInterrupted("the run was interrupted (SIGTERM)")
         run_dir.write_json("partitions.json", [{"label_counts": [30, 10, 10, 10]}, {"label_counts": [30, 10, 0, 10]}])
         cum = 0
         for r in range(cfg.train.rounds + 1):
@@ -240,6 +251,19 @@ def test_resume_after_a_kill_and_failed_runs(tmp_path, monkeypatch):
     assert lrs["six"]["fedit"]["cells"][0.01]["failed"] and lrs["six"]["fedit"]["chosen"] == VAL_BEST
     run_phase(study, "tune", log=lambda m: None, retry_failed=True)
     assert len(calls) == 1
+    # a run that crashes before recording its status is recorded as failed by the study, with the error
+    calls.clear()
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls, crash=("six/tune/fedit/lr0.01",)))
+    res = run_phase(study, "tune", log=lambda m: None, retry_failed=True)
+    status = json.loads((Path(calls[0]) / "status.json").read_text())
+    assert res["failed"] == ["six/tune/fedit/lr0.01-seed100"] and status["status"] == "failed"
+    assert status["error"] == "RuntimeError: crash"
+    # SIGTERM (RunInterrupted) stops the study like Ctrl-C: the run is not recorded as failed
+    calls.clear()
+    monkeypatch.setattr(simulation, "run_simulation_engine", _fake_engine(calls, terminate_at=1))
+    with pytest.raises(simulation.RunInterrupted):
+        run_phase(study, "tune", log=lambda m: None, retry_failed=True)
+    assert recorded_status(Path(calls[0])) != "failed"
     # the study file changed under recorded runs: refused before anything runs
     calls.clear()
     changed = load_study(_study_file(tmp_path, '[rows.fedit]\nset = { "train.local_steps" = 3 }'))

@@ -152,12 +152,12 @@ def run_one(study: Study, spec: StudySpec, reporter: Callable[[dict[str, Any]], 
         try:
             simulation.run_simulation_engine(spec.cfg, RunDir.create(spec.cfg, path),
                                              reporter=reporter or (lambda row: None), verbose=verbose)
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, simulation.RunInterrupted):
+            raise  # Ctrl-C or SIGTERM stops the study; the run in flight starts again on the next call
         except Exception as exc:  # noqa: BLE001 - one failed run must not stop the study
             error = f"{type(exc).__name__}: {exc}"
             if recorded_status(path) != "failed":
-                RunDir(path).setrecorded_status("failed", error=error)
+                RunDir(path).set_status("failed", error=error)
     timing = {"wall_seconds": time.perf_counter() - t0, "cpu_seconds_self": cpu.self_seconds,
               "cpu_seconds_children": cpu.children_seconds, "loadavg_start": list(load0),
               "loadavg_end": list(os.getloadavg()), "cpus": os.cpu_count(), "error": error}
