@@ -141,6 +141,7 @@ def _registered_methods() -> Mapping[str, MethodSection]:
     here, lazily (it imports torch). This is the only import of a module above ``florg.config``.
     """
     if _method_source is None:
+        # lazy: breaks the import cycle florg.config -> florg.methods.registry -> florg.config; keeps florg --help torch-free
         import florg.methods.registry  # noqa: F401  (bootstrap: the import calls register_methods)
     assert _method_source is not None, "florg.methods.registry did not call florg.config.register_methods"
     return _method_source()

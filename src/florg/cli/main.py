@@ -6,18 +6,29 @@ line naming the field and the fix, exit code 2, and no run directory.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import tomli_w
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from florg import __version__
 from florg.config import RUNTIME_KEYS, ConfigError, RunConfig, config_keys, load_config, method_names, recommended_settings
+from florg.data import format_partition_stats
+from florg.run.rundir import RunDir, _toml_safe
+from florg.study.execution import measured_costs, run_phase, write_reports
+from florg.study.selection import planned_counts
+from florg.study.spec import PHASES, load_study
 
 if TYPE_CHECKING:
     from florg.study.compare import RunSpec
@@ -34,8 +45,6 @@ SetOpt = Annotated[
 
 def _version(value: bool) -> None:
     if value:
-        from florg import __version__
-
         console.print(f"florg {__version__}")
         raise typer.Exit()
 
@@ -49,8 +58,6 @@ def _main(
 
 
 def _fail(message: str) -> None:
-    from rich.markup import escape
-
     err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages may hold [section] names
     raise typer.Exit(code=2)
 
@@ -114,8 +121,8 @@ def run(
     ] = None,
 ) -> None:
     """Run a federated fine-tuning job on the embedded simulation engine and write a run directory."""
+    # lazy: keeps florg --help under 1 s (torch)
     from florg.run.experiment import get_experiment, set_offline_env
-    from florg.run.rundir import RunDir
 
     set_offline_env()
     if resume is not None:
@@ -129,6 +136,7 @@ def run(
             _fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
         if RunDir(resume).status().get("status") == "complete":
             _fail(f"--resume: the run in '{resume}' is already complete")
+        # lazy: keeps florg --help under 1 s (torch)
         from florg.run.checkpoint import CheckpointError, load_checkpoint
 
         try:
@@ -144,8 +152,8 @@ def run(
     t0 = time.perf_counter()
     console.print(f"[bold]florg run[/]: {cfg.method.name} on {cfg.data.task} with {cfg.model.name}, "
                   f"{cfg.data.num_clients} clients, {cfg.train.rounds} rounds, r={cfg.method.rank}")
-    from florg.device import resolve_device
-    from florg.fl.simulation import check_gpu_settings
+    from florg.device import resolve_device  # lazy: keeps florg --help under 1 s (torch)
+    from florg.fl.simulation import check_gpu_settings  # lazy: keeps florg --help under 1 s (flwr)
 
     try:
         exp = get_experiment(cfg)  # validates data, model and targets before anything is written
@@ -154,8 +162,6 @@ def run(
     except (ConfigError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
         _fail(_one_line(exc))
         return
-    from florg.data import format_partition_stats
-
     console.print(format_partition_stats(exp.partition_summary, exp.label_names), markup=False)
     console.print(f"test split {len(exp.test)} examples; adapted modules: {', '.join(exp.target_modules)}; "
                   f"device {exp.device}")
@@ -192,14 +198,13 @@ def run(
 
 def _run_engine(cfg: RunConfig, run_dir: Any, *, verbose: bool, resume: bool, progress: bool) -> dict[str, Any]:
     """The simulation with the per-round lines, the live progress display and Ctrl-C/SIGTERM handling."""
-    import contextlib
-    import signal
-
+    # lazy: keeps florg --help under 1 s (flwr)
     from florg.fl.simulation import RunFailed, RunInterrupted, run_simulation_engine
 
     report = _reporter(cfg.train.rounds)
     live = None
     if progress:
+        # lazy: keeps florg --help under 1 s (flwr)
         from florg.cli.live import LiveProgress
 
         done = max((int(r["round"]) for r in run_dir.read_metrics()), default=0) if resume else 0
@@ -259,10 +264,6 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
             rec.add_row(name, ", ".join(f"{k} = {v!r}" for k, v in settings.items()) or "(the defaults above)")
         console.print(rec)
         return
-    import tomli_w
-
-    from florg.run.rundir import _toml_safe
-
     sys.stdout.write(tomli_w.dumps(_toml_safe(cfg.to_dict())))
 
 
@@ -281,9 +282,9 @@ def compare(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
 ) -> None:
     """Run every method (and the FLoRG alignment ablation) on one configuration and tabulate them."""
-    from florg.fl.progress import RunInterrupted
-    from florg.run.experiment import set_offline_env
-    from florg.study.compare import DISPLAY, compare_config, parse_methods, run_compare
+    from florg.fl.progress import RunInterrupted  # lazy: keeps florg --help under 1 s (flwr)
+    from florg.run.experiment import set_offline_env  # lazy: keeps florg --help under 1 s (torch)
+    from florg.study.compare import DISPLAY, compare_config, parse_methods, run_compare  # lazy: keeps --help under 1 s (torch)
 
     set_offline_env()
     try:
@@ -334,8 +335,6 @@ StudySet = Annotated[list[str] | None, typer.Option("--set", "-s", help="Overrid
 
 
 def _load_study(path: Path, overrides: list[str] | None):  # noqa: ANN202
-    from florg.study.spec import load_study
-
     try:
         return load_study(path, overrides or [])
     except ConfigError as exc:
@@ -351,10 +350,6 @@ def study_plan(
                                                              "per run instead of the runs recorded so far.")] = None,
 ) -> None:
     """Print the number of runs of every phase, how many are done, and the projected time left."""
-    from florg.study.execution import measured_costs
-    from florg.study.selection import planned_counts
-    from florg.study.spec import PHASES
-
     study = _load_study(file, set_)
     counts = planned_counts(study)
     costs = measured_costs(study)
@@ -399,9 +394,8 @@ def study_run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
 ) -> None:
     """Run (or resume) a phase of a study; tables and plots in the results folder are rewritten after every run."""
+    # lazy: keeps florg --help under 1 s (torch)
     from florg.run.experiment import set_offline_env
-    from florg.study.execution import run_phase
-    from florg.study.spec import PHASES
 
     set_offline_env()
     study = _load_study(file, set_)
@@ -446,8 +440,6 @@ def study_run(
 @study_app.command("report")
 def study_report(file: StudyFile, set_: StudySet = None) -> None:
     """Rewrite the tables and plots of a study's results folder from its recorded runs."""
-    from florg.study.execution import write_reports
-
     study = _load_study(file, set_)
     try:
         paths = write_reports(study)
@@ -471,8 +463,7 @@ def predict_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text instead of a table.")] = False,
 ) -> None:
     """Load a run's base model and final adapter and print its predictions (python: florg.predict(run_dir, texts))."""
-    import json
-
+    # lazy: looked up per call: tests/test_outputs.py patches florg.run.predict.load_run_model
     from florg.run.predict import check_request, load_run_model, predict
 
     try:

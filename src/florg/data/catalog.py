@@ -38,6 +38,7 @@ holding class indices or class names. Rows labelled -1 are dropped.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -285,6 +286,7 @@ def _load_glue(
 def _read_hub(sub: str, spec: GlueSpec) -> tuple[Any, Any]:
     """Return ``(train, test_or_None)`` from the Hub; any failure is a DataUnavailableError."""
     try:
+        # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
         import datasets
 
         dd = datasets.load_dataset(GLUE_HUB_ID, sub)
@@ -356,6 +358,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _read_local_splits(folder: Path, test_splits: Sequence[str]) -> tuple[Any, Any] | None:
     """``(train, test_or_None)`` from a save_to_disk folder or split files; ``None`` if absent."""
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     if not folder.is_dir():
@@ -392,8 +395,8 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 def _read_table(path: Path) -> Any:
     """Read a CSV/TSV/JSON(L) file into an in-memory ``datasets.Dataset`` (no HF cache files)."""
-    import datasets
-    import pandas as pd
+    import datasets  # lazy: datasets; florg predict's argument check imports florg.data
+    import pandas as pd  # lazy: pandas; florg predict's argument check imports florg.data
 
     suffix = path.suffix.lower()
     try:
@@ -479,6 +482,7 @@ def _label_column(ds: Any, name: str) -> str:
 
 
 def _infer_label_names(train: Any, test: Any) -> list[str]:
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     col = _label_column(train, "local")
@@ -502,6 +506,7 @@ def _infer_label_names(train: Any, test: Any) -> list[str]:
 
 def _normalise(ds: Any, fields: tuple[str, ...], names: Sequence[str], tname: str, split: str) -> Any:
     """Keep text columns + int ``label`` (ClassLabel), map string labels, drop -1 rows."""
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     lcol = _label_column(ds, tname)
@@ -548,6 +553,7 @@ def _holdout(ds: Any, seed: int, test_fraction: float, test_size: int | None) ->
     Implemented with NumPy on the label column: ``datasets``' own stratified split walks the
     rows in Python and takes seconds on WordNet.
     """
+    # lazy: numpy: florg predict's argument check imports florg.data (test_predict_startup.py)
     import numpy as np
 
     n = len(ds)
@@ -580,8 +586,7 @@ def _holdout(ds: Any, seed: int, test_fraction: float, test_size: int | None) ->
 
 def _select(ds: Any, idx: Sequence[int] | np.ndarray) -> Any:
     """``ds.select`` with a cheap fingerprint (the default one hashes the index list slowly)."""
-    import hashlib
-
+    # lazy: numpy: florg predict's argument check imports florg.data (test_predict_startup.py)
     import numpy as np
 
     arr = np.asarray(idx, dtype=np.int64)

@@ -236,6 +236,7 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def _to_datasets(splits: Sequence[list[dict[str, str]] | None]) -> tuple[list[Any], list[str]]:
     """Rows -> ``datasets.Dataset`` per split, with one ``ClassLabel`` over every split's categories."""
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     names = sorted({r["category"] for rows in splits if rows for r in rows})
@@ -287,6 +288,7 @@ def _from_hub(repo_id: str) -> tuple[Any, Any, list[str], str]:
     if not repo_id:
         raise ValueError("data.task='instruct:hub:' needs a dataset id, e.g. instruct:hub:vicgalle/alpaca-gpt4")
     try:
+        # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
         import datasets
 
         dd = datasets.load_dataset(repo_id)
@@ -345,6 +347,7 @@ def _wordnet_define(data_dir: str | os.PathLike[str] | None,
                 "input": "", "output": r["output"], "category": r["category"]} for r in rows]
     if not records:
         raise ValueError(f"task {WORDNET_DEFINE}: no WordNet synsets in data.classes={class_list}")
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     index = {n: i for i, n in enumerate(class_list)}

@@ -131,6 +131,7 @@ def partition_dataset(
         # Materialise the shuffle once; the partitioners would otherwise flatten it noisily.
         shuffled = ds.shuffle(seed=seed).flatten_indices()
     if scheme == "iid":
+        # lazy: flwr_datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
         from flwr_datasets.partitioner import IidPartitioner
 
         part = IidPartitioner(num_partitions=num_partitions)
@@ -142,6 +143,7 @@ def partition_dataset(
 
 
 def _dirichlet(ds: Any, k: int, alpha: float, seed: int, label_column: str, min_size: int | None) -> list[Any]:
+    # lazy: flwr_datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     from flwr_datasets.partitioner import DirichletPartitioner
 
     n = len(ds)
@@ -200,6 +202,7 @@ def _dirichlet(ds: Any, k: int, alpha: float, seed: int, label_column: str, min_
 
 
 def _pathological(ds: Any, k: int, cpp: int, seed: int, label_column: str) -> list[Any]:
+    # lazy: flwr_datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     part = PathologicalPartitioner(
@@ -228,6 +231,7 @@ def _pathological(ds: Any, k: int, cpp: int, seed: int, label_column: str) -> li
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence ``datasets`` progress bars for internal bookkeeping, restoring the old setting."""
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()

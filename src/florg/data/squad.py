@@ -154,6 +154,7 @@ def read_squad_json(path: str | os.PathLike[str]) -> tuple[dict[str, list], dict
 
 def qa_dataset(columns: dict[str, list], labels: Sequence[int], label_names: Sequence[str]) -> Any:
     """An in-memory ``datasets.Dataset`` of QA columns with an int ``label`` (``ClassLabel``)."""
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     feats = datasets.Features({
@@ -176,6 +177,7 @@ def group_holdout(groups: Sequence[str], seed: int, fraction: float) -> tuple[li
     Groups are drawn in a seed-fixed random order; at least one group goes to each side (so at
     least two groups are needed). Indices keep the input order.
     """
+    # lazy: numpy: florg predict's argument check imports florg.data (test_predict_startup.py)
     import numpy as np
 
     distinct = list(dict.fromkeys(groups))
@@ -201,6 +203,7 @@ def group_holdout(groups: Sequence[str], seed: int, fraction: float) -> tuple[li
 
 def capped(idx: Sequence[int], n: int | None, seed: int) -> list[int]:
     """A seed-fixed random subset of ``n`` of the indices ``idx`` (all of them when ``n`` is None or not smaller)."""
+    # lazy: numpy: florg predict's argument check imports florg.data (test_predict_startup.py)
     import numpy as np
 
     idx = list(idx)
@@ -253,6 +256,7 @@ def _read_local(path: Path, name: str, seed: int, test_fraction: float) -> tuple
 
 def _read_hub() -> tuple[dict, dict, str]:
     try:
+        # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
         import datasets
 
         dd = datasets.load_dataset(SQUAD_HUB_ID)

@@ -254,6 +254,7 @@ def _build_dataset(
     folder: str, stamp: tuple, class_list: tuple[str, ...], dedupe: bool, strip_examples: bool, include_words: bool
 ) -> Any:
     """Cached body of :func:`load_wordnet` (datasets are immutable, so sharing them is safe)."""
+    # lazy: datasets: florg predict's argument check imports florg.data (test_predict_startup.py)
     import datasets
 
     del stamp  # cache key only: a changed file gives a new entry
@@ -307,6 +308,7 @@ def _dedupe_indices(texts: Sequence[str], labels: Sequence[int]) -> list[int]:
 
 def balanced_subset(ds: Any, per_class: int, seed: int = 0) -> Any:
     """At most ``per_class`` rows of every class of ``ds`` (a seeded random subset, kept in ``ds``'s order)."""
+    # lazy: numpy: florg predict's argument check imports florg.data (test_predict_startup.py)
     import numpy as np
 
     labels = np.asarray(ds["label"])

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
+from safetensors.torch import load_file, save_file
 
 from .records import from_record, to_record
 
@@ -48,8 +49,6 @@ def get_state(context: Context, key: str, pid: int) -> ArrayRecord | None:
     path = _file(folder, pid, key)
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
-
     return to_record(load_file(str(path)))
 
 
@@ -59,8 +58,6 @@ def put_state(context: Context, key: str, pid: int, record: ArrayRecord) -> None
     if folder is None:
         context.state[key] = record
         return
-    from safetensors.torch import save_file
-
     path = _file(folder, pid, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -41,6 +41,7 @@ from flwr.clientapp import ClientApp
 
 from florg.config import FAULT_KINDS, RunConfig, parse_faults
 from florg.core.seeds import derive_seed
+from florg.run.experiment import get_experiment
 
 from . import client_app as _production
 from .records import from_record, to_record
@@ -111,8 +112,6 @@ def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
 
 def _out_of_memory(cfg: RunConfig, msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
     """Run the client with a model whose forward pass runs out of device memory."""
-    from florg.run.experiment import get_experiment
-
     def boom(module, args, kwargs):  # noqa: ANN001, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, RdpAccountant, SamplingMethod
 from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
 
 from florg.config import RunConfig
@@ -31,8 +31,6 @@ class PrivacyLedger:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
-        from flwr.serverapp import RdpAccountant
-
         pv = cfg.privacy
         if pv.mode not in ("local", "central"):
             raise ValueError(f"PrivacyLedger needs privacy.mode local or central, got {pv.mode!r}")

@@ -19,8 +19,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from logging import INFO
 
 from flwr.app import Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 __all__ = ["ProgressGrid", "ReplyProgress", "RunInterrupted", "log_progress"]
@@ -152,9 +154,5 @@ class ProgressGrid(Grid):
 
 def log_progress(event: ReplyProgress) -> None:
     """A ``on_progress`` that logs each report at INFO (for deployments, where there is no terminal)."""
-    from logging import INFO
-
-    from flwr.common.logger import log
-
     where = f"round {event.server_round}: " if event.server_round is not None else ""
     log(INFO, "%s%s: %d/%d clients replied (%.1f s)", where, event.kind, event.replied, event.total, event.elapsed)

@@ -26,6 +26,8 @@ from florg.config import ConfigError, RunConfig, config_keys, field_aliases, giv
 from florg.device import autocast, resolve_device
 from florg.run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from florg.run.experiment import Experiment, get_experiment
+from florg.run.outputs import describe_adapters
+from florg.run.plots import plot_runs
 from florg.run.rundir import RunDir
 
 from .progress import ProgressFn, ProgressGrid, RunInterrupted, log_progress
@@ -240,8 +242,6 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
     _save_adapters(exp, run_dir)
     with autocast(exp.device, exp.dtype):
         extras = exp.family.finish(exp.model, exp, run_dir.path) or {}  # the family's extras (e.g. generations)
-    from florg.run.plots import plot_runs
-
     rows, cumulative = progress.rows, progress.cumulative
     primary = exp.family.primary_metric
     plot_runs({cfg.method.name: rows}, run_dir.path / "plots", title=f"{cfg.method.name} on {cfg.data.task}",
@@ -263,8 +263,6 @@ def _finish(cfg: RunConfig, exp: Experiment, run_dir: RunDir, final: dict[str, t
     if progress.done:
         summary["resumed_from_round"] = progress.done
     run_dir.write_json("summary.json", summary)
-    from florg.run.outputs import describe_adapters
-
     describe_adapters(exp, run_dir.path, summary)  # task_type, portable base id, labels, tokenizer, model card
     run_dir.set_status("complete", rounds=len(rows) - 1)
     return summary

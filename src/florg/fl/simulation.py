@@ -24,14 +24,24 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
+import psutil
+import torch
+from flwr.common.logger import log
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
 from florg.config import ConfigError, RunConfig
+from florg.device import resolve_device
+from florg.run.checkpoint import load_checkpoint
 from florg.run.experiment import set_offline_env
 from florg.run.rundir import RunDir
 
+from .client_app import app as production_app
 from .client_state import STATE_DIR_ENV
 from .progress import ProgressFn, RunInterrupted
 from .server_app import Reporter, run_server
@@ -50,8 +60,6 @@ class RunFailed(RuntimeError):
 
 
 def _visible_gpus() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -76,8 +84,6 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
 
 def check_gpu_settings(cfg: RunConfig, *, warn: bool = True) -> None:
     """Refuse (:class:`ConfigError`) GPU settings the simulated clients cannot run with; warn about idle GPUs."""
-    from florg.device import resolve_device
-
     device, gpus = cfg.train.device, cfg.federation.client_gpus
     resolve_device(device)  # cuda on a machine without a GPU: the plain "no CUDA device" error first
     visible = _visible_gpus()
@@ -95,6 +101,7 @@ def check_gpu_settings(cfg: RunConfig, *, warn: bool = True) -> None:
         raise ConfigError(f"config key 'train.device': {device!r} picks a GPU, but in the simulation Ray assigns each "
                           "client its GPU (it sees it as cuda:0); set train.device='cuda' or 'auto'")
     if warn and device == "auto" and gpus == 0 and visible > 0:
+        # lazy: looked up per call: tests/test_devices.py patches flwr.common.logger.log
         from flwr.common.logger import log
 
         log(WARNING, "this machine has %d GPU(s) but federation.client_gpus=0: the simulated clients train on the "
@@ -153,14 +160,6 @@ def run_simulation_engine(
     processes and exits at once.
     """
     set_offline_env()
-    from flwr.common.logger import log
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from florg.run.checkpoint import load_checkpoint
-
-    from .client_app import app as production_app
-
     if cfg.data.num_clients < cfg.federation.min_available_nodes:
         raise ValueError("federation.min_available_nodes exceeds data.num_clients")
     check_gpu_settings(cfg)
@@ -242,8 +241,6 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, stop: threading.Event | N
     with 1000 clients the first ``get_node_ids`` saw 928 of them, so the first round sampled from (and
     asked the partition ids of) whichever nodes happened to be registered: not reproducible.
     """
-    import time
-
     deadline = time.monotonic() + timeout
     while len(grid.get_node_ids()) < n and time.monotonic() < deadline:
         if stop is not None and stop.is_set():
@@ -268,15 +265,11 @@ def _signal_name(exc: BaseException, guard: _SignalGuard | None) -> str:
 
 
 def _children() -> set[int]:
-    import psutil
-
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 def _reap(children_before: set[int], timeout: float = 1.0) -> None:
     """End every process this run started (Ray's GCS, raylet and workers) that is still alive."""
-    import psutil
-
     procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
     for p in procs:
         try:

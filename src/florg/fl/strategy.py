@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from florg.config import ConfigError, RunConfig, client_view
 from florg.core.privacy import noise_generator
 from florg.core.seeds import derive_seed
+from florg.device import resolve_device
 from florg.methods import FederatedMethod
 from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, SERVER_PREFIX
 from florg.tasks import family_class
@@ -458,8 +459,6 @@ class AdapterStrategy(FedAvg):
 
     def _aggregation_device(self) -> torch.device:
         """``train.device``; the CPU under differential privacy (florg.core.privacy works on the CPU)."""
-        from florg.device import resolve_device
-
         return torch.device("cpu") if self.privacy is not None else resolve_device(self.device)
 
     def _account(self, server_round: int, released: bool) -> None:

@@ -270,6 +270,7 @@ class FederatedMethod(ABC):
 
         Called on construction, i.e. before any data or model is loaded and before training.
         """
+        # lazy: breaks the import cycle florg.methods.base -> .registry -> .base
         from .registry import METHODS
 
         if cfg.method.client_ranks and not self.supports_client_ranks:

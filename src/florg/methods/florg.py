@@ -150,8 +150,9 @@ class FLoRGMethod(FederatedMethod):
         return {k: v[:r_n].contiguous() if k.startswith(A_PREFIX) else v for k, v in wire.items()}
 
     def build(self, model: nn.Module, target_modules: list[str], head_modules: list[str]) -> nn.Module:
-        from peft import get_peft_model
+        from peft import get_peft_model  # lazy: peft (seconds); load_config imports the method registry
 
+        # lazy: florg.adapters imports peft (seconds); load_config imports the method registry
         from florg.adapters import FLoRGConfig
 
         m, o = self.cfg.method, self.options
@@ -169,6 +170,7 @@ class FLoRGMethod(FederatedMethod):
         return get_peft_model(model, config)
 
     def adapter_state(self, model: nn.Module) -> Tensors:
+        # lazy: florg.adapters imports peft (seconds); load_config imports the method registry
         from florg.adapters import florg_layers
 
         return {A_PREFIX + name: layer.florg_A["default"].detach().clone() for name, layer in florg_layers(model).items()}
@@ -209,6 +211,7 @@ class FLoRGMethod(FederatedMethod):
         return {k: A_PREFIX + k[: -len(PEFT_A_SUFFIX)] if k in factors else HEAD_PREFIX + k for k in state}
 
     def load_adapter_state(self, model: nn.Module, state: Tensors) -> None:
+        # lazy: florg.adapters imports peft (seconds); load_config imports the method registry
         from florg.adapters import florg_layers
 
         layers = florg_layers(model)
@@ -263,6 +266,7 @@ class FLoRGMethod(FederatedMethod):
 
     def save_artifacts(self, model: nn.Module, run_path: Path) -> None:
         """``adapter/`` (FLoRG PEFT format) and ``adapter_lora/`` (the same adapter as a plain LoRA)."""
+        # lazy: florg.adapters imports peft (seconds); load_config imports the method registry
         from florg.adapters import save_as_lora
 
         super().save_artifacts(model, run_path)

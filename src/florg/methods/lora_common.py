@@ -41,7 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+from florg.core import layer_seed
 
 from .base import HEAD_PREFIX, SERVER_PREFIX, FederatedMethod, Tensors, normalised_weights, summarise_layers, weighted_mean
 
@@ -87,8 +90,9 @@ def w0_key(layer: str) -> str:
 
 def lora_layers(model: nn.Module) -> dict[str, Any]:
     """``{clean layer name: PEFT LoraLayer}`` for every layer carrying the ``default`` LoRA adapter."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: peft (seconds); load_config imports the method registry
 
+    # lazy: florg.adapters imports peft (seconds); load_config imports the method registry
     from florg.adapters import clean_module_name
 
     out: dict[str, Any] = {}
@@ -115,8 +119,6 @@ def seeded_lora_A(rank: int, d_in: int, *, seed: int, tag: str, dtype: torch.dty
     Drawn in float64 on the CPU from :func:`florg.core.layer_seed` of ``(seed, tag)``, so every
     process obtains the byte-identical matrix (PEFT itself draws from the global RNG).
     """
-    from florg.core import layer_seed
-
     gen = torch.Generator(device="cpu")
     gen.manual_seed(layer_seed(seed, tag))
     bound = 1.0 / math.sqrt(d_in)
@@ -353,6 +355,7 @@ class LoRAMethod(FederatedMethod):
         return int(self.cfg.method.rank)
 
     def build(self, model: nn.Module, target_modules: list[str], head_modules: list[str]) -> nn.Module:
+        # lazy: peft (seconds); load_config imports the method registry
         from peft import LoraConfig, get_peft_model
 
         m = self.cfg.method
@@ -526,8 +529,6 @@ class LoRAMethod(FederatedMethod):
         """
         super().save_artifacts(model, run_path)
         if self.modifies_base:
-            from safetensors.torch import save_file
-
             deltas = {name + ".weight": to_weight_layout(layer, self.base_delta(layer)).contiguous().cpu()
                       for name, layer in self.layers(model).items()}
             save_file(deltas, str(Path(run_path) / "base_delta.safetensors"))

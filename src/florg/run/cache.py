@@ -42,12 +42,19 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import datasets
+from datasets import Dataset, load_from_disk
+
+import florg
+from florg.data import TaskData
+from florg.models import florg_cache_dir
+
 if TYPE_CHECKING:
     from florg.config import RunConfig
-    from florg.data import TaskData
     from florg.tasks import TaskFamily
 
 __all__ = ["CACHE_FORMAT", "CachedData", "DataCache", "bases_path", "cache_root"]
@@ -65,8 +72,6 @@ def cache_root(cfg: RunConfig) -> Path:
     """The cache folder: ``cache.dir``, else ``$FLORG_CACHE/experiments``, else ``~/.cache/florg/experiments``."""
     if cfg.cache.dir:
         return Path(cfg.cache.dir).expanduser()
-    from florg.models import florg_cache_dir
-
     return florg_cache_dir() / "experiments"
 
 
@@ -85,10 +90,6 @@ def _source_digest() -> str:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import florg
-
     out = {"florg": florg.__version__}
     for pkg in ("datasets", "transformers", "tokenizers"):
         try:
@@ -132,8 +133,6 @@ def _digest(obj: Any) -> str:
 @functools.lru_cache(maxsize=1)
 def _bases_digest() -> str:
     """SHA-256 over what a drawn basis depends on: the source of the draw and torch's version."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         torch_version = version("torch")
     except PackageNotFoundError:
@@ -194,10 +193,6 @@ class DataCache:
             return None
 
     def _read(self, meta: dict[str, Any]) -> CachedData:
-        from datasets import load_from_disk
-
-        from florg.data import TaskData
-
         if meta.get("key") != self.key:
             raise ValueError("the entry's key does not match its folder")
 
@@ -219,8 +214,6 @@ class DataCache:
     # ------------------------------------------------------------------ write
     def save(self, data: CachedData) -> bool:
         """Store ``data`` (every split must be a ``datasets.Dataset``); False if it cannot be cached."""
-        from datasets import Dataset
-
         splits = {"raw_train": data.task.train, "raw_test": data.task.test, "raw_validation": data.task.validation,
                   "test": data.test, "validation": data.validation,
                   **{f"partition_{i}": p for i, p in enumerate(data.partitions)}}
@@ -231,8 +224,6 @@ class DataCache:
         root = self.path.parent
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=root))
-        import datasets
-
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         try:

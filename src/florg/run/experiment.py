@@ -25,12 +25,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from florg.adapters import basis_store
 from florg.config import ConfigError, RunConfig, client_view
 from florg.core.seeds import derive_seed
+from florg.data import partition_dataset, partition_stats
+from florg.data.catalog import random_subset, stratified_holdout
+from florg.data.loaders import make_loader
 from florg.device import EVAL_MEMORY_FIX, autocast, base_dtype, check_dtype, memory_guard
 from florg.env import OFFLINE_ENV
 from florg.methods import FederatedMethod, get_method
-from florg.tasks import TaskFamily
+from florg.tasks import TaskFamily, get_family
 
 __all__ = ["Experiment", "build_experiment", "float32_trainables", "get_experiment", "set_offline_env"]
 
@@ -82,8 +86,6 @@ class Experiment:
         return device
 
     def client_loader(self, partition_id: int, server_round: int) -> DataLoader:
-        from florg.data.loaders import make_loader
-
         if not 0 <= partition_id < len(self.partitions):
             raise ValueError(
                 f"partition-id {partition_id} is out of range: the run has {len(self.partitions)} "
@@ -133,9 +135,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     FLoRG's bases come from the disk cache when an earlier process stored them, and are stored
     otherwise (:mod:`florg.run.cache`); the result is the same either way.
     """
-    from florg.data import partition_stats
+    # lazy: florg.run.cache imports datasets; this module must not load it (test_gpu_check.py)
     from florg.run.cache import CachedData, DataCache, bases_path
-    from florg.tasks import get_family
 
     set_offline_env()
     method = get_method(cfg)
@@ -150,8 +151,6 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     model, tokenizer = family.load_model(task, base_dtype(cfg.model.dtype))
     _check_max_length(cfg, model)
     targets = list(cfg.model.target_modules) or family.target_modules(model)
-    from florg.adapters import basis_store
-
     with basis_store(bases_path(cfg, targets) if cfg.cache.enabled else None):
         model = method.build(model, targets, family.head_modules(model))
     float32_trainables(model)
@@ -183,9 +182,6 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 def _load_and_partition(cfg: RunConfig, family: TaskFamily) -> tuple[Any, list[Any]]:
     """The family's raw splits (with the validation split held out) and the clients' partitions."""
-    from florg.data import partition_dataset
-    from florg.data.catalog import random_subset, stratified_holdout
-
     task = family.load_data()
     if cfg.data.validation_fraction > 0 and task.validation is None:
         task.train, task.validation = stratified_holdout(task.train, derive_seed(cfg.seed, "validation"),

@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from florg import __version__
+
 if TYPE_CHECKING:
     from florg.run.experiment import Experiment
 
@@ -39,6 +41,7 @@ _AUTO_CLASS = {
 
 def describe_adapters(exp: Experiment, run_path: Path, summary: dict[str, Any]) -> list[Path]:
     """Complete every adapter folder under ``run_path`` (see the module docstring); the folders done."""
+    # lazy: florg.models imports torch; florg.run.predict imports this module before torch
     from florg.models import portable_model_id
 
     cfg, family = exp.cfg, exp.family
@@ -74,8 +77,6 @@ def _fmt(value: Any) -> str:
 def model_card(exp: Experiment, summary: dict[str, Any], *, base_id: str, folder: str, plain_lora: bool,
                labels: list[str] | None, base_delta: bool = False) -> str:
     """The ``README.md`` of one adapter folder (Hugging Face model-card layout: YAML header, then Markdown)."""
-    from florg import __version__
-
     cfg, family = exp.cfg, exp.family
     task_type = family.peft_task_type
     peft_auto, hf_auto = _AUTO_CLASS[task_type]

@@ -15,6 +15,7 @@ accuracy, ``personal_accuracy``); its global model's ``test_<metric>`` is then d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,6 @@ class Series:
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """``(mean, sample std)`` (``n - 1``; 0 for one value): :func:`florg.study.stats.mean_std`, which the
     run layer does not import (the study layer sits above it)."""
-    import math
-
     mean = math.fsum(values) / len(values)
     if len(values) == 1:
         return mean, 0.0
@@ -59,8 +58,6 @@ def mean_band(runs: Sequence[Rows], key: str, x_key: str = "round") -> tuple[lis
     The std is the sample std (n - 1); 0 for a single run. ``x_key = "bytes_total_cum"`` gives the
     x position in bytes (0 at round 0).
     """
-    import math
-
     if not runs:
         return [], [], []
     by_round = [{int(r["round"]): r for r in run if key in r and r[key] is not None} for run in runs]

@@ -22,10 +22,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from florg.config import DataConfig, load_config
+from florg.data.instruct import is_instruct_task
+from florg.run.outputs import LABELS_FILE
 
 __all__ = ["RunModel", "check_request", "family_name", "load_run_model", "predict"]
 
@@ -74,10 +79,6 @@ def check_request(run_dir: str | Path, texts: Sequence[str], *, context: str | N
 
 def _run_task(run_dir: Path) -> str:
     """``data.task`` of the run in ``run_dir``, read straight from its ``config.toml`` (its default when absent)."""
-    import tomllib
-
-    from florg.config import DataConfig
-
     file = run_dir / "config.toml"
     if not file.is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a florg run directory (no config.toml)")
@@ -99,8 +100,6 @@ def family_name(task: str) -> str:
     family modules import torch: seconds on a loaded machine, too slow for argument checking.
     The order is :data:`florg.tasks.FAMILIES`' (extractive QA, instruction, classification).
     """
-    from florg.data.instruct import is_instruct_task
-
     low = task.strip().lower()
     if low in ("squad", "wordnet-qa") or low.startswith("squad:"):  # ExtractiveQAFamily.accepts
         return "extractive-qa"
@@ -124,15 +123,14 @@ def _check_options(kind: str, n_texts: int, context: str | None, pairs: Sequence
 
 def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
     """The final model of the run in ``run_dir`` (eval mode) with its tokenizer, config, task family and labels."""
-    import torch
-    from peft import PeftConfig, PeftModel
+    import torch  # lazy: torch; florg predict checks arguments first
+    from peft import PeftConfig, PeftModel  # lazy: peft; florg predict checks arguments first
 
+    # lazy: florg predict checks its arguments before loading peft (test_predict_startup.py)
     import florg.adapters  # noqa: F401 - registers the FLORG PEFT type
-    from florg.config import load_config
-    from florg.device import base_dtype
-    from florg.run.experiment import float32_trainables, set_offline_env
-    from florg.run.outputs import LABELS_FILE
-    from florg.tasks import get_family
+    from florg.device import base_dtype  # lazy: torch; florg predict checks arguments first
+    from florg.run.experiment import float32_trainables, set_offline_env  # lazy: torch; florg predict checks arguments first
+    from florg.tasks import get_family  # lazy: torch; florg predict checks arguments first
 
     set_offline_env()
     run_dir = Path(run_dir)
@@ -154,9 +152,9 @@ def load_run_model(run_dir: str | Path, device: str | None = None) -> RunModel:
         model = PeftModel.from_pretrained(model, str(adapter), config=config)
     delta_file = run_dir / "base_delta.safetensors"
     if delta_file.is_file():
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: torch; florg predict checks arguments first
 
-        from florg.methods.lora_common import lora_layers
+        from florg.methods.lora_common import lora_layers  # lazy: torch; florg predict checks arguments first
 
         deltas = load_file(str(delta_file))
         with torch.no_grad():
@@ -186,8 +184,8 @@ def _stored_bases(cfg: Any, family: Any, model: Any) -> Iterator[None]:
     if not cfg.cache.enabled:
         yield
         return
-    from florg.adapters import basis_store
-    from florg.run.cache import bases_path
+    from florg.adapters import basis_store  # lazy: peft; florg predict checks arguments first
+    from florg.run.cache import bases_path  # lazy: datasets; florg predict checks arguments first
 
     targets = list(cfg.model.target_modules) or family.target_modules(model)
     with basis_store(bases_path(cfg, targets), strict=False) as store:
@@ -228,11 +226,11 @@ def _device(model: Any) -> Any:
 
 
 def _classify(run: RunModel, texts: list[str], top_k: int, pairs: list[str] | None) -> list[dict[str, Any]]:
-    import datasets
-    import torch
+    import datasets  # lazy: datasets; florg predict checks arguments first
+    import torch  # lazy: torch; florg predict checks arguments first
 
-    from florg.data.loaders import make_collate
-    from florg.tasks.classification import encode
+    from florg.data.loaders import make_collate  # lazy: torch; florg predict checks arguments first
+    from florg.tasks.classification import encode  # lazy: torch; florg predict checks arguments first
 
     columns = {"text_a": texts, "text_b": pairs} if pairs is not None else {"text_a": texts}
     ds = datasets.Dataset.from_dict({**columns, "label": [0] * len(texts)})
@@ -252,9 +250,9 @@ def _classify(run: RunModel, texts: list[str], top_k: int, pairs: list[str] | No
 
 
 def _answer(run: RunModel, questions: list[str], context: str) -> list[dict[str, Any]]:
-    import datasets
+    import datasets  # lazy: datasets; florg predict checks arguments first
 
-    from florg.tasks.extractive_qa import evaluate_qa
+    from florg.tasks.extractive_qa import evaluate_qa  # lazy: torch; florg predict checks arguments first
 
     n = len(questions)
     ds = datasets.Dataset.from_dict({"id": [str(i) for i in range(n)], "question": questions, "context": [context] * n,
@@ -268,9 +266,9 @@ def _answer(run: RunModel, questions: list[str], context: str) -> list[dict[str,
 
 
 def _generate(run: RunModel, prompts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
-    import datasets
+    import datasets  # lazy: datasets; florg predict checks arguments first
 
-    from florg.tasks.instruction import greedy_generate
+    from florg.tasks.instruction import greedy_generate  # lazy: torch; florg predict checks arguments first
 
     n = len(prompts)
     ds = datasets.Dataset.from_dict({"messages": [json.dumps([{"role": "user", "content": p}]) for p in prompts],

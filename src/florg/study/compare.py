@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from florg.config import ConfigError, RunConfig
+from florg.config import ConfigError, RunConfig, apply_overrides, validate
+from florg.methods import get_method
+from florg.methods.registry import METHODS, compare_rows
+from florg.run.plots import Series, plot_rows
+from florg.run.rundir import RunDir
+
+from .stats import bytes_to_target as _b2t
+from .tables import MetricInfo, RowRuns, jsonable, majority_rate, markdown_tables, summarise_rows
 
 __all__ = [
     "ABLATIONS",
@@ -51,8 +58,6 @@ __all__ = [
 
 
 def _rows() -> dict[str, Any]:
-    from florg.methods.registry import compare_rows
-
     return {row.label: row for row in compare_rows()}
 
 
@@ -88,8 +93,6 @@ PERCENT_METRICS = frozenset({"accuracy", "f1", "exact_match"})
 
 def compare_config(overrides: Sequence[str] = ()) -> RunConfig:
     """The default compare config (:data:`COMPARE_DEFAULTS`) with ``key=value`` overrides."""
-    from florg.config import apply_overrides, validate
-
     cfg = RunConfig.from_dict(json.loads(json.dumps(COMPARE_DEFAULTS)))
     apply_overrides(cfg, list(overrides))
     validate(cfg)
@@ -130,8 +133,6 @@ def _apply_row(cfg: RunConfig, label: str) -> None:
 
 def plan_runs(base: RunConfig, compare_dir: Path, methods: Sequence[str], seeds: int) -> list[RunSpec]:
     """One run per (seed, method), seed-major, each validated by its method before anything runs."""
-    from florg.methods import get_method
-
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     specs = []
@@ -188,8 +189,8 @@ def run_compare(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a comparison and write its tables and plots; returns :func:`summarise`'s dict."""
+    # lazy: looked up per call: tests/test_compare.py patches florg.fl.simulation.run_simulation_engine
     from florg.fl.simulation import RunInterrupted, run_simulation_engine
-    from florg.run.rundir import RunDir
 
     if not 0.0 < target_fraction <= 1.0:
         raise ConfigError(f"--target-fraction must be in (0, 1], got {target_fraction}")
@@ -243,14 +244,10 @@ def _status(path: Path) -> str | None:
 def bytes_to_target(rows: Sequence[dict[str, Any]], target: float, key: str = "test_accuracy",
                     higher_is_better: bool = True) -> int | None:
     """Cumulative bytes (up + down) when ``key`` first reaches ``target`` (None: never); see :mod:`florg.study.stats`."""
-    from .stats import bytes_to_target as _b2t
-
     return _b2t(rows, key, target, higher_is_better)
 
 
 def _headline(method: str) -> str:
-    from florg.methods.registry import METHODS
-
     return str(getattr(METHODS[method], "headline", "global"))
 
 
@@ -267,10 +264,6 @@ def summarise(
     The numbers are those of :func:`florg.study.tables.summarise_rows` (the task's own primary metric,
     mean ± std, 95 % t interval, last-3-rounds mean, paired differences against FLoRG, bytes to target).
     """
-    from florg.run.plots import Series, plot_rows
-
-    from .tables import MetricInfo, RowRuns, jsonable, majority_rate, summarise_rows
-
     compare_dir = Path(compare_dir)
     rows_by_label = _rows()
     info = MetricInfo.of_task(base.data.task) if base is not None else MetricInfo(("accuracy", "loss"))
@@ -313,8 +306,6 @@ def _pm(info: Any, s: dict[str, Any]) -> str:
 
 
 def _markdown(summary: dict[str, Any], base: RunConfig | None, info: Any) -> str:
-    from .tables import markdown_tables
-
     per = summary["rows"]
     methods = [m for m in summary["methods"] if not per[m]["ablation"]]
     model = base.model.name if base is not None else "?"

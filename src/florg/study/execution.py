@@ -15,11 +15,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from florg.config import load_config
+from florg.run.rundir import RunDir
+
+from .report import write_study_reports
 from .selection import plan_phase, recorded_status, result_path, run_done
 from .spec import COPIED, PHASES, Log, Study, StudyError, StudySpec
 
@@ -49,8 +56,6 @@ def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_recorded(study: Study, spec: StudySpec) -> None:
     """Refuse a run whose recorded config differs from the planned one."""
-    from florg.config import load_config
-
     path = result_path(study, spec) / "config.toml"
     if not path.is_file():
         return
@@ -88,10 +93,6 @@ class TreeCPU:
     """
 
     def __init__(self, interval: float = 2.0) -> None:
-        import threading
-
-        import psutil
-
         self._psutil = psutil
         self._me = psutil.Process()
         self._interval = interval
@@ -138,8 +139,8 @@ class TreeCPU:
 def run_one(study: Study, spec: StudySpec, reporter: Callable[[dict[str, Any]], None] | None = None,
             verbose: bool = False) -> dict[str, Any]:
     """Run ``spec`` from scratch into its run directory and copy its small files to the results folder."""
+    # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (flwr, torch)
     from florg.fl import simulation
-    from florg.run.rundir import RunDir
 
     path = study.runs_dir / spec.rel
     if path.exists():
@@ -168,8 +169,6 @@ def run_one(study: Study, spec: StudySpec, reporter: Callable[[dict[str, Any]], 
 def _lock(study: Study, spec: StudySpec) -> Path | None:
     """Claim ``spec`` for this process (a lock file next to its run directory); None if another live
     process holds it. A lock left by a process that no longer exists is taken over."""
-    import psutil
-
     path = study.runs_dir / f"{spec.rel}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
@@ -273,8 +272,6 @@ def run_phase(study: Study, phase: str, log: Log = print, tasks: Sequence[str] |
 
 def write_reports(study: Study) -> list[Path]:
     """Regenerate everything in ``results_dir`` from the copied runs (see :mod:`florg.study.report`)."""
-    from .report import write_study_reports
-
     return write_study_reports(study)
 
 

@@ -210,6 +210,7 @@ def _final_md(study: Study, task: str, summary: dict[str, Any], info: MetricInfo
 
 def write_study_reports(study: Study) -> list[Path]:
     """Rebuild results.md, selection.json, tuning.md and every task's final tables and plots."""
+    # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (matplotlib)
     from florg.run.plots import Series, plot_rows
 
     out = study.results_dir

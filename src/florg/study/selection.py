@@ -33,6 +33,8 @@ from .spec import (
     florg_row,
     run_config,
 )
+from .stats import final_value, last_k_mean
+from .tables import MetricInfo
 
 __all__ = [
     "broken_rounds",
@@ -93,8 +95,6 @@ def phase_results(study: Study, specs: Sequence[StudySpec]) -> dict[str, dict[st
 
 
 def _metric_info(cfg: RunConfig):  # noqa: ANN202
-    from .tables import MetricInfo
-
     return MetricInfo.of_task(cfg.data.task)
 
 
@@ -115,8 +115,6 @@ def validation_key(rows: Sequence[Mapping[str, Any]], headline: str, primary: st
 def validation_score(rows: Sequence[Mapping[str, Any]], key: str, select: str) -> float | None:
     """A tuning run's score: ``key`` in its final round (``select="final"``) or its mean over the last 3
     rounds that report it (``"last3"``); None when no round reports it."""
-    from .stats import final_value, last_k_mean
-
     if not key.startswith("val_"):
         raise ValueError(f"selection reads validation keys only, got '{key}'")
     try:

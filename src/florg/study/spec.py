@@ -83,6 +83,7 @@ results folder in :mod:`florg.study.report`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -90,7 +91,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from florg.config import ConfigError, RunConfig
+from florg.config import ConfigError, RunConfig, read_toml
 
 __all__ = [
     "COPIED",
@@ -245,8 +246,6 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
 
     ``overrides`` are ``study.<key>=<TOML value>`` strings (e.g. ``study.final_seeds=[0,1]``).
     """
-    from florg.config import read_toml
-
     p = Path(path)
     data = read_toml(p, "study file", "configs/studies/h12.toml", error=StudyError)
     for item in overrides:
@@ -327,8 +326,6 @@ def point_tag(point: Mapping[str, Any]) -> str:
 
 def _expand(row: StudyRow, axes: Mapping[str, list[Any]]) -> list[StudyRow]:
     """The row's sweep points (the product of ``axes``) as rows of their own, each with its own lr sweep."""
-    import itertools
-
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
     subs = []
     for point in points:
@@ -341,6 +338,7 @@ def _expand(row: StudyRow, axes: Mapping[str, list[Any]]) -> list[StudyRow]:
 
 
 def _rows(labels: Any, extra: Mapping[str, Any], sweep: Mapping[str, list[Any]] | None = None) -> dict[str, StudyRow]:
+    # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (torch)
     from florg.methods.registry import METHODS, compare_rows
 
     registry = {r.label: r for r in compare_rows()}
@@ -437,6 +435,7 @@ def run_config(study: Study, phase: str, task: str, row: StudyRow, lr: float, se
                variant: Mapping[str, Any] | None = None, chosen: Mapping[str, Any] | None = None) -> RunConfig:
     """The config of one run: base, task, the FLoRG variant, the row's own settings, the settings chosen on its
     sweep's extra axes (``chosen``: final runs), lr, seed, the phase's evaluation."""
+    # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (torch)
     from florg.methods import get_method
 
     layers: list[Mapping[str, Any]] = [study.tasks[task], {"method.name": row.method}]

@@ -19,6 +19,7 @@ round 0 = the untrained model), so the numbers in a results table can be recompu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -52,6 +53,7 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
     ``(nan, nan)`` for fewer than two values (no spread to estimate).
     """
+    # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (scipy)
     from scipy import stats
 
     if not 0.0 < level < 1.0:
@@ -111,8 +113,7 @@ def paired_test(a: Mapping[int, float], b: Mapping[int, float], level: float = 0
     ``n - 1`` degrees of freedom); the Wilcoxon signed-rank test is :func:`scipy.stats.wilcoxon`
     (nan when all differences are zero or n < 2).
     """
-    import warnings
-
+    # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (scipy)
     from scipy import stats
 
     seeds = sorted(set(a) & set(b))

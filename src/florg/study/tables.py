@@ -52,6 +52,7 @@ class MetricInfo:
 
     @classmethod
     def of_task(cls, task: str) -> MetricInfo:
+        # lazy: florg.cli.main imports this module: keeps florg --help under 1 s (torch, transformers)
         from florg.tasks import family_class
 
         fam = family_class(task)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from florg.models import default_target_modules
+
 if TYPE_CHECKING:
     from florg.config import RunConfig
     from florg.data import TaskData
@@ -93,8 +95,6 @@ class TaskFamily(ABC):
 
     def target_modules(self, model: torch.nn.Module) -> list[str]:
         """The default adapted modules when ``model.target_modules`` is empty."""
-        from florg.models import default_target_modules
-
         return default_target_modules(model)
 
     # ---- metrics -------------------------------------------------------------------------------

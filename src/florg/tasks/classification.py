@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from florg.data import available_tasks, load_task
 from florg.data.loaders import make_collate, make_loader
+from florg.models import head_module_names, load_model
 
 from .base import TaskFamily
 
@@ -37,13 +39,9 @@ class ClassificationFamily(TaskFamily):
 
     @classmethod
     def task_forms(cls) -> list[str]:
-        from florg.data import available_tasks
-
         return [*available_tasks(), "local:<path>"]
 
     def load_data(self) -> TaskData:
-        from florg.data import load_task
-
         d = self.cfg.data
         data = load_task(
             d.task,
@@ -58,13 +56,9 @@ class ClassificationFamily(TaskFamily):
         return data
 
     def load_model(self, data: TaskData, dtype: torch.dtype) -> tuple[Any, Any]:
-        from florg.models import load_model
-
         return load_model(self.cfg.model.name, data.num_labels, dtype=dtype)
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
-        from florg.models import head_module_names
-
         return head_module_names(model)
 
     def encode(self, ds: Any, tokenizer: Any, *, train: bool) -> Any:
@@ -207,6 +201,7 @@ def encode(
         enc["labels"] = [int(y) for y in batch[label_column]]
         return enc
 
+    # lazy: datasets: florg.run.experiment imports florg.tasks and must not load it (test_gpu_check.py)
     import datasets
 
     # datasets would otherwise fingerprint the map by pickling ``tok`` with the whole tokenizer

@@ -41,9 +41,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForQuestionAnswering
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+)
+
+from florg.config import ConfigError
+from florg.data.squad import load_squad
+from florg.data.wordnet_qa import load_wordnet_qa
+from florg.models import load_pretrained, resolve_model
 
 from .base import TaskFamily
+from .classification import label_weighted_accuracy
 
 __all__ = [
     "ExtractiveQAFamily",
@@ -218,8 +230,6 @@ def qa_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, 
 def best_spans(eval_set: QAEvalSet, start_logits: Sequence[Sequence[float]], end_logits: Sequence[Sequence[float]],
                max_answer_length: int, n_best: int = N_BEST) -> list[str]:
     """The predicted answer text of every example: its best span over all its windows ("" if none is valid)."""
-    import numpy as np
-
     predictions = []
     for e, example in enumerate(eval_set.examples):
         best, text = -np.inf, ""
@@ -305,11 +315,7 @@ class ExtractiveQAFamily(TaskFamily):
                     max_train_examples=d.max_train_examples or None, max_test_examples=d.max_test_examples or None)
         key = d.task.strip()
         if key.lower() == "wordnet-qa":
-            from florg.data.wordnet_qa import load_wordnet_qa
-
             return load_wordnet_qa(d.data_dir or None, **caps)
-        from florg.data.squad import load_squad
-
         if key.lower().startswith("squad:"):
             path = key[len("squad:"):].strip()
             if not path:
@@ -318,10 +324,6 @@ class ExtractiveQAFamily(TaskFamily):
         return load_squad(d.data_dir or None, **caps)
 
     def load_model(self, data, dtype: torch.dtype) -> tuple[Any, Any]:  # noqa: ANN001
-        from transformers import AutoModelForQuestionAnswering
-
-        from florg.models import load_pretrained
-
         model, tokenizer = load_pretrained(self.cfg.model.name, AutoModelForQuestionAnswering, dtype=dtype)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"model.name={self.cfg.model.name!r}: extractive QA needs a fast tokenizer "
@@ -330,15 +332,6 @@ class ExtractiveQAFamily(TaskFamily):
 
     def _check_model(self) -> None:
         """Refuse a model that cannot be a span extractor (from its config, before data or weights are loaded)."""
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-            MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
-        )
-
-        from florg.config import ConfigError
-        from florg.models import resolve_model
-
         name, task = self.cfg.model.name, self.cfg.data.task
         try:
             config = AutoConfig.from_pretrained(resolve_model(name))
@@ -376,6 +369,7 @@ class ExtractiveQAFamily(TaskFamily):
     def encode(self, ds: Any, tokenizer: Any, *, train: bool) -> Any:
         feats = self._windows(ds, tokenizer)
         if train:
+            # lazy: datasets: florg.run.experiment imports florg.tasks and must not load it (test_gpu_check.py)
             import datasets
 
             keep = [k for k in (*_MODEL_KEYS, "start_positions", "end_positions") if k in feats]
@@ -398,8 +392,6 @@ class ExtractiveQAFamily(TaskFamily):
         For ``wordnet-qa`` the labels are lexicographer categories, shared by the train and test
         splits; SQuAD's dev articles are not training articles, so there it is the plain F1.
         """
-        from .classification import label_weighted_accuracy
-
         return label_weighted_accuracy(
             {"accuracy": result["f1"], "class_total": result["label_total"], "class_correct": result["label_f1"]},
             label_counts)

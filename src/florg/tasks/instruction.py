@@ -56,8 +56,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from florg.config import ConfigError
+from florg.core.seeds import derive_seed
+from florg.data.instruct import instruct_task_forms, is_instruct_task, load_instruct_task
+from florg.data.loaders import make_loader
+from florg.models import load_pretrained, resolve_model
 
 from .base import TaskFamily
 
@@ -98,20 +104,14 @@ class InstructionFamily(TaskFamily):
 
     @classmethod
     def accepts(cls, task: str) -> bool:
-        from florg.data.instruct import is_instruct_task
-
         return is_instruct_task(task)
 
     @classmethod
     def task_forms(cls) -> list[str]:
-        from florg.data.instruct import instruct_task_forms
-
         return instruct_task_forms()
 
     # ---- examples ------------------------------------------------------------------------------
     def load_data(self):  # noqa: ANN201
-        from florg.data.instruct import load_instruct_task
-
         self.check_model()  # an encoder is refused before any data is read
         d = self.cfg.data
         return load_instruct_task(
@@ -132,20 +132,11 @@ class InstructionFamily(TaskFamily):
 
     # ---- model ---------------------------------------------------------------------------------
     def load_model(self, data, dtype: torch.dtype) -> tuple[Any, Any]:  # noqa: ANN001
-        from transformers import AutoModelForCausalLM
-
-        from florg.models import load_pretrained
-
         self.check_model()
         return load_pretrained(self.cfg.model.name, AutoModelForCausalLM, dtype=dtype)
 
     def check_model(self) -> None:
         """Refuse a model that cannot generate text (an encoder such as BERT/MiniLM), before loading weights."""
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        from florg.models import resolve_model
-
         name = self.cfg.model.name
         source = resolve_model(name)
         try:
@@ -168,15 +159,11 @@ class InstructionFamily(TaskFamily):
     # ---- metrics -------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, data: Any, *, batch_size: int, tokenizer: Any,
                  device: torch.device | None = None) -> dict[str, Any]:
-        from florg.data.loaders import make_loader
-
         loader = make_loader(data, batch_size, shuffle=False, seed=0, collate_fn=self.collate(tokenizer))
         return evaluate_lm(model, loader, device=device)
 
     def finish(self, model: torch.nn.Module, experiment: Any, run_path: Path) -> dict[str, Any]:
         """Greedy generations before/after training for a seeded held-out sample; ROUGE-L of both."""
-        from florg.core.seeds import derive_seed
-
         cfg = self.cfg
         n = min(int(cfg.eval.generate_examples), len(experiment.test))
         if n <= 0:
@@ -299,6 +286,7 @@ def encode_instructions(ds: Any, tokenizer: Any, max_length: int, *, keep_text: 
     ``keep_text`` also keeps ``question`` (the last user turn and input) and ``reference`` (the
     answer) for generation.
     """
+    # lazy: datasets: florg.run.experiment imports florg.tasks and must not load it (test_gpu_check.py)
     import datasets
 
     if int(max_length) < 4:
@@ -385,8 +373,6 @@ def greedy_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, p
     Prompts are left-padded in batches (the attention mask hides the padding); generation stops at
     ``eos_token_id`` or after ``max_new_tokens`` tokens.
     """
-    from transformers import GenerationConfig
-
     model.eval()
     pad = int(pad_token_id)
     gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
@@ -426,6 +412,7 @@ _SCORER: Any = None
 def _scorer() -> Any:
     global _SCORER
     if _SCORER is None:
+        # lazy: rouge_score imports pandas: florg.run.experiment imports florg.tasks and must not load it (test_gpu_check.py)
         from rouge_score import rouge_scorer
 
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

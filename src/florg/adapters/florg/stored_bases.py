@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ...core.bases import make_bases
 
@@ -48,8 +50,6 @@ class BasisStore:
         self.hits = 0
         self._names: set[str] = set()
         if self.path.is_file():
-            from safetensors import safe_open
-
             with safe_open(str(self.path), framework="pt") as f:
                 self._names = set(f.keys())
 
@@ -59,8 +59,6 @@ class BasisStore:
         key = _key(seed, layer_name, d_out, d_in, dtype)
         names = [self._stored_name(key + "/L"), self._stored_name(key + "/R")]
         if all(names):
-            from safetensors import safe_open
-
             with safe_open(str(self.path), framework="pt") as f:
                 left, right = (_restore(f.get_tensor(n), n) for n in names)
             self.hits += 1
@@ -73,8 +71,6 @@ class BasisStore:
         """Add the bases drawn since opening to the file (atomic replace); a no-op when none were."""
         if not self.new:
             return
-        from safetensors.torch import load_file, save_file
-
         tensors = load_file(str(self.path)) if self.path.is_file() else {}
         for name, value in self.new.items():
             tensors.update([_stored(name, value)])

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 __all__ = ["NodeKey", "TLSFiles", "load_node_keys", "make_node_keys", "make_throwaway_certs"]
 
 
@@ -76,9 +81,6 @@ def make_node_keys(
     EC P-384 keys in OpenSSH format, the same as ``ssh-keygen -t ecdsa -b 384 -N ""``. Raises
     :class:`FileExistsError` instead of replacing an existing key unless ``overwrite``.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
     keys = []
@@ -96,8 +98,6 @@ def make_node_keys(
 
 
 def _san_entry(value: str) -> Any:
-    from cryptography import x509
-
     kind, _, name = value.partition(":")
     if kind == "IP":
         return x509.IPAddress(ipaddress.ip_address(name))
@@ -117,11 +117,6 @@ def make_throwaway_certs(folder: str | Path, extra_sans: Sequence[str] = (), day
     or a bare name/address). For tests only: the CA key is stored unencrypted next to the
     certificates. Existing files are replaced.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
