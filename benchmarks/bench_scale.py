@@ -31,7 +31,7 @@ processes count once per process: an upper bound), the driver's own peak, the dr
 end of each round (growth across rounds = per-client state kept), the cold data build and its
 partitioning step, the partition-id query of round 1 (the server asks every node once, 64 at a
 time, to sample reproducibly), wall time per round, the server's aggregation time and the path it
-took (recorded from ``florg.core.aggregate``), bytes per round. The accuracy barely moves with 2
+took (recorded from ``florg.core.validation``), bytes per round. The accuracy barely moves with 2
 local steps and 3 rounds; this measures the machinery, not learning.
 
 Results: a table on stdout, ``benchmarks/results/scale.json`` and the marked section ``scale`` of
@@ -99,15 +99,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         import importlib
 
-        aggregate = importlib.import_module("florg.core.aggregate")  # (florg.core.aggregate is also a function)
-        choose = aggregate._choose_path
+        checks = importlib.import_module("florg.core.validation")  # where each layer's path is chosen
+        choose = checks._choose_path
 
         def recorded(path: Any, total_rank: int, k: int, layer: str) -> str:
             chosen = choose(path, total_rank, k, layer)
             paths.append({"path": chosen, "sum_r": int(total_rank), "k": int(k)})
             return chosen
 
-        aggregate._choose_path = recorded
+        checks._choose_path = recorded
     except (ImportError, AttributeError):  # a refactored module: the path is then inferred (sum r_n < k)
         pass
     # Time the partition-id query (the server asks every node it has not seen once).

@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_json,
 )
 from florg.core import aggregate, aggregate_model, gram_eigen
-from florg.core.aggregate import _aggregate_model_reference
+from florg.core.whole_model import _aggregate_model_reference
 
 F64 = torch.float64
 EIG_RTOL = 1e-12

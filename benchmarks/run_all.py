@@ -85,7 +85,7 @@ def old_new_section(b: dict[str, Any]) -> list[str]:
                      f"{fmt_ms(d['old']['cpu_median_s'])} / {fmt_ms(d['new']['cpu_median_s'])}",
                      "bit-identical" if d["factor_bit_identical"] else f"{d['factor_rel_diff_max']:.1e}",
                      f"{d['eig_rel_diff_max']:.1e}", f"{d['diag_abs_diff_max']:.1e}"])
-    return ["Old path = `florg.core.aggregate._aggregate_model_reference` (two passes per shape group, one batched "
+    return ["Old path = `florg.core.whole_model._aggregate_model_reference` (two passes per shape group, one batched "
             "full `eigh` of the 80 x 80 matrices `G = M M^T`); new path = `aggregate_model` (one pass per layer, "
             "`M` built once into a reused buffer; paper variant without diagnostics: eigenvalues only and "
             "`A_new = polar(A_prev M^T) M`, no eigenvectors). Calls interleaved (old, new, old, ...) so both see "

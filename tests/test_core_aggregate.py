@@ -18,7 +18,7 @@ from florg.core import (
     make_bases,
     procrustes_align,
 )
-from florg.core.aggregate import _aggregate_model_reference
+from florg.core.whole_model import _aggregate_model_reference
 from helpers import F64, dense_q, gram_of, orthonormal_rows, probs, randn, random_orthogonal, rel, top_r_truncation
 
 COUNTS = [37.0, 250.0, 4.0, 1000.0, 88.0, 12.0]
