@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from .gram import _F64, DEFAULT_EIG_RTOL, _row_scales, _small_eigh, _split_eigs,
 from .validation import Path, _check_finite, _check_layer, _check_structure, check_factors
 
 __all__ = ["aggregate_model"]
+
+#: set by :func:`_aggregate_model_reference`: take the previous two-pass route
+_REFERENCE_ROUTE: ContextVar[bool] = ContextVar("florg_reference_route", default=False)
 
 
 def aggregate_model(
@@ -62,98 +66,7 @@ def aggregate_model(
     Uploads on a GPU keep the batched two-pass route of :func:`_aggregate_model_reference`
     (one host round trip per shape group).
     """
-    return _aggregate_model(
-        uploads, weights, previous=previous, rank=rank, variant=variant, align=align, path=path,
-        eig_rtol=eig_rtol, diagnostics=diagnostics, blocks=blocks, fast=True,
-    )
-
-
-def _aggregate_model_reference(
-    uploads: Mapping[str, Sequence[torch.Tensor]], weights: Sequence[float] | None = None, **kwargs: Any
-) -> dict[str, AggregationResult]:
-    """The previous route of :func:`aggregate_model`, kept for comparison (tests, ``bench_server.py``).
-
-    Two passes over each shape group of thin layers: ``G = M M^T`` layer by layer, one batched
-    full eigendecomposition per group, then ``M`` is rebuilt to align and diagnose each layer.
-    """
-    return _aggregate_model(uploads, weights, fast=False, **kwargs)
-
-
-def _gram_and_cross(s: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S_m S_m^T, P S_m^T)`` for ``s = [S_m; P]`` (``S_m``: the first ``m`` rows), in two GEMMs, not four.
-
-    ``G = S_m S_m^T`` is symmetric: with ``S_m = [S_1; S_2]`` (halves), ``s @ S_1^T`` gives ``G``'s first block
-    column and ``P S_1^T``, and ``[S_2; P] @ S_2^T`` the last block of ``G`` and ``P S_2^T``; ``S_1 S_2^T`` is the
-    transpose of a block already computed. About a quarter fewer multiply-adds than ``S_m S_m^T`` and
-    ``P S_m^T`` apart, and one read of ``s`` fewer. Equal to those products up to rounding.
-    """
-    h = m // 2
-    first = s @ s[:h].T  # (m + r) x h: [S_1 S_1^T; S_2 S_1^T; P S_1^T]
-    second = s[h:] @ s[h:m].T  # (m - h + r) x (m - h): [S_2 S_2^T; P S_2^T]
-    g = torch.empty(m, m, dtype=s.dtype)
-    g[:, :h] = first[:m]
-    g[:h, h:] = first[h:m].T
-    g[h:, h:] = second[: m - h]
-    return g, torch.cat([first[m:], second[m - h:]], dim=1)
-
-
-def _finish_polar(
-    layer: str, m: torch.Tensor, scales: torch.Tensor, lam: torch.Tensor, cross: torch.Tensor,
-    out_dtype: torch.dtype,
-) -> AggregationResult:
-    """The paper variant's factor without eigenvectors: ``polar(A_prev M^T) M`` (see :func:`aggregate_model`).
-
-    ``m`` is the unscaled stack, ``scales`` its row scales ``D`` (``M = D m``) and ``cross = A_prev m^T``:
-    ``polar(A_prev m^T D) D m``, so the scaling touches two ``r x m`` matrices instead of ``m``. Only for
-    ``rank Q = m`` (``lam``: all ``m`` eigenvalues of ``G``, decreasing, none dropped), no blocks, no diagnostics.
-    """
-    new = (_rotation(cross.mul_(scales)) * scales) @ m
-    return AggregationResult(
-        layer=layer, factor=new.to(out_dtype), eigenvalues=lam, rank_q=int(lam.numel()), path="thin", diagnostics={},
-    )
-
-
-def _map_layers(fn: Any, jobs: Sequence[tuple[str, torch.Tensor]]) -> list[AggregationResult]:
-    """``[fn(*job) for job in jobs]``, spread over the host's intra-op threads.
-
-    Each layer is one small problem (a skinny GEMM, an ``m x m`` eigenproblem, an ``r x m`` SVD) that one
-    core does about as fast as two, so with ``t = torch.get_num_threads() > 1`` threads the layers go to
-    ``t`` workers that each run one layer at a time on one thread (``torch.set_num_threads(1)`` for the
-    duration of the call, restored after). A layer's result depends only on its own inputs, not on which
-    worker ran it, so the result is the same every time. The first failing layer (in ``jobs`` order)
-    raises, as in a plain loop.
-    """
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(jobs) <= 1:
-        torch.set_num_threads(1)
-        try:
-            return [fn(*job) for job in jobs]
-        finally:
-            torch.set_num_threads(threads)
-    torch.set_num_threads(1)
-    try:
-        # set_num_threads in each worker too: OpenMP's thread count is per calling thread
-        with ThreadPoolExecutor(max_workers=min(threads, len(jobs)), thread_name_prefix="florg-aggregate",
-                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            return list(pool.map(lambda job: fn(*job), jobs))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _aggregate_model(
-    uploads: Mapping[str, Sequence[torch.Tensor]],
-    weights: Sequence[float] | None = None,
-    *,
-    previous: Mapping[str, torch.Tensor] | None = None,
-    rank: int | Mapping[str, int] | None = None,
-    variant: Variant = "paper",
-    align: bool = True,
-    path: Path = "auto",
-    eig_rtol: float = DEFAULT_EIG_RTOL,
-    diagnostics: bool = True,
-    blocks: Sequence[int] | None = None,
-    fast: bool = True,
-) -> dict[str, AggregationResult]:
+    fast = not _REFERENCE_ROUTE.get()
     if not uploads:
         raise ValueError("aggregate_model: no layers were uploaded")
     previous = previous or {}
@@ -260,3 +173,79 @@ def _aggregate_model(
                 uploads[name][0].dtype, blocks,
             )
     return {name: results[name] for name in uploads}
+
+
+def _aggregate_model_reference(
+    uploads: Mapping[str, Sequence[torch.Tensor]], weights: Sequence[float] | None = None, **kwargs: Any
+) -> dict[str, AggregationResult]:
+    """The previous route of :func:`aggregate_model`, kept for comparison (tests, ``bench_server.py``).
+
+    Two passes over each shape group of thin layers: ``G = M M^T`` layer by layer, one batched
+    full eigendecomposition per group, then ``M`` is rebuilt to align and diagnose each layer.
+    """
+    token = _REFERENCE_ROUTE.set(True)
+    try:
+        return aggregate_model(uploads, weights, **kwargs)
+    finally:
+        _REFERENCE_ROUTE.reset(token)
+
+
+def _gram_and_cross(s: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S_m S_m^T, P S_m^T)`` for ``s = [S_m; P]`` (``S_m``: the first ``m`` rows), in two GEMMs, not four.
+
+    ``G = S_m S_m^T`` is symmetric: with ``S_m = [S_1; S_2]`` (halves), ``s @ S_1^T`` gives ``G``'s first block
+    column and ``P S_1^T``, and ``[S_2; P] @ S_2^T`` the last block of ``G`` and ``P S_2^T``; ``S_1 S_2^T`` is the
+    transpose of a block already computed. About a quarter fewer multiply-adds than ``S_m S_m^T`` and
+    ``P S_m^T`` apart, and one read of ``s`` fewer. Equal to those products up to rounding.
+    """
+    h = m // 2
+    first = s @ s[:h].T  # (m + r) x h: [S_1 S_1^T; S_2 S_1^T; P S_1^T]
+    second = s[h:] @ s[h:m].T  # (m - h + r) x (m - h): [S_2 S_2^T; P S_2^T]
+    g = torch.empty(m, m, dtype=s.dtype)
+    g[:, :h] = first[:m]
+    g[:h, h:] = first[h:m].T
+    g[h:, h:] = second[: m - h]
+    return g, torch.cat([first[m:], second[m - h:]], dim=1)
+
+
+def _finish_polar(
+    layer: str, m: torch.Tensor, scales: torch.Tensor, lam: torch.Tensor, cross: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> AggregationResult:
+    """The paper variant's factor without eigenvectors: ``polar(A_prev M^T) M`` (see :func:`aggregate_model`).
+
+    ``m`` is the unscaled stack, ``scales`` its row scales ``D`` (``M = D m``) and ``cross = A_prev m^T``:
+    ``polar(A_prev m^T D) D m``, so the scaling touches two ``r x m`` matrices instead of ``m``. Only for
+    ``rank Q = m`` (``lam``: all ``m`` eigenvalues of ``G``, decreasing, none dropped), no blocks, no diagnostics.
+    """
+    new = (_rotation(cross.mul_(scales)) * scales) @ m
+    return AggregationResult(
+        layer=layer, factor=new.to(out_dtype), eigenvalues=lam, rank_q=int(lam.numel()), path="thin", diagnostics={},
+    )
+
+
+def _map_layers(fn: Any, jobs: Sequence[tuple[str, torch.Tensor]]) -> list[AggregationResult]:
+    """``[fn(*job) for job in jobs]``, spread over the host's intra-op threads.
+
+    Each layer is one small problem (a skinny GEMM, an ``m x m`` eigenproblem, an ``r x m`` SVD) that one
+    core does about as fast as two, so with ``t = torch.get_num_threads() > 1`` threads the layers go to
+    ``t`` workers that each run one layer at a time on one thread (``torch.set_num_threads(1)`` for the
+    duration of the call, restored after). A layer's result depends only on its own inputs, not on which
+    worker ran it, so the result is the same every time. The first failing layer (in ``jobs`` order)
+    raises, as in a plain loop.
+    """
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(jobs) <= 1:
+        torch.set_num_threads(1)
+        try:
+            return [fn(*job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        # set_num_threads in each worker too: OpenMP's thread count is per calling thread
+        with ThreadPoolExecutor(max_workers=min(threads, len(jobs)), thread_name_prefix="florg-aggregate",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(lambda job: fn(*job), jobs))
+    finally:
+        torch.set_num_threads(threads)
