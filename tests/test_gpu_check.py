@@ -5,9 +5,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # runs the device check end to end (the fast lane: -m "not slow")
 def test_gpu_check_dry_run_prints_the_table_and_updates_only_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# results\n\nkept text\n\n<!-- section:other -->\nother section\n<!-- /section:other -->\n")

@@ -52,6 +52,7 @@ def _accuracy(model, batches, labels):
     return int((preds == gold).sum()) / len(gold)  # as evaluate_classifier counts it
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_adapter_folders_describe_themselves(cls_run, tiny_encoder):
     path, cfg, summary = cls_run
     exp = get_experiment(cfg)
@@ -73,6 +74,7 @@ def test_adapter_folders_describe_themselves(cls_run, tiny_encoder):
         assert ("import florg" in card.split("With PEFT")[1]) == (folder == "adapter")
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 @pytest.mark.parametrize("folder", ["adapter", "adapter_lora"])
 def test_auto_peft_loads_the_adapters_and_reproduces_the_run(cls_run, folder):
     from peft import AutoPeftModelForSequenceClassification
@@ -90,6 +92,7 @@ def test_auto_peft_loads_the_adapters_and_reproduces_the_run(cls_run, folder):
             torch.testing.assert_close(model(**b).logits, run_model.model(**b).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_predict_python_and_cli(cls_run, tmp_path):
     path, cfg, _ = cls_run
     run_model = florg.load_run_model(path)
@@ -112,6 +115,7 @@ def test_predict_python_and_cli(cls_run, tmp_path):
     assert bad.exit_code == 2 and "not a florg run directory" in bad.stderr
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_predict_checks_arguments_before_loading_the_model(cls_run, tmp_path, monkeypatch):
     """Every bad argument errors (exit 2, one line) without loading the model: load_run_model must not run."""
     import shutil

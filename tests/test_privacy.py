@@ -317,6 +317,7 @@ def test_cli_rejects_dp_for_other_methods_before_training(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------- tiny simulations
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 @pytest.mark.parametrize("mode, extra", [("local", []), ("central", ["method.weighting=uniform"])])
 def test_tiny_simulation_with_dp_writes_epsilon(tmp_path, tiny_overrides, mode, extra):
     from florg.fl.simulation import run_simulation_engine

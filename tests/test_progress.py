@@ -83,6 +83,7 @@ def test_progress_grid_without_messages_sends_nothing():
 
 
 # ------------------------------------------------------------------ the hook in a real (tiny) simulation
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_simulation_reports_replies_and_stops_on_request(tmp_path, tiny_overrides):
     cfg = load_config(None, [*tiny_overrides, "train.rounds=3", f"out_dir={tmp_path}", "name=progress"])
     run_dir = RunDir.create(cfg)

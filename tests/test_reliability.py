@@ -39,6 +39,7 @@ def _run(tiny_overrides, tmp_path, name, extra, client_app=faults.app):
     return run_dir, cap.lines
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_invalid_replies_are_dropped_with_reasons(tmp_path, tiny_overrides):
     faults = "nan@0,inf@1,shape@2,missing@3,dtype@4,norm@5,examples@6,error@7"
     run_dir, logs = _run(tiny_overrides, tmp_path, "bad",
@@ -60,6 +61,7 @@ def test_invalid_replies_are_dropped_with_reasons(tmp_path, tiny_overrides):
     assert json.loads((run_dir.path / "status.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_round_with_no_valid_reply_keeps_the_global_adapter(tmp_path, tiny_overrides):
     run_dir, _ = _run(tiny_overrides, tmp_path, "allbad", ["data.num_clients=3", "train.rounds=1",
                                                            "federation.faults=nan@0,error@1,shape@2"])
@@ -84,6 +86,7 @@ def test_dropouts_with_partial_participation(tmp_path, tiny_overrides):
 
 
 # ----------------------------------------------------------------- the production ClientApp ignores faults
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_production_client_app_ignores_faults_set_by_the_server(tmp_path, tiny_overrides):
     run_dir, logs = _run(tiny_overrides, tmp_path, "prod", ["data.num_clients=3", "train.rounds=1",
                                                             "federation.faults=nan@0,error@1,shape@2"], client_app=None)

@@ -27,6 +27,7 @@ def two_runs(tmp_path_factory, tiny_overrides):
     return _run(tiny_overrides, tmp, "a"), _run(tiny_overrides, tmp, "b")
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_run_directory_contents(two_runs):
     (run_dir, summary), _ = two_runs
     p = run_dir.path
@@ -44,6 +45,7 @@ def test_run_directory_contents(two_runs):
     assert len(parts) == 3 and sum(x["size"] for x in parts) == 240
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_metrics_rows(two_runs):
     (run_dir, summary), _ = two_runs
     rows = run_dir.read_metrics()
@@ -60,6 +62,7 @@ def test_metrics_rows(two_runs):
     assert summary["accuracy_after"] == rows[-1]["test_accuracy"]
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_bytes_match_payload_sizes(two_runs):
     """Uplink per client = r*k*4 bytes per adapted layer + the head, plus small per-array headers."""
     (run_dir, _), _ = two_runs
@@ -70,11 +73,13 @@ def test_bytes_match_payload_sizes(two_runs):
     assert adapter_bytes_per_client == layers * (r * k * 4 + 128) + sum(len(n) for n in names)
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_same_seed_same_metrics(two_runs):
     (a, _), (b, _) = two_runs
     assert _deterministic(a.read_metrics()) == _deterministic(b.read_metrics())
 
 
+@pytest.mark.slow  # an in-process simulation (the fast lane: -m "not slow")
 def test_bfloat16_wire(tmp_path, tiny_overrides):
     run_dir, summary = _run(tiny_overrides, tmp_path, "bf16", ["federation.wire_dtype=bfloat16"])
     row = run_dir.read_metrics()[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from florg.config import load_config
+from florg.config import client_view, load_config
 from florg.core import aggregate_model
 from florg.fl.records import from_record, to_record
 from florg.fl.strategy import AdapterStrategy
@@ -185,7 +185,7 @@ def test_server_app_and_florg_build_the_same_strategy_from_a_config():
         assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (0.5, 3, 4)
         assert (s.seed, s.max_norm, s.wire_dtype, s.node_wait_timeout) == (9, 50, "float16", 30)
         assert [s.lr_fn(r) for r in (1, 4)] == [ours.lr_fn(1), ours.lr_fn(4)]
-        assert s.run_config_json == cfg.to_json()
+        assert s.run_config_json == client_view(cfg).to_json()  # the client's view: no server-only option
     assert theirs.config.to_dict() == cfg.to_dict()
     m = theirs.method.cfg.method
     assert (m.rank, m.florg.procrustes) == (2, "top-r")
