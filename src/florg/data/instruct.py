@@ -54,7 +54,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .catalog import DataUnavailableError, TaskData, random_subset, stratified_holdout
+from .catalog import DataUnavailableError, TaskData
+from .splits import random_subset, stratified_holdout
 from .wordnet import WORDNET_LEXNAMES, clean_gloss, iter_synsets, resolve_wordnet_dir
 
 __all__ = [

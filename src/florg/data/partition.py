@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .catalog import column_values
+from .splits import column_values
 
 __all__ = [
     "PARTITION_SCHEMES",

@@ -29,8 +29,8 @@ from florg.adapters import basis_store
 from florg.config import ConfigError, RunConfig, client_view
 from florg.core.seeds import derive_seed
 from florg.data import partition_dataset, partition_stats
-from florg.data.catalog import random_subset, stratified_holdout
 from florg.data.loaders import make_loader
+from florg.data.splits import random_subset, stratified_holdout
 from florg.device import EVAL_MEMORY_FIX, autocast, base_dtype, check_dtype, memory_guard
 from florg.env import OFFLINE_ENV
 from florg.methods import FederatedMethod, get_method
