@@ -30,7 +30,8 @@ from florg.methods import METHODS, compare_rows, get_method
 from florg.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientInfo, split_eval, wire_state
 from florg.methods.driver import run_round
 from florg.methods.flora import stack_uploads
-from florg.methods.lora_common import Factored, lora_layers, product_svd, seeded_lora_A, w0_key
+from florg.methods.lora_common import lora_layers, seeded_lora_A, w0_key
+from florg.methods.lora_math import Factored, product_svd
 from florg.tasks.classification import label_weighted_accuracy
 from helpers import tiny_bert, tiny_bert_qa, tiny_llama  # module-level reference weights (PRETRAINED) need them at import time
 

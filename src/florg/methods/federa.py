@@ -39,7 +39,8 @@ from torch import nn
 from florg.options import option
 
 from .base import SERVER_PREFIX, Tensors, Variant
-from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors, product_svd
+from .lora_common import LayerRound, LoRAMethod, a_key, b_key
+from .lora_math import Factored, layer_errors, product_svd
 
 INIT_A = ".init_A"
 INIT_B = ".init_B"

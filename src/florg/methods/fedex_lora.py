@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .base import Tensors, head_state
-from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors, w0_key
+from .lora_common import LayerRound, LoRAMethod, a_key, b_key, w0_key
+from .lora_math import Factored, layer_errors
 
 
 class FedExLoRAMethod(LoRAMethod):

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from .base import Tensors
-from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors
+from .lora_common import LayerRound, LoRAMethod, a_key, b_key
+from .lora_math import Factored, layer_errors
 
 
 class FedITMethod(LoRAMethod):

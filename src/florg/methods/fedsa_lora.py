@@ -47,7 +47,8 @@ from .base import (
     load_head,
     weighted_mean,
 )
-from .lora_common import B_SUFFIX, Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors
+from .lora_common import B_SUFFIX, LayerRound, LoRAMethod, a_key, b_key
+from .lora_math import Factored, layer_errors
 
 _SERVER_HEAD = SERVER_PREFIX + HEAD_PREFIX
 _EVAL_HEAD = EVAL_PREFIX + HEAD_PREFIX

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from .base import SERVER_PREFIX, Tensors
-from .lora_common import Factored, LayerRound, LoRAMethod, a_key, b_key, layer_errors
+from .lora_common import LayerRound, LoRAMethod, a_key, b_key
+from .lora_math import Factored, layer_errors
 
 
 class FFALoRAMethod(LoRAMethod):

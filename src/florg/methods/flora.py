@@ -44,19 +44,8 @@ from torch import nn
 from florg.options import ConfigError, option
 
 from .base import HEAD_PREFIX, SERVER_PREFIX, ClientInfo, Tensors, Variant, check_tensors, head_state
-from .lora_common import (
-    A_SUFFIX,
-    W0_SUFFIX,
-    Factored,
-    LayerRound,
-    LoRAMethod,
-    a_key,
-    b_key,
-    layer_errors,
-    seeded_lora_A,
-    w0_key,
-    weighted_products,
-)
+from .lora_common import A_SUFFIX, W0_SUFFIX, LayerRound, LoRAMethod, a_key, b_key, seeded_lora_A, w0_key
+from .lora_math import Factored, layer_errors, weighted_products
 
 if TYPE_CHECKING:
     from florg.config import RunConfig
