@@ -18,24 +18,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import tomli_w
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from florg import __version__
 from florg.config import RUNTIME_KEYS, ConfigError, RunConfig, config_keys, load_config, method_names, recommended_settings
 from florg.data import format_partition_stats
 from florg.run.rundir import RunDir, _toml_safe
-from florg.study.execution import measured_costs, run_phase, write_reports
-from florg.study.selection import planned_counts
-from florg.study.spec import PHASES, load_study
+
+from .common import console, err_console, fail, fmt_bytes
+from .study import study_app
 
 if TYPE_CHECKING:
     from florg.study.compare import RunSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with FLoRG on Flower.")
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+app.add_typer(study_app, name="study")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).")]
 SetOpt = Annotated[
@@ -57,25 +54,12 @@ def _main(
     """Federated fine-tuning with FLoRG on Flower."""
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages may hold [section] names
-    raise typer.Exit(code=2)
-
-
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         raise  # unreachable
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000.0
-    return str(n)
 
 
 _SHORT = {"accuracy": "acc", "perplexity": "ppl", "exact_match": "em"}
@@ -92,8 +76,8 @@ def _reporter(total_rounds: int) -> Callable[[dict[str, Any]], None]:
                             for i, (n, v) in enumerate(tests))
         console.print(
             f"round {r:>3}/{total_rounds} \\[{bar}]  {metrics}  "
-            f"up {_fmt_bytes(row.get('bytes_up', 0))} (cum {_fmt_bytes(row.get('bytes_up_cum', 0))})  "
-            f"down {_fmt_bytes(row.get('bytes_down', 0))} (cum {_fmt_bytes(row.get('bytes_down_cum', 0))})  "
+            f"up {fmt_bytes(row.get('bytes_up', 0))} (cum {fmt_bytes(row.get('bytes_up_cum', 0))})  "
+            f"down {fmt_bytes(row.get('bytes_down', 0))} (cum {fmt_bytes(row.get('bytes_down_cum', 0))})  "
             f"clients {row.get('participants', 0)}{agg_txt}"
         )
 
@@ -127,22 +111,22 @@ def run(
     set_offline_env()
     if resume is not None:
         if config is not None:
-            _fail("--resume takes its config from RUN_DIR/config.toml; drop --config")
+            fail("--resume takes its config from RUN_DIR/config.toml; drop --config")
         changed = [item.split("=", 1)[0].strip() for item in set_ or []]
         if bad := [k for k in changed if k not in RUNTIME_KEYS]:
-            _fail(f"--resume takes its config from RUN_DIR/config.toml; --set may change only keys that do not change "
+            fail(f"--resume takes its config from RUN_DIR/config.toml; --set may change only keys that do not change "
                   f"what the run computes ({', '.join(RUNTIME_KEYS)}), not {bad[0]}")
         if not (resume / "config.toml").is_file():
-            _fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
+            fail(f"--resume: '{resume}' is not a florg run directory (no config.toml)")
         if RunDir(resume).status().get("status") == "complete":
-            _fail(f"--resume: the run in '{resume}' is already complete")
+            fail(f"--resume: the run in '{resume}' is already complete")
         # lazy: keeps florg --help under 1 s (torch)
         from florg.run.checkpoint import CheckpointError, load_checkpoint
 
         try:
             load_checkpoint(resume)  # JSON + safetensors only; refuses pickles and damaged pairs
         except CheckpointError as exc:
-            _fail(f"--resume: {_one_line(exc)}")
+            fail(f"--resume: {_one_line(exc)}")
         config = resume / "config.toml"
     if data_dir is not None:
         set_ = [*(set_ or []), f"data.data_dir={str(data_dir)!r}"]
@@ -160,7 +144,7 @@ def run(
         exp.use_device(resolve_device(cfg.train.device))  # the device exists and can compute in model.dtype
         check_gpu_settings(cfg, warn=False)  # run_simulation_engine checks again and warns
     except (ConfigError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
-        _fail(_one_line(exc))
+        fail(_one_line(exc))
         return
     console.print(format_partition_stats(exp.partition_summary, exp.label_names), markup=False)
     console.print(f"test split {len(exp.test)} examples; adapted modules: {', '.join(exp.target_modules)}; "
@@ -172,7 +156,7 @@ def run(
         try:
             run_dir = RunDir.create(cfg)
         except FileExistsError as exc:
-            _fail(str(exc))
+            fail(str(exc))
             return
     console.print(f"run directory: {run_dir.path}" + (" (resuming)" if resume is not None else ""))
     summary = _run_engine(cfg, run_dir, verbose=verbose, resume=resume is not None,
@@ -188,8 +172,8 @@ def run(
             table.add_row(key.replace("_before", " before").replace("_after", " after"), f"{value:.4f}")
     if summary.get("generations"):
         table.add_row("generations", str(run_dir.path / summary["generations"]))
-    table.add_row("bytes up (total)", _fmt_bytes(summary["bytes_up_total"]))
-    table.add_row("bytes down (total)", _fmt_bytes(summary["bytes_down_total"]))
+    table.add_row("bytes up (total)", fmt_bytes(summary["bytes_up_total"]))
+    table.add_row("bytes down (total)", fmt_bytes(summary["bytes_down_total"]))
     table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
     console.print(table)
     console.print(f"adapter and model card: {run_dir.path / 'adapter'}; predictions: florg predict {run_dir.path} "
@@ -232,7 +216,7 @@ def _run_engine(cfg: RunConfig, run_dir: Any, *, verbose: bool, resume: bool, pr
         sys.stderr.flush()
         os._exit(128 + int(sig))
     except RunFailed as exc:
-        _fail(f"{_one_line(exc)}; once the cause is fixed, continue with: florg run --resume {run_dir.path}")
+        fail(f"{_one_line(exc)}; once the cause is fixed, continue with: florg run --resume {run_dir.path}")
         raise  # unreachable
 
 
@@ -291,7 +275,7 @@ def compare(
         cfg = load_config(config, set_ or []) if config is not None else compare_config(set_ or [])
         labels = parse_methods(methods)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     out = directory or Path(cfg.out_dir) / (cfg.name or "compare")
     console.print(f"[bold]florg compare[/]: {', '.join(DISPLAY[m] for m in labels)}; {seeds} seed(s); "
@@ -314,7 +298,7 @@ def compare(
         result = run_compare(cfg, out, labels, seeds, target_fraction, log=lambda m: console.print(m, markup=False),
                              reporter=reporter, verbose=verbose)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     except (KeyboardInterrupt, RunInterrupted):
         err_console.print(f"[bold yellow]interrupted:[/] re-run the same command to continue the comparison in {out}")
@@ -326,127 +310,6 @@ def compare(
         raise typer.Exit(code=1)
 
 
-study_app = typer.Typer(no_args_is_help=True, help="A comparison with an equal tuning budget: lr sweep and FLoRG "
-                        "variants selected on validation, then final seeds on the test split (florg.study).")
-app.add_typer(study_app, name="study")
-StudyFile = Annotated[Path, typer.Argument(help="Study file, e.g. configs/studies/h12.toml.")]
-StudySet = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a [study] key: --set "
-                                                       "study.final_seeds=[0,1] (repeatable).")]
-
-
-def _load_study(path: Path, overrides: list[str] | None):  # noqa: ANN202
-    try:
-        return load_study(path, overrides or [])
-    except ConfigError as exc:
-        _fail(str(exc))
-        raise  # unreachable
-
-
-@study_app.command("plan")
-def study_plan(
-    file: StudyFile,
-    set_: StudySet = None,
-    seconds_per_run: Annotated[float | None, typer.Option("--seconds-per-run", help="Project with this wall time "
-                                                             "per run instead of the runs recorded so far.")] = None,
-) -> None:
-    """Print the number of runs of every phase, how many are done, and the projected time left."""
-    study = _load_study(file, set_)
-    counts = planned_counts(study)
-    costs = measured_costs(study)
-    measured = [c for c in costs.values() if c["runs"]]
-    overall = (sum(c["wall"] * c["runs"] for c in measured) / sum(c["runs"] for c in measured)) if measured else None
-    cpu_all = [c for c in costs.values() if c["cpu"]]
-    cpu_overall = (sum(c["cpu"] * c["runs"] for c in cpu_all) / sum(c["runs"] for c in cpu_all)) if cpu_all else None
-    cores = os.cpu_count() or 1
-    table = Table(title=f"{study.title} ({file})")
-    for col in ("phase", "runs", "done", "left", "wall s/run", "CPU s/run", "left (wall)", f"left (CPU/{cores})"):
-        table.add_column(col, justify="left" if col == "phase" else "right")
-    total = total_cpu = 0.0
-    for phase in PHASES:
-        c = costs.get(phase, {"runs": 0, "wall": None, "cpu": None})
-        per = seconds_per_run or c["wall"] or overall
-        cpu = c["cpu"] or cpu_overall
-        left = max(counts[phase] - c["runs"], 0)
-        total += left * (per or 0.0)
-        total_cpu += left * (cpu or 0.0) / cores
-        table.add_row(phase, str(counts[phase]), str(c["runs"]), str(left),
-                      f"{c['wall']:.0f}" if c["wall"] else "–", f"{c['cpu']:.0f}" if c["cpu"] else "–",
-                      f"{left * per / 60:.0f} min" if per else "–", f"{left * cpu / cores / 60:.0f} min" if cpu else "–")
-    console.print(table)
-    if seconds_per_run or overall:
-        console.print(f"projected time left: {total / 3600:.1f} h"
-                      + ("" if seconds_per_run else " (from the wall time of the runs recorded so far)")
-                      + (f"; {total_cpu / 3600:.1f} h if the measured CPU time used all {cores} cores (a quiet "
-                         "machine's lower bound)" if total_cpu else ""), markup=False)
-    else:
-        console.print("no run recorded yet: pass --seconds-per-run to project", markup=False)
-
-
-@study_app.command("run")
-def study_run(
-    file: StudyFile,
-    phase: Annotated[str, typer.Option("--phase", help="florg-best, tune, final, or all (in that order).")] = "all",
-    task: Annotated[list[str] | None, typer.Option("--task", help="Only this task (repeatable).")] = None,
-    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Start no new run after this many "
-                                                         "minutes (run again to continue).")] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the runs recorded as failed.")] = False,
-    set_: StudySet = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own INFO logs.")] = False,
-) -> None:
-    """Run (or resume) a phase of a study; tables and plots in the results folder are rewritten after every run."""
-    # lazy: keeps florg --help under 1 s (torch)
-    from florg.run.experiment import set_offline_env
-
-    set_offline_env()
-    study = _load_study(file, set_)
-    if phase != "all" and phase not in PHASES:
-        _fail(f"--phase: '{phase}' is not one of {', '.join(PHASES)}, all")
-    if phase == "florg-best" and study.florg_best is None:
-        _fail("--phase florg-best: the study file has no [florg_best] section")
-    phases = [p for p in PHASES if p != "florg-best" or study.florg_best is not None] if phase == "all" else [phase]
-
-    def reporter(spec):  # noqa: ANN001, ANN202
-        total = spec.cfg.train.rounds
-
-        def report(row: dict[str, Any]) -> None:
-            shown = [(k, v) for k, v in row.items() if k.startswith(("test_", "val_", "personal_"))
-                     and not k.endswith(("_min", "_max"))]
-            metrics = "  ".join(f"{k} {v:.4f}" for k, v in shown)
-            console.print(f"  round {row['round']:>2}/{total}  {metrics}  bytes (cum) "
-                          f"{_fmt_bytes(row.get('bytes_total_cum', 0))}", markup=False)
-
-        return report
-
-    failed: list[str] = []
-    deadline = time.monotonic() + 60.0 * max_minutes if max_minutes is not None else None  # shared by the phases
-    for name in phases:
-        try:
-            res = run_phase(study, name, log=lambda m: console.print(m, markup=False), tasks=task,
-                            retry_failed=retry_failed, reporter=reporter, verbose=verbose, deadline=deadline)
-        except ConfigError as exc:
-            _fail(str(exc))
-            return
-        failed += res["failed"]
-        if res["left"]:
-            console.print(f"phase {name}: {res['left']} run(s) not done; run the same command again to continue",
-                          markup=False)
-            break
-    console.print(f"results: {study.results_dir / 'results.md'}", markup=False)
-    if failed:
-        err_console.print(f"[bold red]failed runs:[/] {', '.join(failed)} (--retry-failed runs them again)")
-        raise typer.Exit(code=1)
-
-
-@study_app.command("report")
-def study_report(file: StudyFile, set_: StudySet = None) -> None:
-    """Rewrite the tables and plots of a study's results folder from its recorded runs."""
-    study = _load_study(file, set_)
-    try:
-        paths = write_reports(study)
-    except ConfigError as exc:
-        _fail(str(exc))
-        return
-    console.print(f"{len(paths)} files written under {study.results_dir}", markup=False)
 @app.command("predict")
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A completed run directory (with adapter/).")],
@@ -473,7 +336,7 @@ def predict_cmd(
         run_model = load_run_model(run_dir, device=device)
         rows = predict(run_model, texts, context=context, pairs=pair, top_k=top_k, max_new_tokens=max_new_tokens)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
-        _fail(_one_line(exc))
+        fail(_one_line(exc))
         return
     if as_json:
         for row in rows:
