@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import florg.fl.simulation as simulation
 from florg.fl.server_app import evaluated_splits
 from florg.study.execution import measured_costs, run_phase
 from florg.study.selection import (
+    done_counts,
     plan_phase,
     planned_counts,
     recorded_status,
@@ -328,6 +330,11 @@ def test_cli_study_plan_run_report(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert len(calls) == 4 and "[tune 4/4] four/tune/fedit/lr0.01-seed100" in res.output
     assert "results: " in res.output and (tmp_path / "results" / "tuning.md").is_file()
+    # a recorded run the study no longer plans (a dropped grid point) counts for the cost, not as done
+    study = load_study(path)
+    recorded = sorted((tmp_path / "results").glob("runs/four/tune/fedit/*"))[0]
+    shutil.copytree(recorded, recorded.with_name("lr0.5-seed100"))
+    assert done_counts(study)["tune"] == 4 and measured_costs(study)["tune"]["runs"] == 5
     res = runner.invoke(app, ["study", "plan", path, "--seconds-per-run", "60"])
     assert res.exit_code == 0 and "projected time left" in res.output
     res = runner.invoke(app, ["study", "run", path, "--phase", "florg-best"])

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from florg.config import ConfigError
 from florg.study.execution import measured_costs, run_phase, write_reports
-from florg.study.selection import planned_counts
+from florg.study.selection import done_counts, planned_counts
 from florg.study.spec import PHASES, load_study
 
 from .common import console, err_console, fail, fmt_bytes
@@ -44,7 +44,8 @@ def study_plan(
     """Print the number of runs of every phase, how many are done, and the projected time left."""
     study = _load_study(file, set_)
     counts = planned_counts(study)
-    costs = measured_costs(study)
+    done = done_counts(study)
+    costs = measured_costs(study)  # every recorded run's cost, planned now or not
     measured = [c for c in costs.values() if c["runs"]]
     overall = (sum(c["wall"] * c["runs"] for c in measured) / sum(c["runs"] for c in measured)) if measured else None
     cpu_all = [c for c in costs.values() if c["cpu"]]
@@ -58,10 +59,10 @@ def study_plan(
         c = costs.get(phase, {"runs": 0, "wall": None, "cpu": None})
         per = seconds_per_run or c["wall"] or overall
         cpu = c["cpu"] or cpu_overall
-        left = max(counts[phase] - c["runs"], 0)
+        left = max(counts[phase] - done[phase], 0)
         total += left * (per or 0.0)
         total_cpu += left * (cpu or 0.0) / cores
-        table.add_row(phase, str(counts[phase]), str(c["runs"]), str(left),
+        table.add_row(phase, str(counts[phase]), str(done[phase]), str(left),
                       f"{c['wall']:.0f}" if c["wall"] else "–", f"{c['cpu']:.0f}" if c["cpu"] else "–",
                       f"{left * per / 60:.0f} min" if per else "–", f"{left * cpu / cores / 60:.0f} min" if cpu else "–")
     console.print(table)

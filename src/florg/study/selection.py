@@ -42,6 +42,7 @@ __all__ = [
     "florg_best_specs",
     "phase_results",
     "plan_phase",
+    "done_counts",
     "planned_counts",
     "read_rows",
     "recorded_status",
@@ -375,6 +376,19 @@ def plan_phase(study: Study, phase: str, strict: bool = True) -> list[StudySpec]
 
 
 # --------------------------------------------------------------------------------- the plan
+
+
+def done_counts(study: Study) -> dict[str, int]:
+    """Runs per phase that are planned now and done (complete or failed). Runs in the results folder that the
+    study no longer plans (e.g. at a grid point the study file dropped) are not counted."""
+    out = {}
+    for phase in PHASES:
+        try:
+            specs = plan_phase(study, phase, strict=False)
+        except StudyError:  # a phase that waits for an earlier one
+            specs = []
+        out[phase] = sum(1 for spec in specs if run_done(study, spec))
+    return out
 
 
 def planned_counts(study: Study) -> dict[str, int]:
